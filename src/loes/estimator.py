@@ -1,0 +1,139 @@
+"""A scikit-learn style estimator over the selection engine."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from loes._exceptions import LOESError
+from loes._validation import as_layer_list
+from loes.core.select import select_layers_from_custom_embeddings
+
+__all__ = ["LOESSelector"]
+
+
+class LOESSelector:
+    """Select layers with ``fit`` and keep only them with ``transform``.
+
+    Follows scikit-learn's conventions: ``__init__`` stores its arguments,
+    ``fit`` returns ``self`` and learned state ends in ``_``, so the selector
+    drops into a ``Pipeline`` (as its first step, before a classifier).
+
+    Parameters
+    ----------
+    k : int
+        Number of layers to keep.
+    task, preset, reg, alpha, gamma, eta, random_state
+        As in :func:`loes.select_layers_from_custom_embeddings`.
+    show_progress : bool or str
+        Progress bars during ``fit`` (default off).
+    options : dict, optional
+        Further keyword options for the engine.
+
+    Attributes
+    ----------
+    selected_layers_ : list of int
+        Selected layers in pick order.
+    scores_ : list of float
+        The pick-time score of each selected layer.
+    result_ : LOESResult
+        The full result of the last ``fit``.
+    n_layers_in_ : int
+
+    Examples
+    --------
+    >>>     >>> from loes import LOESSelector
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, 150)
+    >>> X = rng.normal(size=(150, 5, 16))
+    >>> X[:, 2, :3] += 4 * np.eye(3)[y]
+    >>> sel = LOESSelector(k=1).fit(X, y)
+    >>> sel.selected_layers_, sel.transform(X).shape
+    ([2], (150, 16))
+    """
+
+    def __init__(
+        self,
+        k: int = 4,
+        *,
+        task: str = "classification",
+        preset: str = "robust",
+        reg: Optional[float] = None,
+        alpha: Optional[float] = None,
+        gamma: Optional[float] = None,
+        eta: Optional[float] = None,
+        random_state: Optional[int] = 0,
+        show_progress: Any = False,
+        options: Optional[Dict[str, Any]] = None,
+    ):
+        self.k = k
+        self.task = task
+        self.preset = preset
+        self.reg = reg
+        self.alpha = alpha
+        self.gamma = gamma
+        self.eta = eta
+        self.random_state = random_state
+        self.show_progress = show_progress
+        self.options = options
+
+    # scikit-learn's get_params/set_params without depending on scikit-learn
+    def get_params(self, deep: bool = True) -> Dict[str, Any]:
+        return {
+            name: getattr(self, name)
+            for name in ("k", "task", "preset", "reg", "alpha", "gamma", "eta",
+                         "random_state", "show_progress", "options")
+        }
+
+    def set_params(self, **params: Any) -> "LOESSelector":
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise LOESError(f"invalid parameter {name!r} for LOESSelector; valid: {sorted(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def fit(self, X: Any, y: Any = None) -> "LOESSelector":
+        """Select layers from X of shape (n_samples, n_layers, dim) (or a list of
+        (n_samples, dim_l) layers) and targets y."""
+        result = select_layers_from_custom_embeddings(
+            X,
+            y,
+            k=self.k,
+            task=self.task,
+            preset=self.preset,
+            reg=self.reg,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            eta=self.eta,
+            random_state=self.random_state,
+            show_progress=self.show_progress,
+            **(self.options or {}),
+        )
+        self.result_ = result
+        self.selected_layers_ = list(result.selected_layers)
+        self.scores_ = list(result.layer_scores)
+        self.n_layers_in_ = result.num_layers_seen
+        return self
+
+    def transform(self, X: Any):
+        """Concatenate the selected layers: (n_samples, Σ dim of selected layers).
+
+        Returns the input's type (numpy in, numpy out; torch in, torch out).
+        """
+        if not hasattr(self, "selected_layers_"):
+            raise LOESError("this LOESSelector is not fitted yet: call fit(X, y) first")
+        layers = as_layer_list(X)
+        if len(layers) != self.n_layers_in_:
+            raise LOESError(
+                f"X has {len(layers)} layers but the selector was fitted on {self.n_layers_in_}"
+            )
+        out = torch.cat([layers[i] for i in self.selected_layers_], dim=1)
+        is_numpy = not isinstance(X, torch.Tensor) and not (
+            isinstance(X, (list, tuple)) and isinstance(X[0], torch.Tensor)
+        )
+        return out.numpy() if is_numpy else out
+
+    def fit_transform(self, X: Any, y: Any = None):
+        return self.fit(X, y).transform(X)

@@ -1,0 +1,212 @@
+"""The result of a layer selection: what was picked, why, and how long it took."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = ["LOESResult", "StepTable"]
+
+#: Score terms in the order they are printed.
+TERMS = ("fit", "isotropy", "redundancy", "geometry", "total")
+
+
+@dataclass
+class StepTable:
+    """Every candidate's score terms at one greedy step.
+
+    Attributes
+    ----------
+    step : int
+        1-based step number.
+    selected : int
+        The layer picked at this step.
+    candidates : list of int
+        Layers scored at this step (those not yet selected and not excluded).
+    terms : dict of str to list of float
+        ``"fit"``, ``"isotropy"``, ``"redundancy"``, ``"geometry"`` (unweighted
+        terms, one value per candidate) and ``"total"`` (the weighted score that
+        was minimised). A term that does not apply at this step is all zeros.
+    """
+
+    step: int
+    selected: int
+    candidates: List[int]
+    terms: Dict[str, List[float]]
+
+    def row(self, layer: int) -> Dict[str, float]:
+        """The terms of one candidate layer at this step."""
+        try:
+            i = self.candidates.index(layer)
+        except ValueError:
+            raise KeyError(f"layer {layer} was not a candidate at step {self.step}") from None
+        return {name: values[i] for name, values in self.terms.items()}
+
+
+@dataclass
+class LOESResult:
+    """What a LOES selection returns.
+
+    The first eight fields are those of the published reference implementation,
+    so code written against it keeps working; the rest are additions.
+
+    Attributes
+    ----------
+    selected_layers : list of int
+        Selected layers in pick order (0 = first transformer block unless
+        ``layer_names`` says otherwise).
+    layer_scores : list of float
+        The winning score at each pick (lower is better).
+    task : str
+        ``"classification"``, ``"regression"`` or ``"label_free"``.
+    num_layers_seen : int
+        Number of layers that were candidates.
+    num_calibration_samples : int
+        Number of samples used for selection.
+    pooling : str
+        How token states were pooled (``"precomputed"`` for custom embeddings).
+    dataset, model_name : str, optional
+        Provenance, when known.
+    preset : str
+        ``"robust"`` (default) or ``"reference"``.
+    steps : list of StepTable
+        The full score table of every greedy step.
+    config : dict
+        Every setting that influenced the result (weights, ridge, seeds, ...).
+    timings : dict of str to float
+        Seconds spent in each phase.
+    layer_names : list of str, optional
+        Which hidden state each layer index is (e.g. ``"hidden_states[3]"``).
+    excluded_layers : list of int
+        Layers that could not be selected (constant / zero variance).
+    warnings : list of str
+        Warnings raised during the run, as text.
+    """
+
+    selected_layers: List[int]
+    layer_scores: List[float]
+    task: str
+    num_layers_seen: int
+    num_calibration_samples: int
+    pooling: str
+    dataset: Optional[Any] = None
+    model_name: Optional[str] = None
+    preset: str = "robust"
+    steps: List[StepTable] = field(default_factory=list)
+    config: Dict[str, Any] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    layer_names: Optional[List[str]] = None
+    excluded_layers: List[int] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ tables
+    def score_table(self, step: int = 1) -> List[Dict[str, float]]:
+        """Rows ``{"layer", "fit", "isotropy", "redundancy", "geometry", "total"}``
+        for every candidate of a step (1-based), sorted by total score."""
+        if not 1 <= step <= len(self.steps):
+            raise IndexError(f"step must be in 1..{len(self.steps)}; got {step}")
+        table = self.steps[step - 1]
+        rows = []
+        for i, layer in enumerate(table.candidates):
+            row: Dict[str, float] = {"layer": layer}
+            row.update({name: table.terms[name][i] for name in TERMS if name in table.terms})
+            rows.append(row)
+        return sorted(rows, key=lambda r: r["total"])
+
+    def to_frame(self):
+        """All steps as a long pandas DataFrame (one row per step and candidate)."""
+        try:
+            import pandas as pd
+        except ImportError as e:  # pragma: no cover - pandas comes with datasets
+            raise ImportError("LOESResult.to_frame requires pandas: pip install pandas") from e
+        rows = []
+        for table in self.steps:
+            for row in self.score_table(table.step):
+                rows.append({"step": table.step, "selected": row["layer"] == table.selected, **row})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        """A plain-text report: the picks, then the first step's table."""
+        name = lambda i: self.layer_names[i] if self.layer_names else str(i)  # noqa: E731
+        lines = [
+            f"LOES ({self.preset}, {self.task}): selected layers {self.selected_layers} "
+            f"from {self.num_layers_seen} layers, N={self.num_calibration_samples}",
+        ]
+        if self.model_name:
+            lines.append(f"model: {self.model_name}  pooling: {self.pooling}")
+        lines.append(f"{'pick':>4}  {'layer':>5}  {'name':<18} {'score':>10}")
+        for i, (layer, score) in enumerate(zip(self.selected_layers, self.layer_scores), 1):
+            lines.append(f"{i:>4}  {layer:>5}  {name(layer):<18} {score:>10.4f}")
+        if self.steps:
+            lines.append("")
+            lines.append("step 1 scores (lower is better):")
+            lines.append(
+                f"{'layer':>5}  {'fit':>8} {'isotropy':>9} {'redund.':>8} {'geometry':>9} {'total':>9}"
+            )
+            for row in sorted(self.score_table(1), key=lambda r: r["layer"]):
+                mark = " *" if row["layer"] in self.selected_layers else ""
+                lines.append(
+                    f"{int(row['layer']):>5}  {row['fit']:>8.4f} {row['isotropy']:>9.4f} "
+                    f"{row['redundancy']:>8.4f} {row['geometry']:>9.4f} {row['total']:>9.4f}{mark}"
+                )
+        if self.excluded_layers:
+            lines.append(f"excluded (constant) layers: {self.excluded_layers}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ------------------------------------------------------------ serialising
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-compatible dict; :meth:`from_dict` inverts it."""
+        d = asdict(self)
+        d["dataset"] = _jsonable(self.dataset)
+        d["config"] = _jsonable(self.config)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LOESResult":
+        d = dict(d)
+        d["steps"] = [StepTable(**s) for s in d.get("steps", [])]
+        return cls(**d)
+
+    def to_json(self, path: Optional[str] = None, **kwargs: Any) -> str:
+        """Serialise to JSON; also write it to ``path`` when given."""
+        kwargs.setdefault("indent", 2)
+        text = json.dumps(self.to_dict(), allow_nan=True, **kwargs)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "LOESResult":
+        """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as fh:
+                text = fh.read()
+        return cls.from_dict(json.loads(text))
+
+    # ----------------------------------------------------------------- report
+    def plot(self, path: Optional[str] = None, **kwargs: Any):
+        """Plot the per-step score terms (needs ``loes[plot]``); see
+        :func:`loes.report.plot_result`."""
+        from loes.report import plot_result
+
+        return plot_result(self, path=path, **kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    """Best-effort conversion of provenance/config values to JSON types."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value) if not hasattr(value, "item") else _jsonable(value.item())
