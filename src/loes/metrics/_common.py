@@ -9,7 +9,7 @@ import torch
 from loes._exceptions import LOESError
 from loes.core._numerics import as_float
 
-__all__ = ["as_matrix", "as_tokens", "entropy_of_spectrum"]
+__all__ = ["as_matrix", "as_tokens", "entropy_of_spectrum", "gram_spectrum"]
 
 
 def as_matrix(x: Any, what: str = "x", min_rows: int = 2) -> torch.Tensor:
@@ -70,3 +70,19 @@ def entropy_of_spectrum(p: torch.Tensor, alpha: float) -> torch.Tensor:
         return -(p * logp).sum(-1)
     powered = torch.where(p > 0, p.pow(alpha), torch.zeros_like(p))
     return torch.log(powered.sum(-1)) / (1.0 - alpha)
+
+
+def gram_spectrum(k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues of symmetric PSD matrices ``k`` (..., n, n) divided by their sum.
+
+    Returns ``(p, total)``: ``p`` sums to 1 along the last axis (0 where the
+    total is 0) and ``total`` is the eigenvalue sum. Eigenvalues below the usual
+    rank tolerance ``max(λ)·n·eps`` are rounding noise of exact zeros and are
+    set to 0 (for α < 1 their powers would otherwise add up).
+    """
+    lam = torch.linalg.eigvalsh(k)
+    tol = lam.amax(-1, keepdim=True) * k.shape[-1] * torch.finfo(lam.dtype).eps
+    lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
+    total = lam.sum(-1, keepdim=True)
+    p = lam / torch.where(total > 0, total, torch.ones_like(total))
+    return p, total.squeeze(-1)

@@ -19,7 +19,7 @@ import torch
 
 from loes._exceptions import LOESError, LOESWarning
 from loes.core._numerics import center as _center
-from loes.metrics._common import as_matrix, as_tokens, entropy_of_spectrum
+from loes.metrics._common import as_matrix, as_tokens, entropy_of_spectrum, gram_spectrum
 
 __all__ = [
     "dataset_entropy",
@@ -39,10 +39,8 @@ def _batched_entropy(z: torch.Tensor, counts: torch.Tensor, alpha: float, normal
     """
     b, t, d = z.shape
     k = z @ z.transpose(1, 2) if t <= d else z.transpose(1, 2) @ z
-    lam = torch.linalg.eigvalsh(k)
-    trace = lam.sum(-1, keepdim=True)
-    ok = trace.squeeze(-1) > 0
-    p = lam / torch.where(trace > 0, trace, torch.ones_like(trace))
+    p, trace = gram_spectrum(k)
+    ok = trace > 0
     h = entropy_of_spectrum(p, alpha)
     rank_bound = torch.clamp(counts.to(h.dtype), max=float(d))
     if normalize:

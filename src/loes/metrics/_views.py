@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError
-from loes.metrics._common import as_matrix, entropy_of_spectrum
+from loes.metrics._common import as_matrix, entropy_of_spectrum, gram_spectrum
 
 __all__ = ["as_views", "dime", "infonce", "lidar"]
 
@@ -132,9 +132,8 @@ def lidar(views: Any, *, delta: float = 1e-4, eps: float = 1e-8) -> float:
 
 
 def _joint_entropy(ka: torch.Tensor, kb: torch.Tensor, alpha: float) -> torch.Tensor:
-    k = ka * kb
-    lam = torch.linalg.eigvalsh(k)
-    return entropy_of_spectrum(lam / lam.sum(), alpha)
+    p, _ = gram_spectrum(ka * kb)
+    return entropy_of_spectrum(p, alpha)
 
 
 def dime(
