@@ -1,0 +1,313 @@
+"""The selection engine: planted layers, invariances, determinism, presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import planted
+from loes import LOESResult, select_layers_from_custom_embeddings
+from loes.core.select import DEFAULTS
+
+
+def select(x, y, k=2, **kw):
+    kw.setdefault("show_progress", False)
+    return select_layers_from_custom_embeddings(x, y, k=k, **kw)
+
+
+# ------------------------------------------------------------------ planted data
+@pytest.mark.parametrize("n,d", [(120, 256), (600, 64)])  # N < D and N > D
+@pytest.mark.parametrize("seed", [0, 1])
+def test_robust_finds_planted_layers_among_noise_dead_duplicated_rescaled(n, d, seed):
+    x, y = planted(n, d, informative=(6, 2), dead=(0,), duplicate_of={9: 6}, rescale={2: 1e3, 4: 1e-3}, seed=seed)
+    res = select(x, y, k=2)
+    assert res.selected_layers == [6, 2]
+    assert res.excluded_layers == [0]
+    # the duplicate of the first pick is recognised as fully redundant at step 2
+    assert res.steps[1].row(9)["redundancy"] > 0.99
+
+
+@pytest.mark.parametrize("n,d", [(120, 256), (600, 64)])
+def test_reference_preset_is_fooled_where_robust_is_not(n, d):
+    x, y = planted(n, d, informative=(6, 2), dead=(0,), seed=0)
+    ref = select(x, y, k=1, preset="reference")
+    rob = select(x, y, k=1)
+    assert rob.selected_layers == [6]
+    assert ref.selected_layers != [6]  # isotropy of noise or of the dead layer outweighs the fit
+
+
+def test_regression_planted_layer_found_at_n_below_d():
+    x, y = planted(80, 200, informative=(3,), regression=True, seed=2)
+    res = select(x, y, k=1, task="regression")
+    assert res.selected_layers == [3]
+    assert res.steps[0].row(3)["fit"] < 0.5 < min(v for l, v in zip(res.steps[0].candidates, res.steps[0].terms["fit"]) if l != 3)
+
+
+def test_labels_matter_supervised_differs_from_label_free():
+    x, y = planted(150, 300, informative=(5,), seed=4)
+    sup = select(x, y, k=1)
+    free = select(x, None, k=1, task="label_free")
+    assert sup.selected_layers == [5]
+    assert free.selected_layers != sup.selected_layers
+
+
+def test_fit_term_is_out_of_sample_when_n_below_d():
+    # pure noise: an in-sample ridge interpolates (loss ~ 0); the LOO fit does not
+    g = np.random.default_rng(0)
+    x = g.normal(size=(60, 3, 500)).astype(np.float32)
+    y = g.integers(0, 3, 60)
+    res = select(x, y, k=1)
+    assert min(res.steps[0].terms["fit"]) > 0.9
+    ref = select(x, y, k=1, preset="reference")
+    assert max(ref.steps[0].terms["fit"]) < 1e-3
+
+
+# -------------------------------------------------------------------- invariances
+def _planted_small(seed=0):
+    return planted(200, 48, informative=(4, 1), seed=seed, n_layers=7)
+
+
+def test_layer_scale_invariance():
+    x, y = _planted_small()
+    base = select(x, y, k=3)
+    scaled = x.copy()
+    for layer, c in enumerate([1e-4, 3.0, 1e3, 0.5, 7.0, 1e5, 2e-2]):
+        scaled[:, layer] *= c
+    other = select(scaled, y, k=3)
+    assert other.selected_layers == base.selected_layers
+    for a, b in zip(base.steps, other.steps):
+        np.testing.assert_allclose(a.terms["total"], b.terms["total"], rtol=1e-4, atol=1e-5)
+
+
+def test_regression_target_scale_invariance():
+    x, y = planted(200, 32, informative=(2,), regression=True, n_layers=5, seed=1)
+    a = select(x, y, k=2, task="regression")
+    b = select(x, 1e6 * y + 42.0, k=2, task="regression")
+    assert a.selected_layers == b.selected_layers
+    np.testing.assert_allclose(a.layer_scores, b.layer_scores, rtol=1e-5)
+
+
+def test_sample_permutation_invariance():
+    x, y = _planted_small(1)
+    perm = np.random.default_rng(9).permutation(len(y))
+    a, b = select(x, y, k=3), select(x[perm], y[perm], k=3)
+    assert a.selected_layers == b.selected_layers
+    np.testing.assert_allclose(a.layer_scores, b.layer_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_permutation_permutes_selection():
+    x, y = _planted_small(2)
+    perm = np.array([3, 6, 0, 5, 1, 4, 2])  # new layer i is old layer perm[i]
+    a, b = select(x, y, k=3), select(x[:, perm], y, k=3)
+    inverse = {int(old): new for new, old in enumerate(perm)}
+    assert b.selected_layers == [inverse[l] for l in a.selected_layers]
+
+
+# ------------------------------------------------------------------ determinism
+def test_deterministic_and_global_rng_untouched():
+    x, y = planted(150, 40, n_classes=25, informative=(3,), n_layers=5, seed=3)  # > 20 classes: sampled triplets
+    torch.manual_seed(0)
+    np.random.seed(0)
+    state_t, state_np = torch.get_rng_state(), np.random.get_state()[1].copy()
+    a = select(x, y, k=3, random_state=7)
+    b = select(x, y, k=3, random_state=7)
+    assert torch.equal(torch.get_rng_state(), state_t)
+    assert np.array_equal(np.random.get_state()[1], state_np)
+    assert a.selected_layers == b.selected_layers
+    assert [s.terms for s in a.steps] == [s.terms for s in b.steps]
+    ref1 = select(x, y, k=3, preset="reference", random_state=5)
+    ref2 = select(x, y, k=3, preset="reference", random_state=5)
+    assert [s.terms for s in ref1.steps] == [s.terms for s in ref2.steps]
+    assert torch.equal(torch.get_rng_state(), state_t)
+
+
+# ------------------------------------------------------------------ step tables
+def test_step_tables_hold_every_candidate_and_weighted_totals():
+    x, y = _planted_small(4)
+    res = select(x, y, k=3)
+    w = DEFAULTS["robust"]
+    for t, table in enumerate(res.steps, 1):
+        assert table.step == t
+        assert sorted(table.candidates) == sorted(set(range(7)) - set(res.selected_layers[: t - 1]))
+        total = (
+            np.array(table.terms["fit"])
+            + w["alpha"] * np.array(table.terms["isotropy"])
+            + w["gamma"] * np.array(table.terms["redundancy"])
+            - w["eta"] * np.array(table.terms["geometry"])
+        )
+        np.testing.assert_allclose(table.terms["total"], total, rtol=1e-12, atol=1e-12)
+        assert table.selected == table.candidates[int(np.argmin(table.terms["total"]))]
+        assert res.layer_scores[t - 1] == pytest.approx(min(table.terms["total"]))
+    assert all(v == 0 for v in res.steps[0].terms["redundancy"])
+    # bounded terms
+    for table in res.steps:
+        assert all(0 <= v <= 1 for v in table.terms["isotropy"] + table.terms["redundancy"])
+
+
+def test_weights_change_selection_through_published_keyword_names():
+    x, y = planted(300, 32, informative=(3,), n_layers=5, seed=5, strength=0.3)
+    x[:, 1] *= np.linspace(0.01, 10, 32).astype(np.float32)  # strongly anisotropic layer
+    iso_only = select(x, y, k=1, alpha=1e3)
+    assert iso_only.steps[0].row(1)["isotropy"] == max(iso_only.steps[0].terms["isotropy"])
+    assert iso_only.selected_layers[0] != 1
+    assert iso_only.config["alpha"] == 1e3
+    beta = select(x, y, k=2, beta=0.7)
+    assert beta.config["gamma"] == 0.7
+
+
+# ---------------------------------------------------------------- the reference
+def _published_loes(x: torch.Tensor, y_labels: torch.Tensor, k: int, reg=1e-3, alpha=1.0, gamma=0.5, eta=0.1, seed=0):
+    """A direct, slow transcription of the published algorithm (spec section 2)."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    views = [x[:, l] for l in range(x.shape[1])]
+    y = torch.nn.functional.one_hot(y_labels, int(y_labels.max()) + 1).double()
+
+    def iso(v):
+        vc = v - v.mean(0)
+        n, d = vc.shape
+        if d > 512:
+            lam = torch.linalg.svdvals(vc) ** 2 / n
+        else:
+            lam = torch.linalg.eigvalsh(vc.T @ vc / n + 1e-6 * torch.eye(d, dtype=v.dtype))
+        lam = lam.clamp(min=1e-6)
+        return float(lam.mean() / (lam.std(unbiased=False) + 1e-6))
+
+    def ridge(v, t):
+        vc, tc = v - v.mean(0), t - t.mean(0)
+        w = torch.linalg.solve(vc.T @ vc + reg * torch.eye(v.shape[1], dtype=v.dtype), vc.T @ tc)
+        b = t.mean(0) - v.mean(0) @ w
+        return v @ w + b
+
+    def red(v, sel):
+        return max(float(torch.linalg.norm(v.T @ views[j]) / (torch.linalg.norm(v) * torch.linalg.norm(views[j]) + 1e-8)) for j in sel)
+
+    def tri(v, labels):
+        u = torch.unique(labels)
+        if len(u) < 3:
+            return 0.0
+        c = torch.stack([v[labels == a].mean(0) for a in u])
+        idx = torch.randint(0, len(u), (min(200, 3 * len(u)), 3), generator=g)
+        a, b, d = c[idx[:, 0]], c[idx[:, 1]], c[idx[:, 2]]
+        ab, ac = a - b, a - d
+        return float((0.5 * torch.sqrt(((ab**2).sum(1) * (ac**2).sum(1) - (ab * ac).sum(1) ** 2).clamp(min=0))).mean())
+
+    scores = [float(((ridge(v, y) - y) ** 2).mean()) + alpha * (1 - iso(v)) for v in views]
+    best = int(np.argmin(scores))
+    selected, picked = [best], [scores[best]]
+    y_hat = ridge(views[best], y)
+    for _ in range(1, k):
+        r = y - y_hat
+        xs = torch.cat([views[j] for j in selected], 1)
+        xsc = xs - xs.mean(0)
+        cand = []
+        for l, v in enumerate(views):
+            if l in selected:
+                continue
+            vc = v - v.mean(0)
+            b = torch.linalg.solve(xsc.T @ xsc + 1e-6 * torch.eye(xs.shape[1], dtype=v.dtype), xsc.T @ vc)
+            xt = vc - xsc @ b + v.mean(0)
+            pred = ridge(xt, r)
+            s = float(((pred - r) ** 2).mean()) + alpha * (1 - iso(v)) + gamma * red(v, selected) - eta * tri(xt, y_labels)
+            cand.append((s, l, pred))
+        s, l, pred = min(cand, key=lambda c: c[0])
+        selected.append(l)
+        picked.append(s)
+        y_hat = y_hat + pred
+    return selected, picked
+
+
+@pytest.mark.parametrize("n,d", [(90, 12), (40, 24)])
+def test_reference_preset_equals_published_transcription(n, d):
+    x, y = planted(n, d, informative=(2,), n_layers=5, n_classes=5, seed=6, strength=0.8)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    expected_sel, expected_scores = _published_loes(xt, yt, k=3, seed=11)
+    res = select(x, y, k=3, preset="reference", random_state=11)
+    assert res.selected_layers == expected_sel
+    np.testing.assert_allclose(res.layer_scores, expected_scores, rtol=1e-6, atol=1e-8)
+
+
+def test_reference_label_free_is_isotropy_then_redundancy():
+    x, y = _planted_small(8)
+    res = select(x, None, k=3, task="label_free", preset="reference")
+    iso = res.steps[0].terms["isotropy"]
+    assert res.selected_layers[0] == res.steps[0].candidates[int(np.argmin(iso))]
+    assert all(v == 0 for v in res.steps[0].terms["fit"])
+
+
+# ------------------------------------------------------------ inputs and outputs
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_inputs_agree_with_float32(dtype):
+    x, y = _planted_small(5)
+    base = select(torch.from_numpy(x), y, k=2)
+    other = select(torch.from_numpy(x).to(dtype), y, k=2)
+    assert other.selected_layers == base.selected_layers
+    np.testing.assert_allclose(other.layer_scores, base.layer_scores, rtol=0.05, atol=0.02)
+
+
+def test_string_labels_and_one_hot_and_soft_targets_give_same_choice():
+    x, y = _planted_small(6)
+    names = np.array(["cat", "dog", "eel", "fox"])[y]
+    a = select(x, y, k=2)
+    b = select(x, names, k=2)
+    c = select(x, np.eye(4)[y], k=2)
+    assert a.selected_layers == b.selected_layers == c.selected_layers
+    np.testing.assert_allclose(a.layer_scores, b.layer_scores, rtol=1e-6)
+    soft = 0.8 * np.eye(4)[y] + 0.05
+    assert select(x, soft, k=1).selected_layers[0] == a.selected_layers[0]
+
+
+def test_heterogeneous_layer_widths():
+    g = np.random.default_rng(0)
+    y = np.arange(150) % 3
+    layers = [g.normal(size=(150, d)).astype(np.float32) for d in (16, 64, 8, 128)]
+    layers[2][:, :3] += 2.5 * np.eye(3)[y]
+    res = select(layers, y, k=2)
+    assert res.selected_layers[0] == 2
+    with_torch = select([torch.from_numpy(a) for a in layers], y, k=2)
+    assert with_torch.selected_layers == res.selected_layers
+
+
+def test_json_round_trip(tmp_path):
+    x, y = _planted_small(7)
+    res = select(x, y, k=3, layer_names=[f"hidden_states[{i + 1}]" for i in range(7)])
+    path = tmp_path / "r.json"
+    res.to_json(str(path))
+    back = LOESResult.from_json(str(path))
+    assert back == res
+    assert LOESResult.from_dict(res.to_dict()).steps[2].row(back.selected_layers[2]) == res.steps[2].row(res.selected_layers[2])
+    assert "hidden_states" in res.summary()
+
+
+def test_verbose_prints_without_logging_configuration():
+    # a fresh interpreter with no logging configured, as in a user's script
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from loes import select_layers_from_custom_embeddings as s; "
+        "g = torch.Generator().manual_seed(0); x = torch.randn(60, 3, 8, generator=g); "
+        "s(x, torch.arange(60) % 2, k=2, verbose=True, show_progress=False)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "step 1: layer" in out.stderr and "selected layers" in out.stderr
+    quiet = subprocess.run([sys.executable, "-c", code.replace("verbose=True", "verbose=False")],
+                           capture_output=True, text=True, timeout=120)
+    assert "step 1" not in quiet.stderr
+
+
+def test_progress_bars_on_request(capsys):
+    x, y = _planted_small(8)
+    select(x, y, k=2, show_progress=True)
+    assert "LOES" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    x, y = _planted_small(9)
+    cpu = select(torch.from_numpy(x), y, k=3)
+    gpu = select(torch.from_numpy(x).cuda(), y, k=3)
+    assert gpu.selected_layers == cpu.selected_layers
+    np.testing.assert_allclose(gpu.layer_scores, cpu.layer_scores, rtol=1e-3, atol=1e-4)
