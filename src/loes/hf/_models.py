@@ -1,0 +1,259 @@
+"""Model side of extraction: loading, family detection, the module to run, its inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from loes._deps import require
+from loes._exceptions import LOESError
+
+logger = logging.getLogger(__name__)
+
+#: Decoder-only language models (pooled at the last token).
+DECODER_TYPES = frozenset({
+    "bloom", "codegen", "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "falcon",
+    "gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo",
+    "gpt_neox", "gptj", "granite", "internlm2", "llama", "mistral", "mixtral", "mpt",
+    "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+    "smollm3", "stablelm", "starcoder2",
+})
+AUDIO_TYPES = frozenset({
+    "audio-spectrogram-transformer", "data2vec-audio", "hubert", "sew", "sew-d",
+    "unispeech", "unispeech-sat", "wav2vec2", "wav2vec2-bert", "wav2vec2-conformer",
+    "wavlm", "whisper",
+})
+#: Keys a collated batch may hand to a model's forward.
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "token_type_ids", "position_ids",
+    "pixel_values", "input_values", "input_features",
+)
+_MODALITY_OF_KEY = {
+    "input_ids": "text", "pixel_values": "image",
+    "input_values": "audio", "input_features": "audio",
+}
+
+
+def model_type(model: torch.nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", "") or "")
+
+
+def model_name(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+               or type(model).__name__)
+
+
+def is_decoder(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if model_type(model) in DECODER_TYPES or getattr(config, "is_decoder", False):
+        return True
+    names = list(getattr(config, "architectures", None) or []) + [type(model).__name__]
+    return any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names)
+
+
+def family(model: torch.nn.Module, modality: str) -> str:
+    """``"decoder"``, ``"text"``, ``"vision"``, ``"audio"`` or ``"unknown"``."""
+    if modality == "text" and is_decoder(model):
+        return "decoder"
+    if modality in ("text", "image", "audio"):
+        return {"text": "text", "image": "vision", "audio": "audio"}[modality]
+    return "unknown"
+
+
+def modality_of(inputs: Dict[str, Any]) -> str:
+    for key, modality in _MODALITY_OF_KEY.items():
+        if key in inputs:
+            return modality
+    return "unknown"
+
+
+# ------------------------------------------------------------------- loading
+def parse_dtype(dtype: Any, device: torch.device) -> Optional[torch.dtype]:
+    """``None``/"auto": bf16 (or fp16) on CUDA, fp32 elsewhere; names or torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if str(dtype).lower() not in names:
+        raise LOESError(f"dtype must be 'auto', 'float32', 'float16', 'bfloat16' or a torch.dtype; got {dtype!r}")
+    return names[str(dtype).lower()]
+
+
+def default_device(device: Any = None) -> torch.device:
+    if device is not None and str(device) != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    model_id_or_path: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+    gguf_file: Optional[str] = None,
+    **model_kwargs: Any,
+) -> torch.nn.Module:
+    """``AutoModel.from_pretrained`` in eval mode on ``device`` (a hub id or a local folder).
+
+    Decoders load as their base model (no LM head is run). ``gguf_file`` and any
+    other keyword pass through to ``from_pretrained``.
+    """
+    transformers = require("transformers", extra="hf")
+    dev = default_device(device)
+    kwargs = dict(model_kwargs)
+    if revision is not None:
+        kwargs["revision"] = revision
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    kwargs.setdefault("dtype", parse_dtype(dtype, dev))
+    logger.info("loading %s (revision=%s, dtype=%s) on %s", model_id_or_path, revision,
+                kwargs["dtype"], dev)
+    model = transformers.AutoModel.from_pretrained(
+        os.fspath(model_id_or_path), trust_remote_code=trust_remote_code, **kwargs
+    )
+    return model.to(dev).eval()
+
+
+def load_processor(source: str, modality: str, *, revision: Optional[str] = None,
+                   trust_remote_code: bool = False, gguf_file: Optional[str] = None) -> Any:
+    """Tokenizer (text), image processor (image) or feature extractor (audio) of ``source``."""
+    transformers = require("transformers", extra="hf")
+    cls = {"text": transformers.AutoTokenizer, "image": transformers.AutoImageProcessor,
+           "audio": transformers.AutoFeatureExtractor}[modality]
+    kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if gguf_file is not None and modality == "text":
+        kwargs["gguf_file"] = gguf_file
+    what = {"text": "tokenizer", "image": "image processor", "audio": "feature extractor"}[modality]
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise LOESError(
+            f"could not load a {what} for {source!r} ({type(e).__name__}: {e}); pass one "
+            f"explicitly, e.g. processor={cls.__name__}.from_pretrained(...)"
+        ) from e
+
+
+def pick_processor(processor: Any, modality: str) -> Any:
+    """The part of a multi-modal ``AutoProcessor`` that handles ``modality``."""
+    attr = {"text": "tokenizer", "image": "image_processor", "audio": "feature_extractor"}[modality]
+    return getattr(processor, attr, None) or processor
+
+
+# ------------------------------------------------------------------ backbone
+@dataclass
+class Backbone:
+    """The module that is run, the prefix of its layer names and its forward's parameters."""
+
+    module: torch.nn.Module
+    prefix: str
+    params: Tuple[str, ...]
+    positional: Tuple[str, ...]
+    var_kwargs: bool
+
+
+def backbone(model: torch.nn.Module, modality: str) -> Backbone:
+    """The encoder of encoder-decoder models, the tower of dual encoders (CLIP),
+    the base model of task heads (``LlamaForCausalLM`` -> ``LlamaModel``)."""
+    module, prefix = model, ""
+    children = dict(model.named_children())
+    config = getattr(model, "config", None)
+    if "vision_model" in children and "text_model" in children and modality in ("image", "text"):
+        name = "vision_model" if modality == "image" else "text_model"
+        module, prefix = children[name], name + "."
+    elif getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        module, prefix = model.get_encoder(), "encoder."
+    else:
+        base = getattr(model, "base_model", model)
+        if isinstance(base, torch.nn.Module) and base is not model:
+            module = base
+    sig = inspect.signature(module.forward)
+    params = tuple(sig.parameters)
+    positional = tuple(
+        n for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+    var_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    return Backbone(module, prefix, params, positional, var_kwargs)
+
+
+def forward_kwargs(bb: Backbone, inputs: Dict[str, Any], *, decoder: bool) -> Dict[str, Any]:
+    """Only the inputs the forward accepts, plus the flags that make it return hidden states."""
+    kwargs = {k: v for k, v in inputs.items() if k in bb.params}
+    dropped = sorted(set(inputs) - set(kwargs))
+    if dropped:
+        logger.debug("inputs not accepted by %s.forward, dropped: %s", type(bb.module).__name__, dropped)
+    if decoder and "position_ids" in bb.params and "position_ids" not in kwargs:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2 and bool((mask[:, 0] == 0).any()):
+            # left padding: positions count real tokens only, as generate() does
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if "output_hidden_states" in bb.params or bb.var_kwargs:
+        kwargs["output_hidden_states"] = True
+    if "use_cache" in bb.params:
+        kwargs["use_cache"] = False
+    if "return_dict" in bb.params:
+        kwargs["return_dict"] = True
+    return kwargs
+
+
+def hidden_states_of(outputs: Any, module: torch.nn.Module) -> Tuple[torch.Tensor, ...]:
+    states = getattr(outputs, "hidden_states", None)
+    if states is None and isinstance(outputs, dict):
+        states = outputs.get("hidden_states")
+    if states is None or len(states) == 0:
+        raise LOESError(
+            f"{type(module).__name__} returned no hidden states when called with "
+            "output_hidden_states=True. loes needs a model whose forward returns "
+            "`hidden_states` (a tuple of (batch, tokens, dim) tensors, embeddings first): "
+            "load it with transformers.AutoModel.from_pretrained(...), or wrap a custom "
+            "module so its forward returns an object with a `hidden_states` attribute; "
+            "or extract the states yourself and call select_layers_from_custom_embeddings"
+        )
+    return tuple(states)
+
+
+def frame_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], n_frames: int) -> Optional[torch.Tensor]:
+    """Mask at the resolution of the states: the input mask itself, or (audio)
+    frames from the model's own output lengths."""
+    if mask is None:
+        return None
+    mask = mask.bool()
+    if mask.shape[-1] == n_frames:
+        return mask
+    lengths_fn = getattr(module, "_get_feat_extract_output_lengths", None)
+    if lengths_fn is None:
+        logger.debug("no way to map a mask of length %d onto %d positions; using all positions",
+                     mask.shape[-1], n_frames)
+        return None
+    lengths = torch.as_tensor(lengths_fn(mask.sum(-1))).to(mask.device).long()
+    return torch.arange(n_frames, device=mask.device)[None, :] < lengths[:, None]
+
+
+def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 16) -> str:
+    """A cheap hash of every parameter's name, shape, dtype and a strided sample of values."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // per_tensor)
+            h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,506 @@
+"""Extraction: pooled per-layer features (N, L, D) and a token-level stream.
+
+:func:`extract_embeddings` is the one function selection, metrics and
+baselines call. :func:`iter_hidden_states` streams the token states of one
+batch at a time for token-level metrics (prompt entropy, curvature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from loes._exceptions import LOESError
+from loes._progress import ProgressSetting, progress, verbose_logger
+from loes._validation import normalize_task
+from loes.hf import _models as M
+from loes.hf import cache as C
+from loes.hf.data import CalibrationData, from_dataloader, from_dataset, is_dataloader, warn_dataloader_sample
+from loes.hf.pooling import pool, resolve_pooling
+from loes.hf.sampling import DEFAULT_MAX_SAMPLES
+
+__all__ = ["Embeddings", "TokenStates", "extract_embeddings", "iter_hidden_states"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Embeddings:
+    """Pooled calibration features of every layer.
+
+    Attributes
+    ----------
+    embeddings : float32 CPU tensor of shape (n_samples, n_layers, dim), or a
+        list of n_layers tensors of shape (n_samples, dim_l) when widths differ
+        (CNN stages)
+    targets : ndarray of shape (n_samples,) or (n_samples, m), or None
+    layer_names : list of str
+        Which hidden state each layer index is, e.g. ``"hidden_states[1]"``
+        (index 0 = first block) or ``"encoder.hidden_states[3]"``.
+    pooling : str
+        The pooling used ("auto" resolved).
+    model_name, dataset : str
+        Provenance.
+    indices : ndarray of int64, optional
+        Rows of the dataset split that were sampled (None for a dataloader read in order).
+    from_cache : bool
+        Whether the features were read from the cache.
+    info : dict
+        Extraction settings (device, dtype, family, max_length, timings, ...).
+    """
+
+    embeddings: Union[torch.Tensor, List[torch.Tensor]]
+    targets: Optional[np.ndarray]
+    layer_names: List[str]
+    pooling: str
+    model_name: Optional[str] = None
+    dataset: Optional[str] = None
+    indices: Optional[np.ndarray] = None
+    from_cache: bool = False
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        e = self.embeddings
+        return int(e.shape[0] if torch.is_tensor(e) else e[0].shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_names)
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Features of one layer, shape (n_samples, dim)."""
+        e = self.embeddings
+        return e[:, index] if torch.is_tensor(e) else e[index]
+
+
+@dataclass
+class TokenStates:
+    """The token states of one batch, as yielded by :func:`iter_hidden_states`.
+
+    Attributes
+    ----------
+    hidden_states : tuple of tensors of shape (batch, tokens, dim)
+        (or (batch, channels, height, width) for CNN stages), one per layer, on
+        the model's device; released when the next batch is requested.
+    mask : bool tensor of shape (batch, tokens), optional
+        Real tokens/frames (``None``: every position is real).
+    positions : ndarray of shape (batch,)
+        Positions of the rows in the calibration order.
+    targets : ndarray, optional
+    layer_names : list of str
+    """
+
+    hidden_states: Tuple[torch.Tensor, ...]
+    mask: Optional[torch.Tensor]
+    positions: np.ndarray
+    targets: Optional[np.ndarray]
+    layer_names: List[str]
+
+
+@dataclass
+class _Plan:
+    model: torch.nn.Module
+    name: str
+    data: CalibrationData
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    autocast: Optional[torch.dtype]
+    revision: Optional[str]
+    source: Optional[str]
+
+
+def _prepare(model_or_id, dataset, dataloader, *, split, dataset_config_name, text_key, target_key,
+             task, max_samples, batch_size, device, dtype, revision, random_state,
+             trust_remote_code, processor, collate_fn, max_length, num_workers, gguf_file,
+             model_kwargs) -> _Plan:
+    source = None
+    if isinstance(model_or_id, (str, os.PathLike)):
+        source = os.fspath(model_or_id)
+        model = M.load_model(source, revision=revision, trust_remote_code=trust_remote_code,
+                             device=device, dtype=dtype, gguf_file=gguf_file, **(model_kwargs or {}))
+        name = source
+        autocast = None
+    elif isinstance(model_or_id, torch.nn.Module):
+        model = model_or_id
+        name = M.model_name(model)
+        try:
+            current = next(model.parameters())
+        except StopIteration:
+            current = None
+        if device is not None:
+            model.to(M.default_device(device))
+        if dtype is not None:
+            model.to(M.parse_dtype(dtype, M.default_device(device)))
+        model.eval()
+        dev = current.device if current is not None and device is None else M.default_device(device)
+        autocast = None
+        if dev.type == "cuda" and dtype is None and current is not None and current.dtype == torch.float32:
+            autocast = M.parse_dtype(None, dev)  # bf16/fp16 compute without touching the weights
+        source_guess = getattr(getattr(model, "config", None), "_name_or_path", None)
+        source = source_guess or None
+    else:
+        raise LOESError(
+            f"model must be a Hugging Face model (torch.nn.Module), a hub id or a local folder; "
+            f"got {type(model_or_id).__name__}"
+        )
+    try:
+        param = next(model.parameters())
+        dev, pdtype = param.device, param.dtype
+    except StopIteration:
+        dev, pdtype = M.default_device(device), None
+
+    cache: Dict[str, Any] = {}
+
+    def get_processor(modality: str) -> Any:
+        if modality not in cache:
+            if processor is not None:
+                cache[modality] = M.pick_processor(processor, modality)
+            elif source:
+                cache[modality] = M.load_processor(source, modality, revision=revision,
+                                                   trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+            else:
+                raise LOESError(
+                    f"this model has no saved {modality} processor to load: pass processor=... "
+                    "(e.g. a tokenizer, image processor or feature extractor)"
+                )
+        return cache[modality]
+
+    task = normalize_task(task)
+    if dataloader is None and dataset is not None and is_dataloader(dataset):
+        dataloader, dataset = dataset, None
+    if dataloader is not None:
+        bb = M.backbone(model, "unknown")
+        main = getattr(model, "main_input_name", "input_ids")
+        data = from_dataloader(dataloader, get_processor=get_processor, model=model, task=task,
+                               target_key=target_key, text_key=text_key, max_samples=max_samples,
+                               max_length=max_length, random_state=random_state,
+                               main_input_name=main, positional_names=bb.positional)
+    elif dataset is not None:
+        data = from_dataset(dataset, get_processor=get_processor, model=model, task=task, split=split,
+                            config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                            max_samples=max_samples, batch_size=batch_size, max_length=max_length,
+                            random_state=random_state, collate_fn=collate_fn, num_workers=num_workers)
+    else:
+        raise LOESError("pass dataset=... (a hub id, path, Dataset or DatasetDict) or dataloader=...")
+    return _Plan(model=model, name=name, data=data, device=dev, dtype=pdtype, autocast=autocast,
+                 revision=revision, source=source)
+
+
+def _stream(plan: _Plan, *, include_embeddings: bool, show_progress: ProgressSetting,
+            info: Dict[str, Any]) -> Iterator[TokenStates]:
+    """Run the model batch by batch; only one batch's states are alive at a time."""
+    names: Optional[List[str]] = None
+    bb = None
+    decoder = False
+    total = None
+    if plan.data.n_samples is not None:
+        info_bs = info.get("batch_size") or 1
+        total = -(-plan.data.n_samples // info_bs)
+    for batch in progress(plan.data.batches(), show_progress, desc="loes: extract", total=total, unit="batch"):
+        if bb is None:
+            modality = plan.data.modality if plan.data.modality != "unknown" else M.modality_of(batch.inputs)
+            bb = M.backbone(plan.model, modality)
+            decoder = M.family(plan.model, modality) == "decoder"
+            info.update(modality=modality, family=M.family(plan.model, modality),
+                        module=type(bb.module).__name__)
+        inputs = {k: (v.to(plan.device, non_blocking=True) if torch.is_tensor(v) else v)
+                  for k, v in batch.inputs.items()}
+        if plan.dtype is not None and plan.dtype.is_floating_point:
+            for key in ("pixel_values", "input_values", "input_features"):
+                if key in inputs and torch.is_tensor(inputs[key]) and inputs[key].is_floating_point():
+                    inputs[key] = inputs[key].to(plan.dtype)
+        kwargs = M.forward_kwargs(bb, inputs, decoder=decoder)
+        amp = (torch.autocast(plan.device.type, dtype=plan.autocast) if plan.autocast is not None
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
+            outputs = bb.module(**kwargs)
+            states = M.hidden_states_of(outputs, bb.module)
+            del outputs
+            if names is None:
+                first = 0 if include_embeddings else 1
+                if len(states) <= first:
+                    raise LOESError(f"the model returned {len(states)} hidden state(s); no block outputs to select from")
+                names = [f"{bb.prefix}hidden_states[{i}]" for i in range(first, len(states))]
+            states = states if include_embeddings else states[1:]
+            mask = batch.mask.to(plan.device) if batch.mask is not None else None
+            if states[0].ndim == 3:
+                mask = M.frame_mask(bb.module, mask, states[0].shape[1])
+            else:
+                mask = None
+        item = TokenStates(hidden_states=states, mask=mask, positions=batch.positions,
+                           targets=batch.targets, layer_names=names)
+        del states, inputs, kwargs, mask
+        yield item
+        item.hidden_states, item.mask = (), None  # release before the next forward
+
+
+def iter_hidden_states(
+    model: Any,
+    dataset: Any = None,
+    *,
+    dataloader: Any = None,
+    split: str = "train",
+    dataset_config_name: Optional[str] = None,
+    text_key: Any = None,
+    target_key: Optional[str] = None,
+    task: str = "label_free",
+    max_samples: Optional[int] = DEFAULT_MAX_SAMPLES,
+    batch_size: int = 32,
+    device: Any = None,
+    dtype: Any = None,
+    include_embeddings: bool = False,
+    revision: Optional[str] = None,
+    random_state: Any = 0,
+    show_progress: ProgressSetting = "auto",
+    trust_remote_code: bool = False,
+    processor: Any = None,
+    tokenizer: Any = None,
+    collate_fn: Optional[Callable] = None,
+    max_length: int = 512,
+    num_workers: int = 0,
+    gguf_file: Optional[str] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> Iterator[TokenStates]:
+    """Stream the per-layer token states of the calibration data, one batch at a time.
+
+    Same data handling as :func:`extract_embeddings` (sampling, tokenization,
+    padding, processors). Each :class:`TokenStates` holds the tuple of per-layer
+    states (batch, tokens, dim) on the model's device and the token/frame mask;
+    its tensors are released when the next batch is requested, so at most one
+    batch of token states is alive. Pool or copy what you need inside the loop.
+    ``task="label_free"`` (the default here) does not require targets.
+
+    Examples
+    --------
+    >>> for b in iter_hidden_states(model, ds, max_samples=64):   # doctest: +SKIP
+    ...     lengths = b.mask.sum(1)                          # real tokens per row
+    ...     last = b.hidden_states[-1]                        # (batch, tokens, dim)
+    """
+    plan = _prepare(model, dataset, dataloader, split=split, dataset_config_name=dataset_config_name,
+                    text_key=text_key, target_key=target_key, task=task, max_samples=max_samples,
+                    batch_size=batch_size, device=device, dtype=dtype, revision=revision,
+                    random_state=random_state, trust_remote_code=trust_remote_code,
+                    processor=processor if processor is not None else tokenizer, collate_fn=collate_fn,
+                    max_length=max_length, num_workers=num_workers, gguf_file=gguf_file,
+                    model_kwargs=model_kwargs)
+    yield from _stream(plan, include_embeddings=include_embeddings, show_progress=show_progress,
+                       info={"batch_size": batch_size})
+
+
+def extract_embeddings(
+    model_or_id: Any,
+    dataset: Any = None,
+    *,
+    dataloader: Any = None,
+    split: str = "train",
+    dataset_config_name: Optional[str] = None,
+    text_key: Any = None,
+    target_key: Optional[str] = None,
+    task: str = "classification",
+    max_samples: Optional[int] = DEFAULT_MAX_SAMPLES,
+    batch_size: int = 32,
+    pooling: str = "auto",
+    device: Any = None,
+    dtype: Any = None,
+    include_embeddings: bool = False,
+    cache_dir: Union[None, bool, str, os.PathLike] = None,
+    cache_key: Optional[str] = None,
+    revision: Optional[str] = None,
+    random_state: Any = 0,
+    show_progress: ProgressSetting = "auto",
+    verbose: bool = False,
+    trust_remote_code: bool = False,
+    processor: Any = None,
+    tokenizer: Any = None,
+    collate_fn: Optional[Callable] = None,
+    max_length: int = 512,
+    num_workers: int = 0,
+    gguf_file: Optional[str] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> Embeddings:
+    """Pooled features of every layer of a Hugging Face model on calibration data.
+
+    Parameters
+    ----------
+    model_or_id : torch.nn.Module, or str
+        A loaded model, a hub id or a local folder (loaded with
+        ``AutoModel.from_pretrained(..., revision=, trust_remote_code=)``; bf16/fp16
+        on CUDA, fp32 on CPU unless ``dtype`` says otherwise).
+    dataset : str, datasets.Dataset or datasets.DatasetDict, optional
+        Hub id, local file/folder, ``"loes:drugreview"``/``"loes:bbc_news"``, or a
+        loaded dataset (``split`` picks from a ``DatasetDict``). Raw text is
+        tokenized with the model's tokenizer from a text column (text, sentence,
+        query, document, ...; sentence pairs as pairs); tokenized columns are
+        padded per batch; images go through the image processor, audio through
+        the feature extractor.
+    dataloader : iterable, optional
+        Yields ``(inputs, targets)`` or dicts with a target key (labels, label,
+        targets, target, y). A sequential map-style DataLoader longer than
+        ``max_samples`` is re-drawn as a seeded random subset.
+    text_key, target_key : str, optional
+        Input and target columns (detected when omitted; a missing one raises a
+        :class:`~loes.LOESError` listing the columns). ``text_key`` may be a pair.
+    task : {"classification", "regression", "label_free"}
+        Classification samples are stratified by class; label-free needs no targets.
+    max_samples : int or None
+        Calibration sample cap (default 1024); a seeded draw, never the first rows.
+    batch_size : int
+    pooling : {"auto", "cls", "mean", "masked_mean", "last_token"}
+        ``"auto"``: cls for text encoders and ViTs, last token for decoders,
+        masked mean for audio frames and other encoders; spatial mean for 4-D states.
+    device, dtype
+        Where and in which precision to run (defaults: CUDA if available; bf16/fp16
+        on CUDA for models loaded here, autocast for fp32 models passed in).
+    include_embeddings : bool
+        Keep the embedding output as layer 0 (default: index 0 = first block).
+    cache_dir : str, path or bool, optional
+        Cache folder (``True``: ``~/.cache/loes``); reused when model, revision,
+        weights, data, pooling and sample count match. Dataloaders are cached
+        only with an explicit ``cache_key``.
+    random_state : int or numpy.random.Generator
+        Seed of the calibration draw.
+    processor, tokenizer : optional
+        Tokenizer / image processor / feature extractor to use instead of the
+        model's saved one (required for models built from a config).
+
+    Returns
+    -------
+    Embeddings
+        ``embeddings`` (n_samples, n_layers, dim) float32 on CPU, ``targets``,
+        ``layer_names``, ``pooling``, ``indices``.
+
+    Examples
+    --------
+    >>> from loes.datasets import load_drugreview, minilm_path          # doctest: +SKIP
+    >>> emb = extract_embeddings(minilm_path(), load_drugreview("test"), max_samples=64)
+    >>> emb.embeddings.shape, emb.layer_names[0]
+    (torch.Size([64, 6, 384]), 'hidden_states[1]')
+    """
+    log = verbose_logger(logger, verbose)
+    t0 = time.perf_counter()
+    plan = _prepare(model_or_id, dataset, dataloader, split=split, dataset_config_name=dataset_config_name,
+                    text_key=text_key, target_key=target_key, task=task, max_samples=max_samples,
+                    batch_size=batch_size, device=device, dtype=dtype, revision=revision,
+                    random_state=random_state, trust_remote_code=trust_remote_code,
+                    processor=processor if processor is not None else tokenizer, collate_fn=collate_fn,
+                    max_length=max_length, num_workers=num_workers, gguf_file=gguf_file,
+                    model_kwargs=model_kwargs)
+    t_prep = time.perf_counter()
+    data = plan.data
+    folder = C.resolve_cache_dir(cache_dir)
+    key = None
+    fingerprint = cache_key if cache_key is not None else data.fingerprint
+    if folder is not None and fingerprint is None:
+        log.info("cache skipped: a dataloader has no content fingerprint; pass cache_key=... to cache it")
+    elif folder is not None:
+        config = getattr(plan.model, "config", None)
+        key = C.cache_key({
+            "model": plan.name, "revision": revision, "commit": getattr(config, "_commit_hash", None),
+            "weights": M.weights_fingerprint(plan.model), "data": fingerprint, "pooling": pooling,
+            "max_samples": max_samples, "n": data.n_samples, "task": normalize_task(task),
+            "include_embeddings": include_embeddings, "max_length": max_length,
+            "dtype": str(plan.autocast or plan.dtype), "random_state": random_state if isinstance(random_state, int) else None,
+        })
+        hit = C.load_entry(folder, key)
+        if hit is not None:
+            return _from_cache(hit, plan, key, folder)
+
+    info: Dict[str, Any] = {"batch_size": batch_size, "device": str(plan.device),
+                            "dtype": str(plan.autocast or plan.dtype), "max_length": max_length,
+                            **data.info}
+    info.pop("state", None)
+    chunks: List[Tuple[np.ndarray, List[torch.Tensor]]] = []
+    target_chunks: List[np.ndarray] = []
+    resolved = None
+    names: List[str] = []
+    for item in _stream(plan, include_embeddings=include_embeddings, show_progress=show_progress, info=info):
+        if resolved is None:
+            resolved = resolve_pooling(pooling, info.get("family", "unknown"), M.model_type(plan.model),
+                                       item.hidden_states[0].ndim)
+            names = item.layer_names
+        with torch.inference_mode():
+            pooled = [pool(h, item.mask, resolved) for h in item.hidden_states]
+            if len({p.shape[1] for p in pooled}) == 1:
+                moved = [torch.stack(pooled, dim=1).to("cpu", torch.float32)]
+            else:
+                moved = [p.to("cpu", torch.float32) for p in pooled]
+        del pooled
+        chunks.append((item.positions, moved))
+        if data.targets is None and item.targets is not None:
+            target_chunks.append(np.asarray(item.targets))
+        del item
+    if not chunks:
+        raise LOESError("no calibration samples were read: the dataset/dataloader is empty")
+    stacked = _assemble(chunks)
+    targets = data.targets if data.targets is not None else (
+        np.concatenate(target_chunks) if target_chunks else None)
+    if data.n_samples is None:
+        warn_dataloader_sample(data, targets, normalize_task(task))
+    t_end = time.perf_counter()
+    info.update(timings={"prepare": t_prep - t0, "extract": t_end - t_prep}, cache_key=key)
+    emb = Embeddings(embeddings=stacked, targets=targets, layer_names=names, pooling=resolved,
+                     model_name=plan.name, dataset=data.name, indices=data.indices, info=info)
+    n = emb.n_samples
+    log.info("extracted %d layers x %d samples (%s pooling) from %s in %.2fs", emb.n_layers, n,
+             resolved, plan.name, t_end - t0)
+    if folder is not None and key is not None:
+        _save(folder, key, emb)
+    return emb
+
+
+def _assemble(chunks: List[Tuple[np.ndarray, List[torch.Tensor]]]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """Concatenate per-batch chunks and put rows back in calibration order."""
+    positions = np.concatenate([p for p, _ in chunks])
+    order = torch.as_tensor(np.argsort(positions, kind="stable"))
+    n_parts = len(chunks[0][1])
+    parts = [torch.cat([c[1][j] for c in chunks], dim=0)[order] for j in range(n_parts)]
+    return parts[0] if n_parts == 1 else parts
+
+
+def _save(folder, key: str, emb: Embeddings) -> None:
+    tensors: Dict[str, torch.Tensor] = {}
+    if torch.is_tensor(emb.embeddings):
+        tensors["embeddings"] = emb.embeddings
+    else:
+        tensors.update({f"layer_{i:04d}": t for i, t in enumerate(emb.embeddings)})
+    meta: Dict[str, Any] = {"layer_names": emb.layer_names, "pooling": emb.pooling,
+                            "model_name": emb.model_name, "dataset": emb.dataset, "info": emb.info}
+    if emb.indices is not None:
+        tensors["indices"] = torch.as_tensor(np.asarray(emb.indices, dtype=np.int64))
+    if emb.targets is not None:
+        t = np.asarray(emb.targets)
+        if t.dtype.kind in "biuf":
+            tensors["targets"] = torch.as_tensor(t)
+        else:
+            meta["targets"] = t.tolist()
+    try:
+        C.save_entry(folder, key, tensors, meta)
+    except OSError as e:
+        logger.warning("could not write the embedding cache in %s: %s", folder, e)
+
+
+def _from_cache(hit, plan: _Plan, key: str, folder) -> Embeddings:
+    tensors, meta = hit
+    if "embeddings" in tensors:
+        emb: Union[torch.Tensor, List[torch.Tensor]] = tensors["embeddings"]
+    else:
+        emb = [tensors[k] for k in sorted(k for k in tensors if k.startswith("layer_"))]
+    targets = None
+    if "targets" in tensors:
+        targets = tensors["targets"].numpy()
+    elif meta.get("targets") is not None:
+        targets = np.asarray(meta["targets"])
+    indices = tensors["indices"].numpy() if "indices" in tensors else None
+    info = dict(meta.get("info") or {})
+    info["cache_key"] = key
+    return Embeddings(embeddings=emb, targets=targets, layer_names=list(meta["layer_names"]),
+                      pooling=meta["pooling"], model_name=meta.get("model_name") or plan.name,
+                      dataset=meta.get("dataset"), indices=indices, from_cache=True, info=info)
