@@ -1,0 +1,293 @@
+"""Baseline layer selectors behind the selector interface.
+
+Every baseline returns a :class:`~loes.result.LOESResult`, like
+:func:`loes.select_layers_from_custom_embeddings`, with ``preset`` set to the
+baseline's name and ``config["method"]``/``config["head"]`` saying what to
+train on the result:
+
+=================  ===========================================  =================
+name               layers                                       head
+=================  ===========================================  =================
+``last``           the last layer                               ``concat``
+``last_k``         the last k layers                            ``concat``
+``all_concat``     every layer                                  ``concat``
+``layer_weights``  every layer                                  ``layer_weights``
+``random_k``       k layers drawn with ``random_state``         ``concat``
+``greedy_probe``   top k by single-layer probe accuracy         ``concat``
+``exhaustive``     best k-subset by probe accuracy              ``concat``
+``label_free``     top k by a label-free metric                 ``concat``
+=================  ===========================================  =================
+
+``concat`` means a probe on the concatenated layers; ``layer_weights`` means
+learnable softmax weights over the layers followed by a linear head
+(:class:`~loes.transfer.FusionProbe` with ``hidden=None, fusion="weighted"``).
+
+The probe accuracy of ``greedy_probe`` and ``exhaustive`` is the exact
+leave-one-out accuracy (classification; relative LOO error for regression) of
+a ridge probe on the calibration data, each layer standardised — one
+closed-form computation per candidate, no refits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from loes._exceptions import LOESError
+from loes._progress import ProgressSetting, progress
+from loes._validation import check_embeddings, check_k, check_targets, normalize_task
+from loes.core._numerics import ridge_loo_residuals
+from loes.result import LOESResult, StepTable
+
+__all__ = [
+    "BASELINES",
+    "HEADS",
+    "loo_probe_error",
+    "select_baseline",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Baseline names, in the order the evaluation reports them.
+BASELINES = (
+    "last",
+    "last_k",
+    "all_concat",
+    "layer_weights",
+    "random_k",
+    "greedy_probe",
+    "exhaustive",
+    "label_free",
+)
+
+#: The head each baseline asks the evaluation to train.
+HEADS = {name: "concat" for name in BASELINES}
+HEADS["layer_weights"] = "layer_weights"
+
+#: Refuse exhaustive search above this many k-subsets unless told otherwise.
+MAX_COMBINATIONS = 5000
+
+
+def _standardize(layer: torch.Tensor) -> torch.Tensor:
+    x = layer.detach().to("cpu", torch.float64)
+    x = x - x.mean(0, keepdim=True)
+    std = x.std(0, unbiased=False, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return x / (std * math.sqrt(x.shape[1]))
+
+
+def loo_probe_error(
+    layers: Sequence[torch.Tensor], y: torch.Tensor, labels: Optional[torch.Tensor], reg: float = 1e-1
+) -> Tuple[float, float]:
+    """Leave-one-out error of a ridge probe on the concatenation of ``layers``.
+
+    Parameters
+    ----------
+    layers : sequence of tensors of shape (n_samples, dim_l)
+        Already standardised (each feature centred and scaled).
+    y : tensor of shape (n_samples, m)
+        One-hot labels (classification) or regression targets.
+    labels : tensor of shape (n_samples,) or None
+        Integer class ids for classification; None for regression.
+    reg : float
+        Ridge strength relative to the mean non-zero eigenvalue.
+
+    Returns
+    -------
+    (error, mse)
+        ``error`` is the LOO misclassification rate (classification) or the
+        LOO mean squared error divided by the target variance (regression);
+        ``mse`` is the LOO mean squared error (a tie-breaker).
+    """
+    x = torch.cat(list(layers), dim=1)
+    resid = ridge_loo_residuals(x, y, reg=reg, relative=True)
+    mse = float((resid**2).mean())
+    if labels is None:
+        var = float(((y - y.mean(0, keepdim=True)) ** 2).mean())
+        return mse / var if var > 0 else 0.0, mse
+    pred = y - resid
+    return float((pred.argmax(1) != labels).double().mean()), mse
+
+
+def _result(name: str, selected: List[int], scores: List[float], n_layers: int, n: int, task: str,
+            k: int, steps: List[StepTable], config: Dict[str, Any], t0: float,
+            layer_names: Optional[Sequence[str]]) -> LOESResult:
+    return LOESResult(
+        selected_layers=[int(i) for i in selected],
+        layer_scores=[float(s) for s in scores],
+        task=task,
+        num_layers_seen=n_layers,
+        num_calibration_samples=n,
+        pooling="precomputed",
+        preset=name,
+        steps=steps,
+        config={"method": name, "head": HEADS[name], "k": k, **config},
+        timings={"total": time.perf_counter() - t0},
+        layer_names=list(layer_names) if layer_names is not None else None,
+    )
+
+
+def _error_table(errors: List[Tuple[float, float]], candidates: List[int], selected: int) -> StepTable:
+    zeros = [0.0] * len(candidates)
+    fit = [e for e, _ in errors]
+    return StepTable(step=1, selected=selected, candidates=list(candidates),
+                     terms={"fit": fit, "isotropy": zeros, "redundancy": list(zeros),
+                            "geometry": list(zeros), "total": list(fit)})
+
+
+def select_baseline(
+    name: str,
+    embeddings: Any,
+    targets: Any = None,
+    k: Optional[int] = None,
+    *,
+    task: str = "classification",
+    random_state: Optional[int] = 0,
+    reg: float = 1e-1,
+    max_combinations: int = MAX_COMBINATIONS,
+    metric: str = "loes",
+    show_progress: ProgressSetting = False,
+    layer_names: Optional[Sequence[str]] = None,
+) -> LOESResult:
+    """Select layers with a baseline method.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`BASELINES`.
+    embeddings : array of shape (n_samples, n_layers, dim) or list of (n_samples, dim_l)
+        Calibration features.
+    targets : array of shape (n_samples,) or (n_samples, m), optional
+        Needed by ``greedy_probe`` and ``exhaustive``.
+    k : int
+        Layer budget (ignored by ``last``, ``all_concat`` and ``layer_weights``).
+    task : {"classification", "regression"}
+    random_state : int, optional
+        Seed of ``random_k`` (and of label-free metrics that sample).
+    reg : float
+        Relative ridge strength of the LOO probe used by ``greedy_probe`` and
+        ``exhaustive``.
+    max_combinations : int
+        ``exhaustive`` refuses to enumerate more k-subsets than this.
+    metric : str
+        The label-free score of ``label_free``: ``"loes"`` (LOES label-free:
+        isotropy and redundancy) or a metric name from :mod:`loes.metrics`.
+    show_progress : bool or str
+    layer_names : sequence of str, optional
+
+    Returns
+    -------
+    LOESResult
+        ``preset`` and ``config["method"]`` are ``name``; ``config["head"]``
+        is what the evaluation trains; ``layer_scores`` hold each pick's
+        score where the method has one (LOO error, lower is better).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(60, 6, 4))
+    >>> select_baseline("last_k", X, k=3).selected_layers
+    [3, 4, 5]
+    """
+    t0 = time.perf_counter()
+    if name not in BASELINES:
+        raise LOESError(f"unknown baseline {name!r}; choose one of {list(BASELINES)}")
+    task = normalize_task(task)
+    layers = check_embeddings(embeddings)
+    n_layers, n = len(layers), layers[0].shape[0]
+    if name in ("last", "all_concat", "layer_weights"):
+        k = 1 if name == "last" else n_layers
+    k = check_k(k, n_layers)
+    common = dict(n_layers=n_layers, n=n, task=task, k=k, t0=t0, layer_names=layer_names)
+
+    if name == "last":
+        return _result(name, [n_layers - 1], [0.0], steps=[], config={}, **common)
+    if name == "last_k":
+        return _result(name, list(range(n_layers - k, n_layers)), [0.0] * k, steps=[], config={}, **common)
+    if name in ("all_concat", "layer_weights"):
+        return _result(name, list(range(n_layers)), [0.0] * n_layers, steps=[], config={}, **common)
+    if name == "random_k":
+        rng = np.random.default_rng(random_state)
+        picked = sorted(int(i) for i in rng.choice(n_layers, size=k, replace=False))
+        return _result(name, picked, [0.0] * k, steps=[],
+                       config={"random_state": random_state}, **common)
+    if name == "label_free":
+        return _label_free(metric, layers, k, random_state, show_progress, common)
+
+    # supervised baselines: LOO ridge probe on the calibration data
+    if task == "label_free":
+        raise LOESError(f"baseline {name!r} needs targets and task 'classification' or 'regression'")
+    tgt = check_targets(targets, task, n)
+    keep = tgt.keep
+    std = [_standardize(x if keep is None else x[keep]) for x in layers]
+    y, labels = tgt.y, (tgt.labels if task == "classification" else None)
+    if task == "classification" and labels is None:
+        labels = tgt.y.argmax(1)
+    config = {"reg": reg}
+    if name == "greedy_probe":
+        errors = [loo_probe_error([std[i]], y, labels, reg)
+                  for i in progress(range(n_layers), show_progress, desc="single-layer probes",
+                                    total=n_layers, unit="layer")]
+        order = sorted(range(n_layers), key=lambda i: (errors[i][0], errors[i][1], i))
+        picked = order[:k]
+        table = _error_table(errors, list(range(n_layers)), picked[0])
+        return _result(name, picked, [errors[i][0] for i in picked], steps=[table], config=config, **common)
+
+    # exhaustive
+    total = math.comb(n_layers, k)
+    if total > max_combinations:
+        raise LOESError(
+            f"exhaustive search over C({n_layers}, {k}) = {total} subsets exceeds "
+            f"max_combinations={max_combinations}: raise max_combinations, lower k, "
+            "or use 'greedy_probe'"
+        )
+    best: Optional[Tuple[float, float]] = None
+    best_subset: Tuple[int, ...] = ()
+    for subset in progress(itertools.combinations(range(n_layers), k), show_progress,
+                           desc="exhaustive subsets", total=total, unit="subset"):
+        err = loo_probe_error([std[i] for i in subset], y, labels, reg)
+        if best is None or err < best:
+            best, best_subset = err, subset
+    config.update({"subsets": total, "best_error": best[0]})
+    return _result(name, list(best_subset), [best[0]] * k, steps=[], config=config, **common)
+
+
+def _label_free(metric: str, layers: List[torch.Tensor], k: int, random_state: Any,
+                show_progress: ProgressSetting, common: Dict[str, Any]) -> LOESResult:
+    """Top-k by a label-free score: LOES label-free, or a :mod:`loes.metrics` metric."""
+    if metric == "loes":
+        from loes.core.select import select_layers_from_custom_embeddings
+
+        res = select_layers_from_custom_embeddings(
+            layers, None, k, task="label_free", random_state=random_state, show_progress=show_progress
+        )
+        return _result("label_free", res.selected_layers, res.layer_scores, steps=res.steps,
+                       config={"metric": "loes"}, **common)
+    ranker = _metric_ranker(metric)
+    scores = ranker(layers, random_state)
+    order = sorted(range(len(layers)), key=lambda i: (scores[i], i))
+    picked = order[:k]
+    return _result("label_free", picked, [scores[i] for i in picked], steps=[],
+                   config={"metric": metric}, **common)
+
+
+def _metric_ranker(metric: str) -> Callable[[List[torch.Tensor], Any], List[float]]:
+    """A function returning one score per layer, lower = better, for a metric of :mod:`loes.metrics`."""
+    try:
+        from loes import metrics as metrics_mod  # written by the metrics engineer
+    except ImportError as e:
+        raise LOESError(f"label-free metric {metric!r} needs loes.metrics, which is not available") from e
+    fn = getattr(metrics_mod, "layer_scores", None) or getattr(metrics_mod, "score_layers", None)
+    if fn is None:
+        raise LOESError(f"loes.metrics has no per-layer scoring function for metric {metric!r}")
+
+    def rank(layers: List[torch.Tensor], random_state: Any) -> List[float]:
+        return [float(v) for v in fn(layers, metric, random_state=random_state)]
+
+    return rank

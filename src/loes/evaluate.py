@@ -1,0 +1,527 @@
+"""The evaluation protocol: does a layer selection make a better downstream model?
+
+For each seed the samples are split (stratified for classification) into
+
+* **calibration** — used only to select layers (LOES and every baseline);
+* **train** — the probe on the selected layers is fitted here;
+* **validation** — the probe's regularisation (or best epoch) is chosen here;
+* **test** — reported, never used for any choice.
+
+Every method sees the same splits; the score of LOES and of each baseline is
+then compared across seeds with a paired t-test.
+
+Examples
+--------
+>>> import numpy as np
+>>> from loes.evaluate import evaluate
+>>> rng = np.random.default_rng(0)
+>>> y = rng.integers(0, 3, 400)
+>>> X = rng.normal(size=(400, 6, 16))
+>>> X[:, 2, :3] += 2 * np.eye(3)[y]
+>>> ev = evaluate(X, y, k=2, methods=["loes", "last"], seeds=[0, 1], show_progress=False)
+>>> ev.mean_score("loes") > ev.mean_score("last")
+True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from loes._exceptions import LOESError, LOESWarning
+from loes._progress import ProgressSetting, progress
+from loes._validation import check_embeddings, check_k, normalize_task
+from loes.baselines import BASELINES, HEADS, MAX_COMBINATIONS, select_baseline
+from loes.result import LOESResult
+from loes.transfer._fusion import FusionProbe
+from loes.transfer._probes import LinearProbe, encode_labels, split_indices
+
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_METHODS",
+    "EvaluationResult",
+    "evaluate",
+    "paired_ttest",
+    "per_layer_scores",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Calibration / train / validation / test shares.
+DEFAULT_FRACTIONS = (0.25, 0.4, 0.15, 0.2)
+#: Methods compared by default: LOES first, then every baseline.
+DEFAULT_METHODS = ("loes",) + BASELINES
+
+Selector = Callable[..., LOESResult]
+
+
+# ------------------------------------------------------------ paired t-test
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    if math.isnan(t):
+        return float("nan")
+    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def paired_ttest(a: Sequence[float], b: Sequence[float], *, use_scipy: bool = True) -> Dict[str, float]:
+    """Paired two-sided t-test of ``a`` against ``b`` (same seeds, same order).
+
+    Uses :func:`scipy.stats.ttest_rel` when scipy is installed, else an exact
+    implementation (Student's t CDF through the incomplete beta function).
+
+    Returns
+    -------
+    dict
+        ``mean_diff`` (mean of a − b), ``t``, ``p`` and ``n``. With identical
+        differences (zero spread) ``t`` is 0 (all equal) or ±inf and ``p`` is
+        1 or 0; with fewer than two pairs ``t`` and ``p`` are NaN.
+    """
+    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
+        raise LOESError(f"paired samples must be 1-D of equal length; got {a_arr.shape} and {b_arr.shape}")
+    d = a_arr - b_arr
+    n = len(d)
+    mean = float(d.mean()) if n else float("nan")
+    if n < 2:
+        return {"mean_diff": mean, "t": float("nan"), "p": float("nan"), "n": n}
+    sd = float(d.std(ddof=1))
+    if sd <= 1e-15 * max(1.0, abs(mean)):
+        if abs(mean) <= 1e-15:
+            return {"mean_diff": mean, "t": 0.0, "p": 1.0, "n": n}
+        return {"mean_diff": mean, "t": math.copysign(math.inf, mean), "p": 0.0, "n": n}
+    if use_scipy:
+        try:
+            from scipy import stats
+
+            res = stats.ttest_rel(a_arr, b_arr)
+            return {"mean_diff": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": n}
+        except ImportError:
+            pass
+    t = mean / (sd / math.sqrt(n))
+    return {"mean_diff": mean, "t": t, "p": t_two_sided_p(t, n - 1), "n": n}
+
+
+# ------------------------------------------------------------------ result
+@dataclass
+class EvaluationResult:
+    """Scores of every method on every seed, and their comparison with LOES.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per (method, seed): ``method``, ``seed``, ``layers``, ``head``,
+        ``score`` (test accuracy or RMSE), ``val_score``, ``selection_time``,
+        ``training_time``.
+    metric : {"accuracy", "rmse"}
+    task, k, probe, seeds, fractions
+        The protocol's settings.
+    tests : dict
+        Per baseline: the paired t-test of LOES against it (``mean_diff`` is
+        LOES minus baseline in the metric's units).
+    per_layer : dict, optional
+        ``{"layer": [...], "mean": [...], "std": [...]}``: test score of a
+        probe on each single layer (averaged over seeds).
+    selections : dict
+        ``{method: LOESResult as dict}`` of the first seed (for reports).
+    n_samples : dict
+        Sizes of the calibration / train / validation / test splits (first seed).
+    """
+
+    rows: List[Dict[str, Any]]
+    metric: str
+    task: str
+    k: int
+    probe: str
+    seeds: List[int]
+    fractions: List[float]
+    tests: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    per_layer: Optional[Dict[str, List[float]]] = None
+    selections: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    n_samples: Dict[str, int] = field(default_factory=dict)
+    layer_names: Optional[List[str]] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> List[str]:
+        """Methods in the order they were run."""
+        seen: List[str] = []
+        for r in self.rows:
+            if r["method"] not in seen:
+                seen.append(r["method"])
+        return seen
+
+    def scores(self, method: str) -> List[float]:
+        """Test scores of ``method``, one per seed (in seed order)."""
+        out = [r["score"] for r in self.rows if r["method"] == method]
+        if not out:
+            raise KeyError(f"no results for method {method!r}; have {self.methods}")
+        return out
+
+    def mean_score(self, method: str) -> float:
+        """Mean test score of ``method`` over seeds."""
+        return float(np.mean(self.scores(method)))
+
+    def selection(self, method: str = "loes") -> LOESResult:
+        """The first seed's selection of ``method`` as a :class:`LOESResult`."""
+        return LOESResult.from_dict(self.selections[method])
+
+    def table(self) -> List[Dict[str, Any]]:
+        """One aggregated row per method: mean/std of the score and the times,
+        the layers (of every seed when they differ) and the test against LOES."""
+        out = []
+        for m in self.methods:
+            rows = [r for r in self.rows if r["method"] == m]
+            layer_sets = []
+            for r in rows:
+                if r["layers"] not in layer_sets:
+                    layer_sets.append(r["layers"])
+            scores = np.array([r["score"] for r in rows], dtype=float)
+            row = {
+                "method": m,
+                "layers": layer_sets[0] if len(layer_sets) == 1 else layer_sets,
+                "head": rows[0]["head"],
+                self.metric: float(scores.mean()),
+                "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+                "selection_time": float(np.mean([r["selection_time"] for r in rows])),
+                "training_time": float(np.mean([r["training_time"] for r in rows])),
+            }
+            test = self.tests.get(m)
+            row["loes_minus_method"] = test["mean_diff"] if test else None
+            row["p_value"] = test["p"] if test else None
+            out.append(row)
+        return out
+
+    def format_table(self) -> str:
+        """The aggregated table as fixed-width text (what ``loes demo`` prints)."""
+        name = "acc" if self.metric == "accuracy" else "RMSE"
+        lines = [
+            f"{'method':<14} {'layers':<22} {name:>7} {'± std':>7} {'select s':>9} {'train s':>8} "
+            f"{'LOES−it':>8} {'p':>7}"
+        ]
+        for row in self.table():
+            layers = row["layers"]
+            if layers and isinstance(layers[0], list):
+                text = "varies: " + ";".join(",".join(map(str, ls)) for ls in layers)
+            elif len(layers) > 6 and layers == list(range(layers[0], layers[-1] + 1)):
+                text = f"{layers[0]}..{layers[-1]} ({len(layers)})"
+            else:
+                text = ",".join(map(str, layers))
+            if len(text) > 22:
+                text = text[:21] + "…"
+            diff = "" if row["loes_minus_method"] is None else f"{row['loes_minus_method']:+.3f}"
+            p = "" if row["p_value"] is None or math.isnan(row["p_value"]) else f"{row['p_value']:.3f}"
+            lines.append(
+                f"{row['method']:<14} {text:<22} {row[self.metric]:>7.4f} {row['std']:>7.4f} "
+                f"{row['selection_time']:>9.3f} {row['training_time']:>8.3f} {diff:>8} {p:>7}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+    def to_frame(self):
+        """The per-seed rows as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-compatible dict (inverse: :meth:`from_dict`)."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EvaluationResult":
+        return cls(**dict(d))
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        """Serialise to JSON; also write to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "EvaluationResult":
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as fh:
+                text = fh.read()
+        return cls.from_dict(json.loads(text))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else str(v)
+    return value
+
+
+# ---------------------------------------------------------------- training
+def _make_probe(head: str, layers: List[int], probe: str, task: str, seed: int,
+                fusion_options: Optional[Dict[str, Any]]):
+    opts = dict(fusion_options or {})
+    if head == "layer_weights":
+        opts.setdefault("lr", 1e-2)
+        opts.setdefault("epochs", 40)
+        opts.update(hidden=None, fusion="weighted")
+        return FusionProbe(layers, task=task, random_state=seed, **opts)
+    if probe == "fusion":
+        return FusionProbe(layers, task=task, random_state=seed, **opts)
+    return LinearProbe(layers, kind=probe, task=task, random_state=seed)
+
+
+def per_layer_scores(
+    embeddings: Any,
+    targets: Any,
+    splits: Sequence[np.ndarray],
+    *,
+    task: str = "classification",
+    probe: str = "ridge",
+    random_state: int = 0,
+) -> List[float]:
+    """Test score of a probe on each single layer (train / validation / test splits).
+
+    Parameters
+    ----------
+    embeddings : array of shape (n_samples, n_layers, dim) or list of layers
+    targets : array of shape (n_samples,)
+    splits : (train, validation, test) index arrays
+    """
+    layers = check_embeddings(embeddings)
+    tr, va, te = splits
+    y = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+    kind = "ridge" if probe == "fusion" else probe
+    out = []
+    for i, x in enumerate(layers):
+        x = x.detach().cpu()
+        p = LinearProbe([0], kind=kind, task=task, random_state=random_state)
+        p.fit([x[tr]], y[tr], [x[va]], y[va])
+        out.append(p.score([x[te]], y[te]))
+    return out
+
+
+def _run_selector(method: Union[str, Selector], name: str, cal: List[torch.Tensor], y_cal: np.ndarray,
+                  k: int, task: str, seed: int, loes_options: Dict[str, Any],
+                  baseline_options: Dict[str, Any]) -> LOESResult:
+    if callable(method):
+        return method(cal, y_cal, k, task=task, random_state=seed)
+    if method == "loes":
+        from loes.core.select import select_layers_from_custom_embeddings
+
+        opts = dict(loes_options)
+        opts.setdefault("show_progress", False)
+        return select_layers_from_custom_embeddings(cal, y_cal, k, task=task, random_state=seed, **opts)
+    return select_baseline(method, cal, y_cal, k, task=task, random_state=seed, **baseline_options)
+
+
+def evaluate(
+    embeddings: Any,
+    targets: Any,
+    *,
+    k: int = 3,
+    task: str = "classification",
+    methods: Optional[Sequence[Union[str, tuple]]] = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    probe: str = "ridge",
+    loes_options: Optional[Dict[str, Any]] = None,
+    baseline_options: Optional[Dict[str, Any]] = None,
+    fusion_options: Optional[Dict[str, Any]] = None,
+    per_layer: bool = True,
+    layer_names: Optional[Sequence[str]] = None,
+    show_progress: ProgressSetting = "auto",
+) -> EvaluationResult:
+    """Compare LOES with baselines under the calibration / train / validation / test protocol.
+
+    Parameters
+    ----------
+    embeddings : array of shape (n_samples, n_layers, dim) or list of (n_samples, dim_l)
+        Embeddings of all samples (every split is drawn from them).
+    targets : array of shape (n_samples,) labels, or (n_samples,) numbers for regression
+    k : int
+        Layer budget of LOES and of the k-layer baselines.
+    task : {"classification", "regression"}
+    methods : sequence, optional
+        Method names (``"loes"`` and :data:`loes.baselines.BASELINES`) or
+        ``(name, selector)`` pairs with ``selector(embeddings, targets, k, task=,
+        random_state=) -> LOESResult``. Default: :data:`DEFAULT_METHODS`;
+        ``exhaustive`` is dropped (with a warning) when it would enumerate more
+        than ``max_combinations`` subsets.
+    seeds : sequence of int
+        One split (and one seed for every random choice) per entry.
+    fractions : 4 floats
+        Calibration / train / validation / test shares.
+    probe : {"ridge", "logistic", "fusion"}
+        What is trained on the selected layers: a linear probe, or the fusion
+        head (:class:`~loes.transfer.FusionProbe`; ``fusion_options`` go to it).
+        The ``layer_weights`` baseline always trains its softmax-weighted head.
+    loes_options : dict, optional
+        Keyword arguments for :func:`loes.select_layers_from_custom_embeddings`
+        (e.g. ``{"preset": "reference"}``).
+    baseline_options : dict, optional
+        Keyword arguments for :func:`loes.baselines.select_baseline`.
+    per_layer : bool
+        Also report the test score of a probe on each single layer.
+    layer_names : sequence of str, optional
+    show_progress : bool or str
+
+    Returns
+    -------
+    EvaluationResult
+    """
+    task = normalize_task(task)
+    if task == "label_free":
+        raise LOESError("evaluation needs targets: task must be 'classification' or 'regression'")
+    if probe not in ("ridge", "logistic", "fusion"):
+        raise LOESError(f"probe must be 'ridge', 'logistic' or 'fusion'; got {probe!r}")
+    if len(fractions) != 4:
+        raise LOESError(f"fractions must give 4 shares (calibration, train, validation, test); got {fractions}")
+    if not seeds:
+        raise LOESError("seeds is empty: pass at least one seed")
+    layers = [x.detach().cpu() for x in check_embeddings(embeddings)]
+    n_layers, n = len(layers), layers[0].shape[0]
+    k = check_k(k, n_layers)
+    y = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+    if y.shape[0] != n:
+        raise LOESError(f"targets must have one entry per sample ({n}); got {y.shape[0]}")
+    if task == "classification":
+        y_ids, _ = encode_labels(y.reshape(-1) if y.ndim == 1 else y.argmax(1))
+        strat = y_ids.numpy()
+    else:
+        strat = None
+    loes_options = dict(loes_options or {})
+    baseline_options = dict(baseline_options or {})
+
+    chosen: List[tuple] = []
+    for m in methods if methods is not None else DEFAULT_METHODS:
+        name, fn = (m, m) if isinstance(m, str) else (m[0], m[1])
+        if isinstance(fn, str) and fn != "loes" and fn not in BASELINES:
+            raise LOESError(f"unknown method {fn!r}; choose 'loes' or one of {list(BASELINES)}")
+        if fn == "exhaustive":
+            limit = baseline_options.get("max_combinations", MAX_COMBINATIONS)
+            if math.comb(n_layers, k) > limit:
+                if methods is not None:
+                    raise LOESError(
+                        f"exhaustive search over C({n_layers}, {k}) = {math.comb(n_layers, k)} subsets "
+                        f"exceeds max_combinations={limit}; raise it in baseline_options or drop 'exhaustive'"
+                    )
+                warnings.warn(f"skipping 'exhaustive': C({n_layers}, {k}) = {math.comb(n_layers, k)} "
+                              f"subsets exceed max_combinations={limit}", LOESWarning, stacklevel=2)
+                continue
+        chosen.append((name, fn))
+    names = [c[0] for c in chosen]
+    if len(set(names)) != len(names):
+        raise LOESError(f"method names must be unique; got {names}")
+
+    metric = "accuracy" if task == "classification" else "rmse"
+    rows: List[Dict[str, Any]] = []
+    selections: Dict[str, Dict[str, Any]] = {}
+    per_layer_runs: List[List[float]] = []
+    sizes: Dict[str, int] = {}
+    jobs = [(s, c) for s in seeds for c in chosen]
+    bar = progress(jobs, show_progress, desc="evaluate", total=len(jobs), unit="run")
+    current_seed = None
+    for seed, (name, fn) in bar:
+        if seed != current_seed:
+            current_seed = seed
+            cal, tr, va, te = split_indices(n, fractions, seed, strat)
+            if min(len(cal), len(tr), len(va), len(te)) < 3:
+                raise LOESError(
+                    f"too few samples ({n}) for the four splits {list(fractions)}: got sizes "
+                    f"{[len(cal), len(tr), len(va), len(te)]}; pass more samples"
+                )
+            if not sizes:
+                sizes = {"calibration": len(cal), "train": len(tr), "validation": len(va), "test": len(te)}
+            if per_layer:
+                per_layer_runs.append(per_layer_scores(layers, y, (tr, va, te), task=task,
+                                                       probe=probe, random_state=seed))
+        t0 = time.perf_counter()
+        res = _run_selector(fn, name, [x[cal] for x in layers], y[cal], k, task, seed,
+                            loes_options, baseline_options)
+        t_sel = time.perf_counter() - t0
+        head = res.config.get("head", HEADS.get(name, "concat")) if isinstance(res.config, dict) else "concat"
+        chosen_layers = list(res.selected_layers)
+        t0 = time.perf_counter()
+        model = _make_probe(head, chosen_layers, probe, task, seed, fusion_options)
+        model.fit([layers[i][tr] for i in range(n_layers)], y[tr],
+                  [layers[i][va] for i in range(n_layers)], y[va])
+        score = model.score([layers[i][te] for i in range(n_layers)], y[te])
+        t_train = time.perf_counter() - t0
+        rows.append({"method": name, "seed": int(seed), "layers": [int(i) for i in chosen_layers],
+                     "head": head, "score": float(score),
+                     "val_score": float(getattr(model, "best_val_score_", float("nan"))),
+                     "selection_time": t_sel, "training_time": t_train})
+        if seed == seeds[0]:
+            selections[name] = res.to_dict()
+        logger.info("seed %d %-14s layers %s %s %.4f (select %.2fs, train %.2fs)", seed, name,
+                    chosen_layers, metric, score, t_sel, t_train)
+
+    result = EvaluationResult(rows=rows, metric=metric, task=task, k=k, probe=probe,
+                              seeds=[int(s) for s in seeds], fractions=[float(f) for f in fractions],
+                              selections=selections, n_samples=sizes,
+                              layer_names=list(layer_names) if layer_names is not None else None)
+    if "loes" in names:
+        base = result.scores("loes")
+        for other in names:
+            if other != "loes":
+                result.tests[other] = paired_ttest(base, result.scores(other))
+    if per_layer_runs:
+        arr = np.asarray(per_layer_runs)
+        result.per_layer = {"layer": list(range(n_layers)), "mean": arr.mean(0).tolist(),
+                            "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(n_layers)).tolist()}
+    return result

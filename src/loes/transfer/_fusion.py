@@ -1,0 +1,347 @@
+"""The fusion head of the LOES paper and its training loop.
+
+Per selected layer: LayerNorm(D_l) → Linear(D_l, hidden) → GELU; the branches
+are combined by concatenation, mean, sum or learnable softmax weights; then
+LayerNorm → Dropout → Linear to the outputs. With ``hidden=None`` the branches
+are only layer-normalised, which with ``fusion="weighted"`` is the "learnable
+layer weights" baseline (a softmax-weighted mix of layers, then a linear head).
+
+Training (:class:`FusionProbe`) uses AdamW with a cosine learning-rate
+schedule, keeps the epoch with the best validation score (never the test
+split), and is deterministic given ``random_state``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from loes._exceptions import LOESError
+from loes._progress import ProgressSetting, progress
+from loes._validation import normalize_task
+from loes.transfer._georeg import GeoReg
+from loes.transfer._probes import _holdout_split, encode_labels, select_layers, task_score
+
+__all__ = ["FUSIONS", "FusionHead", "FusionProbe"]
+
+logger = logging.getLogger(__name__)
+
+FUSIONS = ("concat", "mean", "sum", "weighted")
+
+
+class FusionHead(nn.Module):
+    """Fuse the features of several layers and predict.
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Width of each input layer.
+    n_outputs : int
+        Classes (classification) or target columns (regression).
+    hidden : int or None
+        Width of each branch's projection (256 in the paper). ``None``: no
+        projection (all ``dims`` must be equal; fusion must not be concat).
+    fusion : {"concat", "mean", "sum", "weighted"}
+        How branches are combined; ``"weighted"`` learns softmax weights.
+    dropout : float
+        Dropout before the output layer (0.2 in the paper).
+
+    Examples
+    --------
+    >>> import torch
+    >>> head = FusionHead([16, 16, 32], n_outputs=3, hidden=8, fusion="weighted")
+    >>> head([torch.zeros(5, 16), torch.zeros(5, 16), torch.zeros(5, 32)]).shape
+    torch.Size([5, 3])
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        n_outputs: int,
+        *,
+        hidden: Optional[int] = 256,
+        fusion: str = "concat",
+        dropout: float = 0.2,
+    ):
+        super().__init__()
+        dims = [int(d) for d in dims]
+        if not dims:
+            raise LOESError("FusionHead needs at least one input layer")
+        if fusion not in FUSIONS:
+            raise LOESError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
+        if hidden is None:
+            if len(set(dims)) != 1:
+                raise LOESError(f"hidden=None needs layers of equal width; got {dims}")
+            if fusion == "concat" and len(dims) > 1:
+                width = sum(dims)
+            else:
+                width = dims[0]
+        else:
+            width = hidden * len(dims) if fusion == "concat" else hidden
+        self.fusion = fusion
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU()) if hidden is not None
+            else nn.Sequential(nn.LayerNorm(d))
+            for d in dims
+        )
+        self.layer_logits = nn.Parameter(torch.zeros(len(dims))) if fusion == "weighted" else None
+        self.norm = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(width, n_outputs)
+
+    def layer_weights(self) -> Optional[torch.Tensor]:
+        """The softmax layer weights (``fusion="weighted"``), else None."""
+        return None if self.layer_logits is None else torch.softmax(self.layer_logits, 0)
+
+    def features(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fused features before the output layer: (batch, width)."""
+        if len(layers) != len(self.branches):
+            raise LOESError(f"expected {len(self.branches)} layers; got {len(layers)}")
+        parts = [branch(x) for branch, x in zip(self.branches, layers)]
+        if self.fusion == "concat":
+            fused = torch.cat(parts, dim=1)
+        elif self.fusion == "weighted":
+            w = torch.softmax(self.layer_logits, 0)
+            fused = sum(wi * p for wi, p in zip(w, parts))
+        else:
+            fused = torch.stack(parts, 0).sum(0)
+            if self.fusion == "mean":
+                fused = fused / len(parts)
+        return self.norm(fused)
+
+    def forward(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Outputs (batch, n_outputs) from a list of (batch, dim_l) tensors."""
+        return self.out(self.dropout(self.features(layers)))
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int = 0):
+    """Linear warm-up then cosine decay to 0 over ``total_steps`` optimizer steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress_ = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class FusionProbe:
+    """Train a :class:`FusionHead` on cached embeddings of selected layers.
+
+    Parameters
+    ----------
+    layers : sequence of int, optional
+        Layer indices to fuse (all when None).
+    task : {"classification", "regression"}
+    hidden, fusion, dropout
+        As in :class:`FusionHead`.
+    epochs : int
+        Training epochs; the epoch with the best validation score is kept.
+    batch_size : int
+    lr, weight_decay : float
+        AdamW settings; the learning rate follows a cosine schedule.
+    georeg : float or GeoReg, optional
+        Weight of a :class:`GeoReg` term on the fused features (0/None: off),
+        or a configured GeoReg module.
+    val_fraction : float
+        Share of the training data held out when ``fit`` gets no validation split.
+    random_state : int, optional
+        Seeds initialisation, shuffling and dropout (a private generator).
+    show_progress : bool or str
+
+    Attributes
+    ----------
+    head_ : FusionHead
+        The trained head (best validation epoch).
+    history_ : list of dict
+        Per epoch: ``train_loss`` (task loss), ``reg_loss`` and ``val_score``.
+    best_epoch_ : int
+    """
+
+    def __init__(
+        self,
+        layers: Optional[Sequence[int]] = None,
+        *,
+        task: str = "classification",
+        hidden: Optional[int] = 256,
+        fusion: str = "concat",
+        dropout: float = 0.2,
+        epochs: int = 30,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        georeg: Any = None,
+        val_fraction: float = 0.2,
+        random_state: Optional[int] = 0,
+        show_progress: ProgressSetting = False,
+    ):
+        self.layers = layers
+        self.task = task
+        self.hidden = hidden
+        self.fusion = fusion
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.georeg = georeg
+        self.val_fraction = val_fraction
+        self.random_state = random_state
+        self.show_progress = show_progress
+
+    def _prepare(self, embeddings: Any) -> List[torch.Tensor]:
+        return [x.float() for x in select_layers(embeddings, self.layers)]
+
+    def _targets(self, targets: Any, n: int, fit: bool) -> torch.Tensor:
+        if self.task_ == "classification":
+            ids, classes = encode_labels(targets, None if fit else self.classes_)
+            if fit:
+                self.classes_ = classes
+            return ids
+        arr = np.asarray(targets.detach().cpu() if isinstance(targets, torch.Tensor) else targets,
+                         dtype=np.float32).reshape(n, -1)
+        y = torch.from_numpy(arr)
+        if fit:
+            self.y_mean_, self.y_std_ = y.mean(0), y.std(0).clamp(min=1e-8)
+        return y
+
+    def fit(self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None):
+        """Train on (embeddings, targets); keep the best epoch on the validation split.
+
+        Parameters
+        ----------
+        embeddings : array of shape (n_train, n_layers, dim) or list of layers
+        targets : array of shape (n_train,) or (n_train, m)
+        val_embeddings, val_targets : optional
+            Validation split (else ``val_fraction`` of the training data).
+
+        Returns
+        -------
+        self
+        """
+        self.task_ = normalize_task(self.task)
+        if self.task_ == "label_free":
+            raise LOESError("a probe needs targets: task must be 'classification' or 'regression'")
+        layers = self._prepare(embeddings)
+        n = layers[0].shape[0]
+        y = self._targets(targets, n, fit=True)
+        if val_embeddings is None:
+            strat = y if self.task_ == "classification" else None
+            tr, va = _holdout_split(n, self.val_fraction, self.random_state, strat)
+            va_layers, y_va = [x[va] for x in layers], y[va]
+            layers, y = [x[tr] for x in layers], y[tr]
+        else:
+            va_layers = self._prepare(val_embeddings)
+            y_va = self._targets(val_targets, va_layers[0].shape[0], fit=False)
+            if self.task_ == "regression":
+                self.y_mean_, self.y_std_ = y.mean(0), y.std(0).clamp(min=1e-8)
+        n = layers[0].shape[0]
+        self.means_ = [x.mean(0, keepdim=True) for x in layers]
+        self.stds_ = [x.std(0, keepdim=True).clamp(min=1e-6) for x in layers]
+        xs = self._scale(layers)
+        xs_va = self._scale(va_layers)
+        if self.task_ == "classification":
+            if len(self.classes_) < 2:
+                raise LOESError("classification needs at least 2 classes in the training split")
+            n_out = len(self.classes_)
+            loss_fn = nn.CrossEntropyLoss()
+            y_train = y
+        else:
+            n_out = y.shape[1]
+            loss_fn = nn.MSELoss()
+            y_train = (y - self.y_mean_) / self.y_std_
+
+        seed = 0 if self.random_state is None else int(self.random_state)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # initialisation and dropout, restored on exit
+            head = FusionHead([x.shape[1] for x in xs], n_out, hidden=self.hidden,
+                              fusion=self.fusion, dropout=self.dropout)
+            reg = self.georeg
+            if reg is not None and not isinstance(reg, GeoReg):
+                reg = GeoReg(weight=float(reg), random_state=seed) if float(reg) > 0 else None
+            steps_per_epoch = max(1, math.ceil(n / self.batch_size))
+            opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            sched = cosine_schedule(opt, self.epochs * steps_per_epoch, warmup=min(steps_per_epoch, 10))
+            better = (lambda a, b: a > b) if self.task_ == "classification" else (lambda a, b: a < b)
+            best_state, best_score, self.best_epoch_ = None, None, -1
+            self.history_: List[Dict[str, float]] = []
+            for epoch in progress(range(self.epochs), self.show_progress, desc="fusion head",
+                                  total=self.epochs, unit="epoch"):
+                head.train()
+                order = torch.randperm(n, generator=gen)
+                tot_task, tot_reg = 0.0, 0.0
+                for start in range(0, n, self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    if idx.numel() < 2 and n >= 2:
+                        continue  # LayerNorm/GeoReg need a batch; skip a final singleton
+                    batch = [x[idx] for x in xs]
+                    feats = head.features(batch)
+                    out = head.out(head.dropout(feats))
+                    loss = loss_fn(out, y_train[idx])
+                    total = loss
+                    if reg is not None:
+                        r = reg(feats, y_train[idx] if self.task_ == "classification" else None)
+                        total = total + r
+                        tot_reg += float(r.detach()) * idx.numel()
+                    opt.zero_grad()
+                    total.backward()
+                    opt.step()
+                    sched.step()
+                    tot_task += float(loss.detach()) * idx.numel()
+                score = self._evaluate(head, xs_va, y_va)
+                self.history_.append({"epoch": epoch, "train_loss": tot_task / n,
+                                      "reg_loss": tot_reg / n, "val_score": score})
+                if best_score is None or better(score, best_score):
+                    best_score, self.best_epoch_ = score, epoch
+                    best_state = copy.deepcopy(head.state_dict())
+        head.load_state_dict(best_state)
+        head.eval()
+        self.head_ = head
+        self.best_val_score_ = best_score
+        return self
+
+    def _scale(self, layers: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [(x - m) / s for x, m, s in zip(layers, self.means_, self.stds_)]
+
+    def _raw(self, head: FusionHead, xs: List[torch.Tensor]) -> torch.Tensor:
+        head.eval()
+        with torch.no_grad():
+            out = head(xs)
+        if self.task_ == "regression":
+            out = out * self.y_std_ + self.y_mean_
+        return out
+
+    def _evaluate(self, head: FusionHead, xs: List[torch.Tensor], y: torch.Tensor) -> float:
+        out = self._raw(head, xs)
+        if self.task_ == "classification":
+            return task_score(out.argmax(1), y, "classification")
+        return task_score(out, y, "regression")
+
+    def decision_function(self, embeddings: Any) -> torch.Tensor:
+        """Raw outputs (n_samples, n_outputs): logits or predicted values."""
+        if not hasattr(self, "head_"):
+            raise LOESError("this probe is not fitted yet: call fit(embeddings, targets) first")
+        return self._raw(self.head_, self._scale(self._prepare(embeddings)))
+
+    def predict(self, embeddings: Any):
+        """Class labels (classification) or predicted values (regression)."""
+        out = self.decision_function(embeddings)
+        if self.task_ == "classification":
+            return np.asarray(self.classes_)[out.argmax(1).numpy()]
+        return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
+
+    def score(self, embeddings: Any, targets: Any) -> float:
+        """Accuracy (classification) or RMSE (regression)."""
+        out = self.decision_function(embeddings)
+        y = self._targets(targets, out.shape[0], fit=False)
+        if self.task_ == "classification":
+            return task_score(out.argmax(1), y, "classification")
+        return task_score(out, y, "regression")

@@ -1,0 +1,430 @@
+"""Linear probes on selected layers: closed-form ridge and logistic regression.
+
+Both probes take the same input as the selector — embeddings of shape
+(n_samples, n_layers, dim) or a list of (n_samples, dim_l) layers — keep the
+layers they were told to use, standardise each layer with statistics of the
+training split, concatenate them and fit a linear model. Their regularisation
+is chosen on a validation split (given explicitly, or carved out of the
+training data with a seeded split), never on test data.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from loes._exceptions import LOESError
+from loes._validation import check_embeddings, normalize_task
+
+__all__ = [
+    "LayerStandardizer",
+    "LinearProbe",
+    "encode_labels",
+    "select_layers",
+    "split_indices",
+    "task_score",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Relative ridge strengths tried on the validation split (multiples of the
+#: mean non-zero eigenvalue of the training Gram matrix).
+RIDGE_GRID = tuple(float(v) for v in np.logspace(-4, 2, 13))
+#: Inverse regularisation strengths tried for the logistic probe.
+LOGISTIC_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+# ------------------------------------------------------------------ helpers
+def select_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """Validate ``embeddings`` and return the chosen layers as float64 tensors.
+
+    Parameters
+    ----------
+    embeddings : array of shape (n_samples, n_layers, dim) or list of (n_samples, dim_l)
+    layers : sequence of int, optional
+        Indices to keep, in order; all layers when None.
+
+    Returns
+    -------
+    list of torch.Tensor of shape (n_samples, dim_l), float64, on the CPU
+    """
+    all_layers = check_embeddings(embeddings)
+    if layers is None:
+        layers = range(len(all_layers))
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise LOESError("layers is empty: pass at least one layer index")
+    bad = [i for i in layers if not 0 <= i < len(all_layers)]
+    if bad:
+        raise LOESError(
+            f"layer indices {bad} are out of range for embeddings with {len(all_layers)} layers"
+        )
+    return [all_layers[i].detach().to("cpu", torch.float64) for i in layers]
+
+
+def encode_labels(labels: Any, classes: Optional[Sequence[Any]] = None):
+    """Map labels of any values to ids ``0..C-1``.
+
+    Returns ``(ids, classes)``; with ``classes`` given, labels not among them
+    get id ``-1`` (always counted as wrong).
+    """
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.ndim != 1:
+        raise LOESError(f"class labels must be 1-D; got shape {arr.shape}")
+    if classes is None:
+        classes_arr, ids = np.unique(arr, return_inverse=True)
+        return torch.from_numpy(ids.reshape(-1).astype(np.int64)), list(classes_arr.tolist())
+    lookup = {c: i for i, c in enumerate(classes)}
+    ids = np.array([lookup.get(v, -1) for v in arr.tolist()], dtype=np.int64)
+    return torch.from_numpy(ids), list(classes)
+
+
+def _regression_targets(targets: Any, n: int) -> torch.Tensor:
+    arr = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    if arr.shape[0] != n:
+        raise LOESError(f"targets must have one row per sample ({n}); got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise LOESError(f"regression targets must be numeric; got dtype {arr.dtype}")
+    return torch.from_numpy(np.asarray(arr, dtype=np.float64).reshape(n, -1))
+
+
+def task_score(pred: Any, truth: Any, task: str) -> float:
+    """Accuracy (classification: predicted vs true label ids) or RMSE (regression)."""
+    pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred)
+    truth = torch.as_tensor(np.asarray(truth) if not isinstance(truth, torch.Tensor) else truth)
+    if normalize_task(task) == "classification":
+        return float((pred.reshape(-1) == truth.reshape(-1)).double().mean())
+    diff = pred.double().reshape(truth.shape[0], -1) - truth.double().reshape(truth.shape[0], -1)
+    return float(torch.sqrt((diff**2).mean()))
+
+
+class LayerStandardizer:
+    """Per-layer standardisation fitted on training data.
+
+    Each feature is centred and divided by its standard deviation, then each
+    layer block is divided by ``sqrt(dim_l)`` so that every layer carries the
+    same total variance whatever its width or scale. Constant features stay 0.
+    """
+
+    def fit(self, layers: List[torch.Tensor]) -> "LayerStandardizer":
+        self.means_ = [x.mean(0, keepdim=True) for x in layers]
+        self.scales_ = []
+        for x in layers:
+            std = x.std(0, unbiased=False, keepdim=True)
+            std = torch.where(std > 1e-12 * (std.max() + 1e-300), std, torch.ones_like(std))
+            self.scales_.append(std * np.sqrt(x.shape[1]))
+        return self
+
+    def transform(self, layers: List[torch.Tensor]) -> torch.Tensor:
+        """Standardise and concatenate: (n_samples, sum of dim_l)."""
+        if len(layers) != len(self.means_):
+            raise LOESError(f"expected {len(self.means_)} layers; got {len(layers)}")
+        return torch.cat([(x - m) / s for x, m, s in zip(layers, self.means_, self.scales_)], dim=1)
+
+
+def split_indices(
+    n: int, fractions: Sequence[float], random_state: Any = 0, labels: Any = None
+) -> List[np.ndarray]:
+    """Seeded split of ``range(n)`` into parts of the given fractions.
+
+    With ``labels`` the split is stratified: each class is shuffled and cut in
+    the same proportions (largest-remainder rounding), so every part keeps the
+    class balance. Every class with at least ``len(fractions)`` samples has a
+    sample in every part.
+
+    Parameters
+    ----------
+    n : int
+    fractions : sequence of float
+        Positive shares, normalised to sum to 1.
+    random_state : int or numpy.random.Generator
+    labels : array of shape (n,), optional
+
+    Returns
+    -------
+    list of int arrays, one per part, each sorted
+    """
+    fr = np.asarray(fractions, dtype=float)
+    if fr.ndim != 1 or len(fr) == 0 or (fr <= 0).any():
+        raise LOESError(f"fractions must be positive numbers; got {list(fractions)}")
+    fr = fr / fr.sum()
+    rng = random_state if isinstance(random_state, np.random.Generator) else np.random.default_rng(random_state)
+    if labels is None:
+        groups = [np.arange(n)]
+    else:
+        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        if lab.shape[0] != n:
+            raise LOESError(f"labels must have {n} entries for stratification; got {lab.shape[0]}")
+        _, inv = np.unique(lab, return_inverse=True)
+        groups = [np.flatnonzero(inv == c) for c in range(inv.max() + 1)]
+    parts: List[List[int]] = [[] for _ in fr]
+    for g in groups:
+        g = rng.permutation(g)
+        counts = _allocate(len(g), fr)
+        start = 0
+        for part, c in zip(parts, counts):
+            part.extend(g[start:start + c].tolist())
+            start += c
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _allocate(m: int, fr: np.ndarray) -> List[int]:
+    """Split m items by shares fr: at least one per part when m allows, rest by largest remainder."""
+    if m >= len(fr):
+        base = np.ones(len(fr), dtype=int)
+        rest = m - len(fr)
+    else:
+        base = np.zeros(len(fr), dtype=int)
+        rest = m
+    raw = fr * rest
+    counts = base + np.floor(raw).astype(int)
+    left = m - counts.sum()
+    for i in np.argsort(-(raw - np.floor(raw)), kind="stable")[:left]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def _holdout_split(n: int, frac: float, random_state: Any, labels: Optional[torch.Tensor] = None):
+    """Seeded (stratified when labels are given) split of ``range(n)`` into fit/held-out."""
+    fit, held = split_indices(n, (1.0 - frac, frac), random_state, labels)
+    return fit, held
+
+
+# -------------------------------------------------------------------- probe
+class LinearProbe:
+    """A ridge or logistic probe on the concatenation of selected layers.
+
+    Parameters
+    ----------
+    layers : sequence of int, optional
+        Layer indices to use (all when None).
+    kind : {"ridge", "logistic"}
+        ``"ridge"``: closed-form ridge regression (one-hot targets for
+        classification, prediction = argmax). ``"logistic"``: multinomial
+        logistic regression (scikit-learn, L-BFGS); classification only.
+    task : {"classification", "regression"}
+    grid : sequence of float, optional
+        Regularisation values tried on the validation split: relative ridge
+        strengths (:data:`RIDGE_GRID`) or logistic ``C`` values
+        (:data:`LOGISTIC_GRID`).
+    val_fraction : float
+        Share of the training data held out for model selection when ``fit``
+        gets no validation split.
+    random_state : int, optional
+        Seed of that held-out split and of the logistic solver.
+
+    Attributes
+    ----------
+    best_param_ : float
+        The regularisation value chosen on validation.
+    val_scores_ : dict of float to float
+        Validation accuracy (classification) or RMSE (regression) of each value.
+    classes_ : list
+        Class labels (classification).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(300, 4, 8))
+    >>> y = (X[:, 2, 0] > 0).astype(int)           # layer 2 carries the rule
+    >>> probe = LinearProbe(layers=[2]).fit(X[:200], y[:200])
+    >>> probe.score(X[200:], y[200:]) > 0.9
+    True
+    """
+
+    def __init__(
+        self,
+        layers: Optional[Sequence[int]] = None,
+        *,
+        kind: str = "ridge",
+        task: str = "classification",
+        grid: Optional[Sequence[float]] = None,
+        val_fraction: float = 0.2,
+        random_state: Optional[int] = 0,
+    ):
+        self.layers = layers
+        self.kind = kind
+        self.task = task
+        self.grid = grid
+        self.val_fraction = val_fraction
+        self.random_state = random_state
+
+    # ------------------------------------------------------------- fitting
+    def fit(self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None):
+        """Fit on training data; choose the regularisation on the validation split.
+
+        Parameters
+        ----------
+        embeddings : array of shape (n_train, n_layers, dim) or list of layers
+        targets : array of shape (n_train,) (labels) or (n_train,) / (n_train, m) numbers
+        val_embeddings, val_targets : optional
+            The validation split. Without it, ``val_fraction`` of the training
+            data is held out for the choice and the probe is refitted on all of
+            it with the chosen value.
+
+        Returns
+        -------
+        self
+        """
+        task = normalize_task(self.task)
+        if task == "label_free":
+            raise LOESError("a probe needs targets: task must be 'classification' or 'regression'")
+        if self.kind not in ("ridge", "logistic"):
+            raise LOESError(f"kind must be 'ridge' or 'logistic'; got {self.kind!r}")
+        if self.kind == "logistic" and task != "classification":
+            raise LOESError("the logistic probe is for classification; use kind='ridge' for regression")
+        self.task_ = task
+        layers = select_layers(embeddings, self.layers)
+        n = layers[0].shape[0]
+        y = self._encode(targets, n, fit=True)
+        if val_embeddings is None:
+            strat = y if task == "classification" else None
+            fit_idx, val_idx = _holdout_split(n, self.val_fraction, self.random_state, strat)
+            if len(val_idx) == 0:
+                raise LOESError(f"too few training samples ({n}) to hold out a validation split")
+            tr_layers = [x[fit_idx] for x in layers]
+            va_layers = [x[val_idx] for x in layers]
+            y_tr, y_va = y[fit_idx], y[val_idx]
+        else:
+            if val_targets is None:
+                raise LOESError("val_embeddings was given without val_targets")
+            tr_layers, y_tr = layers, y
+            va_layers = select_layers(val_embeddings, self.layers)
+            y_va = self._encode(val_targets, va_layers[0].shape[0], fit=False)
+        self.val_scores_ = self._search(tr_layers, y_tr, va_layers, y_va)
+        better = max if task == "classification" else min
+        best_score = better(self.val_scores_.values())
+        # ties: the strongest regularisation that reaches the best score
+        candidates = [p for p, s in self.val_scores_.items() if s == best_score]
+        self.best_param_ = max(candidates) if self.kind == "ridge" else min(candidates)
+        self.best_val_score_ = best_score
+        if val_embeddings is None:  # refit on all training data with the chosen value
+            self._fit_one(layers, y, self.best_param_)
+        else:
+            self._fit_one(tr_layers, y_tr, self.best_param_)
+        return self
+
+    def _encode(self, targets: Any, n: int, fit: bool) -> torch.Tensor:
+        if self.task_ == "classification":
+            if isinstance(targets, (torch.Tensor, np.ndarray)) and np.ndim(targets) == 2:
+                targets = np.asarray(torch.as_tensor(np.asarray(targets)).argmax(1))
+            ids, classes = encode_labels(targets, None if fit else self.classes_)
+            if ids.shape[0] != n:
+                raise LOESError(f"targets must have one label per sample ({n}); got {ids.shape[0]}")
+            if fit:
+                if len(classes) < 2:
+                    raise LOESError("classification needs at least 2 classes in the training split")
+                self.classes_ = classes
+            return ids
+        return _regression_targets(targets, n)
+
+    def _design(self, layers: List[torch.Tensor], fit: bool) -> torch.Tensor:
+        if fit:
+            self.standardizer_ = LayerStandardizer().fit(layers)
+        return self.standardizer_.transform(layers)
+
+    def _search(self, tr_layers, y_tr, va_layers, y_va):
+        x_tr = self._design(tr_layers, fit=True)
+        x_va = self.standardizer_.transform(va_layers)
+        if self.kind == "ridge":
+            return self._ridge_path(x_tr, y_tr, x_va, y_va)
+        scores = {}
+        for c in self.grid or LOGISTIC_GRID:
+            model = self._logistic(float(c)).fit(x_tr.numpy(), y_tr.numpy())
+            scores[float(c)] = task_score(torch.from_numpy(model.predict(x_va.numpy())), y_va, "classification")
+        return scores
+
+    def _targets_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        if self.task_ == "classification":
+            return torch.nn.functional.one_hot(y, len(self.classes_)).double()
+        return y
+
+    def _ridge_path(self, x_tr, y_tr, x_va, y_va):
+        """Validation score of every grid value from one SVD of the training design."""
+        ymat = self._targets_matrix(y_tr)
+        xm, ym = x_tr.mean(0, keepdim=True), ymat.mean(0, keepdim=True)
+        u, s, vt = torch.linalg.svd(x_tr - xm, full_matrices=False)
+        uty = u.T @ (ymat - ym)
+        scale = float((s**2).sum()) / max(int((s > s.max() * 1e-10).sum()), 1)
+        scores = {}
+        for rel in self.grid or RIDGE_GRID:
+            lam = float(rel) * scale
+            w = vt.T @ ((s / (s**2 + lam))[:, None] * uty)
+            pred = (x_va - xm) @ w + ym
+            scores[float(rel)] = self._score_matrix(pred, y_va)
+        return scores
+
+    def _score_matrix(self, pred: torch.Tensor, y: torch.Tensor) -> float:
+        if self.task_ == "classification":
+            return task_score(pred.argmax(1), y, "classification")
+        return task_score(pred, y, "regression")
+
+    def _logistic(self, c: float):
+        linear_model = _sklearn_linear_model()
+        return linear_model.LogisticRegression(
+            C=c, max_iter=500, random_state=self.random_state, tol=1e-4
+        )
+
+    def _fit_one(self, layers, y, param):
+        x = self._design(layers, fit=True)
+        if self.kind == "ridge":
+            ymat = self._targets_matrix(y)
+            xm, ym = x.mean(0, keepdim=True), ymat.mean(0, keepdim=True)
+            xc = x - xm
+            n, d = xc.shape
+            g = xc.T @ xc if d <= n else xc @ xc.T
+            rank = int(torch.linalg.matrix_rank(g))
+            lam = param * float(torch.diagonal(g).sum()) / max(rank, 1)
+            if d <= n:
+                w = torch.linalg.solve(g + lam * torch.eye(d, dtype=g.dtype), xc.T @ (ymat - ym))
+            else:
+                w = xc.T @ torch.linalg.solve(g + lam * torch.eye(n, dtype=g.dtype), ymat - ym)
+            self.coef_ = w
+            self.intercept_ = (ym - xm @ w).squeeze(0)
+        else:
+            self.model_ = self._logistic(param).fit(x.numpy(), y.numpy())
+
+    # ---------------------------------------------------------- predicting
+    def decision_function(self, embeddings: Any) -> torch.Tensor:
+        """Raw outputs (n_samples, n_outputs): ridge fits or logistic logits."""
+        self._check_fitted()
+        x = self.standardizer_.transform(select_layers(embeddings, self.layers))
+        if self.kind == "ridge":
+            return x @ self.coef_ + self.intercept_
+        return torch.from_numpy(np.asarray(self.model_.decision_function(x.numpy()), dtype=np.float64))
+
+    def predict(self, embeddings: Any):
+        """Class labels (classification) or predicted values (regression)."""
+        out = self.decision_function(embeddings)
+        if self.task_ == "classification":
+            if out.ndim == 1:  # binary logistic
+                ids = (out > 0).long()
+            else:
+                ids = out.argmax(1)
+            return np.asarray(self.classes_)[ids.numpy()]
+        return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
+
+    def score(self, embeddings: Any, targets: Any) -> float:
+        """Accuracy (classification) or RMSE (regression) on the given data."""
+        self._check_fitted()
+        pred = self.predict(embeddings)
+        if self.task_ == "classification":
+            ids_pred, _ = encode_labels(np.asarray(pred), self.classes_)
+            ids_true = self._encode(targets, len(pred), fit=False)
+            return task_score(ids_pred, ids_true, "classification")
+        truth = _regression_targets(targets, len(pred))
+        return task_score(torch.as_tensor(pred), truth, "regression")
+
+    def _check_fitted(self):
+        if not hasattr(self, "standardizer_"):
+            raise LOESError("this probe is not fitted yet: call fit(embeddings, targets) first")
+
+
+def _sklearn_linear_model():
+    from loes._deps import require
+
+    return require("sklearn.linear_model", extra="sklearn", package="scikit-learn")

@@ -1,0 +1,196 @@
+"""Fusion head, its training loop, GeoReg and fine-tuning."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from loes import LOESError
+from loes.transfer import FUSIONS, FusionHead, FusionProbe, GeoReg, eigenvalue_variance, triangle_log_area
+
+
+def _planted(n=500, n_layers=4, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, n_layers, dim)).astype(np.float32)
+    x[:, 1, :3] += 2.0 * np.eye(3)[y]
+    return x, y
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fusion_head_combines_branches(fusion):
+    head = FusionHead([8, 8, 12], n_outputs=3, hidden=5, fusion=fusion)
+    xs = [torch.randn(7, d, generator=torch.Generator().manual_seed(i)) for i, d in enumerate([8, 8, 12])]
+    feats = head.features(xs)
+    assert feats.shape == (7, 15 if fusion == "concat" else 5)
+    parts = [b(x) for b, x in zip(head.branches, xs)]
+    if fusion == "sum":
+        expected = parts[0] + parts[1] + parts[2]
+    elif fusion == "mean":
+        expected = (parts[0] + parts[1] + parts[2]) / 3
+    elif fusion == "weighted":
+        w = head.layer_weights()
+        assert float(w.detach().sum()) == pytest.approx(1.0)
+        expected = w[0] * parts[0] + w[1] * parts[1] + w[2] * parts[2]
+    else:
+        expected = torch.cat(parts, 1)
+    torch.testing.assert_close(feats, head.norm(expected))
+
+
+def test_fusion_head_rejects_bad_settings():
+    with pytest.raises(LOESError, match="fusion must be one of"):
+        FusionHead([4], 2, fusion="max")
+    with pytest.raises(LOESError, match="equal width"):
+        FusionHead([4, 5], 2, hidden=None, fusion="weighted")
+
+
+@pytest.mark.parametrize("georeg", [None, 0.1])
+def test_fusion_probe_loss_falls_and_learns(georeg):
+    x, y = _planted()
+    probe = FusionProbe(layers=[1, 2], epochs=15, georeg=georeg, random_state=0)
+    probe.fit(x[:300], y[:300], x[300:400], y[300:400])
+    losses = [h["train_loss"] for h in probe.history_]
+    assert losses[-1] < 0.5 * losses[0]
+    # the planted rule's Bayes accuracy is about 0.83 (a logistic probe gets 0.83)
+    assert probe.score(x[400:], y[400:]) > 0.75
+    if georeg:
+        assert all(h["reg_loss"] != 0.0 for h in probe.history_)
+
+
+def test_learnable_layer_weights_favour_informative_layer():
+    x, y = _planted()
+    probe = FusionProbe(layers=None, hidden=None, fusion="weighted", epochs=40, lr=1e-2)
+    probe.fit(x[:300], y[:300], x[300:400], y[300:400])
+    w = probe.head_.layer_weights().detach()
+    assert int(w.argmax()) == 1
+    assert probe.score(x[400:], y[400:]) > 0.75
+
+
+def test_fusion_probe_regression():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 3, 8)).astype(np.float32)
+    y = 3.0 * x[:, 2, 0] - x[:, 2, 1] + 10.0
+    probe = FusionProbe(layers=[2], task="regression", epochs=40).fit(x[:250], y[:250], x[250:320], y[250:320])
+    # per-sample LayerNorm of the input bends a linear rule; still far below the target's spread
+    assert probe.score(x[320:], y[320:]) < 0.4 * y.std()
+
+
+def test_fusion_probe_deterministic_and_leaves_global_rng():
+    x, y = _planted(n=200)
+    state = torch.get_rng_state()
+    a = FusionProbe(layers=[1], epochs=3, random_state=5).fit(x, y)
+    b = FusionProbe(layers=[1], epochs=3, random_state=5).fit(x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(a.decision_function(x), b.decision_function(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ GeoReg
+@pytest.mark.parametrize("shape", [(20, 5), (6, 9)])
+def test_eigenvalue_variance_matches_eigendecomposition(shape):
+    f = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov = np.cov(f.numpy(), rowvar=False) + 1e-4 * np.eye(shape[1])
+    expected = np.var(np.linalg.eigvalsh(cov))
+    assert float(eigenvalue_variance(f, 1e-4)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_triangle_area_matches_heron():
+    f = torch.randn(30, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(30) % 3
+    c = [f[labels == i].mean(0).numpy() for i in range(3)]
+    a, b, d = (np.linalg.norm(c[0] - c[1]), np.linalg.norm(c[0] - c[2]), np.linalg.norm(c[1] - c[2]))
+    s = (a + b + d) / 2
+    heron = np.sqrt(s * (s - a) * (s - b) * (s - d))
+    got = float(triangle_log_area(f, labels, torch.tensor([0, 1, 2]), eps=0.0))
+    assert got == pytest.approx(np.log(heron), rel=1e-9)
+
+
+def test_georeg_gradients_are_correct():
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(12, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.arange(12) % 4
+    reg = GeoReg(weight=0.3, triplets="all")
+    assert torch.autograd.gradcheck(lambda z: reg(z, labels), (f,), eps=1e-6, atol=1e-6)
+    f2 = torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True)  # batch < dim
+    assert torch.autograd.gradcheck(lambda z: eigenvalue_variance(z), (f2,), eps=1e-6, atol=1e-6)
+
+
+def test_georeg_skips_triangle_with_fewer_than_three_classes():
+    f = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    reg = GeoReg(weight=0.5)
+    two = torch.arange(16) % 2
+    loss2 = reg(f, two)
+    assert reg.last_terms["triangles"] == 0
+    torch.testing.assert_close(loss2, 0.5 * eigenvalue_variance(f))
+    torch.testing.assert_close(reg(f, None), loss2)
+    three = torch.arange(16) % 3
+    loss3 = reg(f, three)
+    assert reg.last_terms["triangles"] == 1
+    assert not torch.allclose(loss3, loss2)
+    # a batch with 3 labels of which one is ignore-index (-100) still skips
+    ignored = two.clone()
+    ignored[0] = -100
+    reg(f, ignored)
+    assert reg.last_terms["triangles"] == 0
+
+
+def test_georeg_all_triplets_is_mean_over_triples():
+    f = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(40) % 4
+    reg = GeoReg(weight=1.0, spread_weight=0.0, triplets="all")
+    expected = -np.mean([float(triangle_log_area(f, labels, torch.tensor(t)))
+                         for t in itertools.combinations(range(4), 3)])
+    assert float(reg(f, labels)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_georeg_loss_falls_when_minimised():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 10, generator=g)
+    labels = torch.arange(64) % 4
+    lin = torch.nn.Linear(10, 6)
+    with torch.no_grad():
+        lin.weight.copy_(0.1 * torch.randn(6, 10, generator=g))
+    reg = GeoReg(weight=0.1, random_state=0)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = reg(lin(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
+
+
+# -------------------------------------------------------------- fine-tuning
+def test_finetune_tiny_bert_learns_keyword_rule():
+    transformers = pytest.importorskip("transformers")
+    from loes.transfer import finetune
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    fillers = ["the", "a", "drug", "day", "night", "pain", "it", "was", "after", "week"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *fillers, "excellent", "terrible"])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]",
+                                               unk_token="[UNK]")
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertModel(cfg)
+    rng = np.random.default_rng(0)
+    texts, labels = [], []
+    for i in range(96):
+        lab = i % 2
+        words = list(rng.choice(fillers, 5)) + (["excellent"] if lab else ["terrible"])
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(lab)
+    ft = finetune(model, texts[:64], labels[:64], [0, 1], val_texts=texts[64:80], val_targets=labels[64:80],
+                  tokenizer=tok, epochs=6, lr=1e-3, head_lr=3e-3, hidden=16, batch_size=16,
+                  georeg=0.1, show_progress=False)
+    losses = [h["train_loss"] for h in ft.history_]
+    assert losses[-1] < losses[0]
+    assert ft.score(texts[80:], labels[80:]) >= 0.9
