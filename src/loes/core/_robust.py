@@ -133,22 +133,6 @@ def _choose_dual(n: int, d: int, m: int, q: int, k: int) -> bool:
     return dual < primal
 
 
-def _debiased_hsic_parts(k: torch.Tensor):
-    """Zero-diagonal kernel and its row sums, for the unbiased HSIC estimator."""
-    k = k.to(torch.float64).clone()
-    k.diagonal().zero_()
-    return k, k.sum(1)
-
-
-def _hsic(a, b, n: int, debiased: bool) -> float:
-    if not debiased:
-        return float((a * b).sum())
-    (ka, ra), (kb, rb) = a, b
-    return float(
-        (ka * kb).sum() + ra.sum() * rb.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (ra @ rb)
-    )
-
-
 def cka_matrix(
     layers: List[torch.Tensor],
     cdt: torch.dtype,
@@ -158,38 +142,38 @@ def cka_matrix(
 ) -> torch.Tensor:
     """Layer × layer linear CKA on centred features, clamped to [0, 1].
 
-    One Gram matrix per layer, then every pair from their inner products.
-    ``debiased`` uses the unbiased HSIC estimator (Song et al., 2012), which
-    removes linear CKA's upward bias when N is not much larger than D (two
-    independent noise layers score near 0, not near 1). With ``max_samples`` a
-    seeded subsample of that many samples is used when N is larger.
+    One Gram matrix per layer, flattened into a row of one (L, N²) matrix whose
+    product with itself gives every pair's inner product at once. ``debiased``
+    uses the unbiased HSIC estimator (Song et al., 2012), which removes linear
+    CKA's upward bias when N is not much larger than D (two independent noise
+    layers score near 0, not near 1). With ``max_samples`` a seeded subsample of
+    that many samples is used when N is larger.
     """
     n = layers[0].shape[0]
     idx = None
     if max_samples is not None and n > max_samples:
         idx = torch.randperm(n, generator=generator)[:max_samples].to(layers[0].device)
         n = max_samples
-    if debiased and n < 4:
-        debiased = False
-    parts, norms = [], []
-    for x in layers:
+    debiased = debiased and n >= 4
+    n_layers = len(layers)
+    flat = torch.empty(n_layers, n * n, dtype=cdt, device=layers[0].device)
+    rows = torch.empty(n_layers, n, dtype=torch.float64, device=layers[0].device)
+    for i, x in enumerate(layers):
         xs = (x if idx is None else x[idx]).to(cdt)
         xc = xs - xs.mean(0, keepdim=True)
-        kx = xc @ xc.T
-        p = _debiased_hsic_parts(kx) if debiased else kx.to(torch.float64)
-        parts.append(p)
-        norms.append(math.sqrt(max(_hsic(p, p, n, debiased), 0.0)))
-    n_layers = len(layers)
-    cka = torch.eye(n_layers, dtype=torch.float64)
-    for i in range(n_layers):
-        if norms[i] == 0.0:
-            cka[i, i] = 0.0
-        for j in range(i):
-            if norms[i] == 0.0 or norms[j] == 0.0:
-                continue
-            v = _hsic(parts[i], parts[j], n, debiased) / (norms[i] * norms[j])
-            cka[i, j] = cka[j, i] = min(max(v, 0.0), 1.0)
-    return cka
+        kx = flat[i].view(n, n)
+        torch.mm(xc, xc.T, out=kx)
+        if debiased:
+            kx.diagonal().zero_()
+        rows[i] = kx.sum(1, dtype=torch.float64)
+    inner = (flat @ flat.T).to(torch.float64)  # Σ K_i ⊙ K_j for every pair
+    if debiased:  # tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1, up to a common factor
+        tot = rows.sum(1)
+        inner = inner + torch.outer(tot, tot) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)
+    norms = torch.diagonal(inner).clamp(min=0).sqrt()
+    den = torch.outer(norms, norms)
+    cka = torch.where(den > 0, inner / den.clamp(min=1e-300), torch.zeros_like(inner)).clamp(0.0, 1.0)
+    return cka.cpu()
 
 
 def _top_directions(
@@ -227,16 +211,24 @@ def _top_directions(
 
 
 class _Projection:
-    """Ridge projection ``P = U diag(w) Uᵀ`` onto the selected layers' dominant span."""
+    """Ridge projection ``P = U diag(w) Uᵀ`` onto the selected layers' dominant span.
+
+    ``U = B · coef`` where ``B`` holds the selected layers' blocks of top
+    directions (columns u·σ of each unit-trace layer), so products with ``U``
+    follow from products with ``B``, which are cached per candidate.
+    """
 
     def __init__(self, blocks: List[torch.Tensor], n_dims: int, n: int, orth_reg: float, cdt: torch.dtype):
-        b = torch.cat(blocks, dim=1).to(torch.float64)  # columns u·σ of each unit-trace layer
-        u, s, _vh = torch.linalg.svd(b, full_matrices=False)
-        ev = s * s
+        self.blocks = blocks
+        b = torch.cat(blocks, dim=1).to(torch.float64)
+        # B = U Σ Vᵀ from the small q × q eigenproblem of BᵀB; U = B V Σ⁻¹.
+        ev, v = torch.linalg.eigh(b.T @ b)
+        ev, v = ev.flip(0).clamp(min=0), v.flip(1)
         mu = orth_reg * len(blocks) / min(n - 1, n_dims)  # orth_reg × mean eigenvalue of Σ K_j / tr_j
         w = ev / (ev + mu)
         keep = w > 0.05  # directions the ridge would barely touch are left alone
-        self.u = u[:, keep].to(cdt)
+        self.coef = (v[:, keep] / ev[keep].sqrt()).to(cdt)
+        self.u = (b @ self.coef.to(torch.float64)).to(cdt)
         self.w = w[keep].to(cdt)
         self.omega = (2 * self.w - self.w * self.w).sqrt()
 
@@ -291,7 +283,7 @@ def run_robust(
     show_progress,
     log: logging.Logger,
     orth_rank: int = 64,
-    cka_samples: Optional[int] = 1024,
+    cka_samples: Optional[int] = 512,
     cka_debiased: bool = True,
 ) -> EngineOutput:
     t0 = time.perf_counter()
@@ -352,6 +344,7 @@ def run_robust(
             tri_index = triplets(int(present.numel()), generator=generator).to(device)
 
     centroids: Dict[int, torch.Tensor] = {}
+    caches = {l: _BlockCache() for l in alive}
     steps: List[StepTable] = []
     selected: List[int] = []
     scores: List[float] = []
@@ -371,7 +364,9 @@ def run_robust(
             f = factors[l]
             fit, geo = 0.0, 0.0
             if r_target is not None:
-                loo, xt_u = _loo_residual(f, r_target, tr_target, proj, cdt, want_xt=class_means is not None)
+                loo, xt_u = _loo_residual(
+                    f, r_target, tr_target, proj, cdt, want_xt=class_means is not None, cache=caches[l]
+                )
                 fit = float((loo * loo).sum()) / energy if energy > 0 else 1.0
                 loo_by_layer[l] = loo
                 if class_means is not None:
@@ -418,6 +413,26 @@ def run_robust(
     return EngineOutput(selected, scores, steps, excluded, {"prepare": t1 - t0, "select": t2 - t1}, config)
 
 
+class _BlockCache:
+    """A candidate's products ``H b`` and ``Xcᵀ b`` with each selected block ``b``.
+
+    The blocks only grow from step to step, so each product is computed once.
+    """
+
+    def __init__(self):
+        self.hb: List[torch.Tensor] = []
+        self.xtb: List[torch.Tensor] = []
+
+    def products(self, f: LayerFactor, blocks: List[torch.Tensor], cdt: torch.dtype, want_xt: bool):
+        for b in blocks[len(self.hb):]:
+            hb, xtb = f.apply(b, cdt, want_xt=want_xt)
+            self.hb.append(hb)
+            if xtb is not None:
+                self.xtb.append(xtb)
+        hb = torch.cat(self.hb, dim=1)
+        return hb, (torch.cat(self.xtb, dim=1) if want_xt else None)
+
+
 def _loo_residual(
     f: LayerFactor,
     r: torch.Tensor,
@@ -425,34 +440,34 @@ def _loo_residual(
     proj: Optional[_Projection],
     cdt: torch.dtype,
     want_xt: bool,
+    cache: Optional[_BlockCache] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """LOO residuals of the ridge fit of ``r`` (centred, N × m) on the candidate
     orthogonalised by ``proj`` (with an intercept), and ``Xcᵀ U`` for centroids.
 
-    With ``T = I − P`` and ``V = U Ω^½`` (``Ω = 2W − W²``), the hat matrix of
-    ``T Xc`` is ``T [H + G Q Gᵀ] T`` with ``H`` the layer's own hat matrix,
-    ``G = H V`` and ``Q = (I − Vᵀ G)⁻¹`` (Woodbury).
+    ``tr`` is ``(I − P) r``. With ``T = I − P`` and ``V = U Ω^½``
+    (``Ω = 2W − W²``), the hat matrix of ``T Xc`` is ``T [H + G Q Gᵀ] T`` with
+    ``H`` the layer's own hat matrix, ``G = H V`` and ``Q = (I − Vᵀ G)⁻¹``
+    (Woodbury), so only products of ``H`` with a few columns are needed.
     """
     n = r.shape[0]
     if proj is None:
         hr, _ = f.apply(r, cdt)
         return (r - hr) / (1.0 - 1.0 / n - f.h)[:, None], None
-    q = proj.rank
-    hm, xtm = f.apply(torch.cat([proj.u, tr], dim=1), cdt, want_xt=want_xt)
-    hu, htr = hm[:, :q], hm[:, q:]
-    xt_u = xtm[:, :q] if xtm is not None else None
+    hb, xtb = (cache or _BlockCache()).products(f, proj.blocks, cdt, want_xt)
+    hu = hb @ proj.coef  # H U
+    xt_u = xtb @ proj.coef if xtb is not None else None
+    htr, _ = f.apply(tr, cdt)
     g = hu * proj.omega  # H V
     vtg = (proj.u * proj.omega).T @ g  # Vᵀ H V, (q, q)
-    eye = torch.eye(q, dtype=torch.float64, device=r.device)
+    eye = torch.eye(proj.rank, dtype=torch.float64, device=r.device)
     qmat = torch.linalg.inv(eye - vtg.to(torch.float64)).to(cdt)
     qmat = 0.5 * (qmat + qmat.T)
     fitted = proj.t(htr + g @ (qmat @ (g.T @ tr)))
     # diag(T H T) = h − 2·diag(P H) + diag(P H P)
-    utu = proj.u.T @ hu  # Uᵀ H U
+    uthu = proj.u.T @ hu  # Uᵀ H U
     wu = proj.u * proj.w
-    diag_th = f.h - 2 * (wu * hu).sum(1) + ((wu @ utu) * wu).sum(1)
+    diag_th = f.h - 2 * (wu * hu).sum(1) + ((wu @ uthu) * wu).sum(1)
     tg = proj.t(g)
-    diag_corr = ((tg @ qmat) * tg).sum(1)
-    h_tilde = diag_th + diag_corr
-    e = r - fitted
-    return e / (1.0 - 1.0 / n - h_tilde)[:, None], xt_u
+    h_tilde = diag_th + ((tg @ qmat) * tg).sum(1)
+    return (r - fitted) / (1.0 - 1.0 / n - h_tilde)[:, None], xt_u
