@@ -210,7 +210,8 @@ def _stream(plan: _Plan, *, include_embeddings: bool, show_progress: ProgressSet
             bb = M.backbone(plan.model, modality)
             decoder = M.family(plan.model, modality) == "decoder"
             info.update(modality=modality, family=M.family(plan.model, modality),
-                        module=type(bb.module).__name__)
+                        module=type(bb.module).__name__,
+                        model_type=M.model_type(bb.module) or M.model_type(plan.model))
         inputs = {k: (v.to(plan.device, non_blocking=True) if torch.is_tensor(v) else v)
                   for k, v in batch.inputs.items()}
         if plan.dtype is not None and plan.dtype.is_floating_point:
@@ -423,7 +424,7 @@ def extract_embeddings(
     names: List[str] = []
     for item in _stream(plan, include_embeddings=include_embeddings, show_progress=show_progress, info=info):
         if resolved is None:
-            resolved = resolve_pooling(pooling, info.get("family", "unknown"), M.model_type(plan.model),
+            resolved = resolve_pooling(pooling, info.get("family", "unknown"), info.get("model_type", ""),
                                        item.hidden_states[0].ndim)
             names = item.layer_names
         with torch.inference_mode():

@@ -1,0 +1,83 @@
+"""``loes select``: pick layers of a Hugging Face model on a dataset from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EPILOG = """example:
+  loes select --model sentence-transformers/all-MiniLM-L6-v2 --dataset ag_news \\
+      --split train --k 4 --max-samples 512 --output result.json
+
+  --model takes a hub id or a local folder; --dataset a hub id, a local
+  .csv/.tsv/.json/.jsonl/.parquet file, a save_to_disk folder, or a packaged
+  set (loes:drugreview, loes:bbc_news). The layer table goes to stdout (or,
+  with --json, the result as JSON; logs always go to stderr).
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "select",
+        help="select the best layers of a Hugging Face model on a dataset",
+        description="Extract pooled hidden states of every layer on a calibration sample and run LOES.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="hub id or local model folder")
+    p.add_argument("--dataset", required=True, help="hub id, local file/folder, or loes:drugreview / loes:bbc_news")
+    p.add_argument("--k", type=int, required=True, help="number of layers to select")
+    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument("--config", dest="dataset_config_name", default=None, help="dataset configuration name")
+    p.add_argument("--text-key", default=None, help="input column (default: detected); 'a,b' for sentence pairs")
+    p.add_argument("--target-key", default=None, help="target column (default: detected)")
+    p.add_argument("--task", default="classification", choices=["classification", "regression", "label_free"])
+    p.add_argument("--preset", default="robust", choices=["robust", "reference"])
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="calibration sample cap (default: 1024; 0 = all rows)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=512, help="token truncation length")
+    p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "masked_mean", "last_token"])
+    p.add_argument("--include-embeddings", action="store_true", help="keep the embedding output as layer 0")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
+    p.add_argument("--cache-dir", default=None, help="embedding cache folder ('default' for ~/.cache/loes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the selector")
+    p.add_argument("--output", "-o", default=None, help="write the result as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--progress", default="auto", choices=["auto", "on", "off"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loes.hf.api import select_layers_from_hf_id
+    from loes.hf.sampling import DEFAULT_MAX_SAMPLES
+
+    text_key = args.text_key
+    if text_key and "," in text_key:
+        text_key = tuple(part.strip() for part in text_key.split(","))
+    max_samples = DEFAULT_MAX_SAMPLES if args.max_samples is None else (args.max_samples or None)
+    cache_dir = True if args.cache_dir == "default" else args.cache_dir
+    result = select_layers_from_hf_id(
+        args.model, args.dataset, k=args.k, task=args.task, preset=args.preset, split=args.split,
+        dataset_config_name=args.dataset_config_name, text_key=text_key, target_key=args.target_key,
+        max_calibration_samples=max_samples, batch_size=args.batch_size, max_length=args.max_length,
+        pooling=args.pooling, include_embeddings=args.include_embeddings, device=args.device,
+        dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file,
+        trust_remote_code=args.trust_remote_code, cache_dir=cache_dir, random_state=args.seed,
+        show_progress="off" if args.json else args.progress, verbose=bool(getattr(args, "verbose", False)),
+    )
+    if args.output:
+        result.to_json(args.output)
+    if args.json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        sys.stdout.write(result.summary() + "\n")
+        if args.output:
+            sys.stdout.write(f"result written to {args.output}\n")
+    return 0
