@@ -185,3 +185,13 @@ def test_token_metric_selector_on_planted_smoothness(rng):
     assert res.selected_layers == [0]
     assert res.steps[0].row(0)["curvature"] == pytest.approx(0.0, abs=1e-6)
     assert not math.isnan(res.steps[0].row(1)["curvature"])
+
+
+def test_layer_scores_are_signed_lower_is_better(rng):
+    from loes.metrics import layer_scores
+
+    x = planted_ranks(rng)
+    prof = profile(x, metrics=["effective_rank", "twonn"], show_progress=False)
+    assert layer_scores(x, "effective_rank") == pytest.approx([-v for v in prof.values["effective_rank"]])
+    assert layer_scores(x, "twonn") == pytest.approx(prof.values["twonn"])
+    assert layer_scores(x, "twonn", direction="higher") == pytest.approx([-v for v in prof.values["twonn"]])

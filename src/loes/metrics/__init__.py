@@ -20,7 +20,7 @@ from loes.core._numerics import isotropy
 from loes.metrics._entropy import dataset_entropy, effective_rank, matrix_entropy, prompt_entropy, rankme
 from loes.metrics._geometry import cka_matrix, curvature, twonn_dimension
 from loes.metrics._profile import METRICS, MetricProfile, MetricSpec, layer_metrics, profile
-from loes.metrics._select import LABEL_FREE_METHODS, best_layer_by_metric, select_layers_label_free
+from loes.metrics._select import LABEL_FREE_METHODS, best_layer_by_metric, layer_scores, select_layers_label_free
 from loes.metrics._tokens import TokenMetricAccumulator
 from loes.metrics._views import dime, infonce, lidar
 
@@ -32,6 +32,7 @@ __all__ = [
     "TokenMetricAccumulator",
     "best_layer_by_metric",
     "layer_metrics",
+    "layer_scores",
     "profile",
     "select_layers_label_free",
     "cka_matrix",

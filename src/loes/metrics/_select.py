@@ -10,7 +10,7 @@ from loes._validation import check_k
 from loes.metrics._profile import METRICS, MetricProfile, _check_direction, profile
 from loes.result import LOESResult, StepTable
 
-__all__ = ["LABEL_FREE_METHODS", "best_layer_by_metric", "select_layers_label_free"]
+__all__ = ["LABEL_FREE_METHODS", "best_layer_by_metric", "layer_scores", "select_layers_label_free"]
 
 #: Every ``method`` of :func:`select_layers_label_free`.
 LABEL_FREE_METHODS = ("loes",) + tuple(METRICS)
@@ -140,6 +140,31 @@ def best_layer_by_metric(
     if metric == "loes":
         raise LOESError("use select_layers_label_free(method='loes') for LOES label-free")
     return select_layers_label_free(embeddings, 1, metric, direction=direction, **kwargs)
+
+
+def layer_scores(
+    embeddings: Any, metric: str, *, direction: Optional[str] = None, random_state: int = 0, **kwargs: Any
+) -> List[float]:
+    """One score per layer for ``metric``, signed so that lower is better.
+
+    The metric's value for ``"lower"`` metrics and its negative for
+    ``"higher"`` ones (``direction`` overrides the default). ``kwargs`` go to
+    :func:`loes.metrics.profile` (``tokens``, ``views``, ``alpha``, ...).
+
+    >>> import torch
+    >>> x = torch.randn(100, 2, 8, generator=torch.Generator().manual_seed(0))
+    >>> x[:, 1, 1:] = 0
+    >>> s = layer_scores(x, "effective_rank")
+    >>> s[0] < s[1]
+    True
+    """
+    if metric not in METRICS:
+        raise LOESError(f"metric must be one of {list(METRICS)}; got {metric!r}")
+    direction = _check_direction(direction or METRICS[metric].direction)
+    kwargs.setdefault("show_progress", False)
+    prof = profile(embeddings, metrics=[metric], random_state=random_state, with_cka=False, **kwargs)
+    sign = 1.0 if direction == "lower" else -1.0
+    return [sign * v for v in prof.values[metric]]
 
 
 def _n_samples(embeddings: Any, views: Any) -> int:
