@@ -16,6 +16,7 @@ from typing import List, Optional
 #: Modules that provide a ``register(subparsers)`` function, in help order.
 COMMAND_MODULES = [
     "loes.hf._cli",
+    "loes.metrics._cli",
 ]
 
 
