@@ -251,3 +251,14 @@ def test_cuda_matches_cpu():
     gpu = select(torch.from_numpy(x).cuda(), y, k=3)
     assert gpu.selected_layers == cpu.selected_layers
     np.testing.assert_allclose(gpu.layer_scores, cpu.layer_scores, rtol=1e-3, atol=1e-4)
+
+
+def test_standardize_makes_scores_invariant_to_per_feature_scale():
+    x, y = _planted_small(10)
+    col_scale = np.random.default_rng(0).uniform(0.01, 100, size=x.shape[2]).astype(np.float32)
+    a = select(x, y, k=3, standardize=True)
+    b = select(x * col_scale, y, k=3, standardize=True)
+    assert a.selected_layers == b.selected_layers
+    for s, t in zip(a.steps, b.steps):
+        np.testing.assert_allclose(s.terms["fit"], t.terms["fit"], rtol=1e-3, atol=1e-4)
+    assert a.config["standardize"] is True

@@ -78,12 +78,17 @@ class LayerFactor:
     dead : bool, True for a constant layer (never selected).
     """
 
-    def __init__(self, x: torch.Tensor, reg: float, cdt: torch.dtype, dual: bool):
+    def __init__(self, x: torch.Tensor, reg: float, cdt: torch.dtype, dual: bool, standardize: bool = False):
         self.x = x  # the caller's (N, D) view; centred on the fly
         n, d = x.shape
         xf = x.to(cdt)
         self.mean = xf.mean(0, keepdim=True)
         xc = xf - self.mean
+        self.scale = None
+        if standardize:  # unit variance per feature (constant features stay zero)
+            std = xc.pow(2).mean(0, keepdim=True).sqrt()
+            self.scale = torch.where(std > 0, 1.0 / std.clamp(min=1e-30), torch.zeros_like(std))
+            xc = xc * self.scale
         self.dual = dual
         g = xc @ xc.T if dual else _gram_t(xc)
         tr = float(torch.diagonal(g).sum())
@@ -111,7 +116,8 @@ class LayerFactor:
         self.chol = chol.to(cdt)
 
     def centred(self, cdt: torch.dtype) -> torch.Tensor:
-        return self.x.to(cdt) - self.mean
+        xc = self.x.to(cdt) - self.mean
+        return xc if self.scale is None else xc * self.scale
 
     def apply(self, m: torch.Tensor, cdt: torch.dtype, want_xt: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return ``H m`` and, if asked, ``Xcᵀ m`` (the latter for centroid updates)."""
@@ -285,6 +291,7 @@ def run_robust(
     orth_rank: int = 64,
     cka_samples: Optional[int] = 512,
     cka_debiased: bool = True,
+    standardize: bool = False,
 ) -> EngineOutput:
     t0 = time.perf_counter()
     reg, alpha, gamma, eta = params["reg"], params["alpha"], params["gamma"], params["eta"]
@@ -306,7 +313,7 @@ def run_robust(
     factors: List[LayerFactor] = []
     for x in progress(layers, show_progress, desc="LOES: factorise layers", unit="layer"):
         dual = _choose_dual(n, x.shape[1], m, orth_rank, k)
-        factors.append(LayerFactor(x, reg, cdt, dual=dual))
+        factors.append(LayerFactor(x, reg, cdt, dual=dual, standardize=standardize))
     excluded = [i for i, f in enumerate(factors) if f.dead]
     if excluded:
         warnings.warn(
@@ -404,6 +411,7 @@ def run_robust(
     config = {
         "form": sorted({"dual" if f.dual else "primal" for f in factors}),
         "orth_rank": orth_rank,
+        "standardize": standardize,
         "projection_rank": proj.rank if proj is not None else 0,
         "cka": ("debiased" if cka_debiased else "linear") + (
             f" on {cka_samples} sampled rows" if cka_samples is not None and n > cka_samples else ""
