@@ -55,6 +55,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loes._exceptions import LOESError
     from loes.hf.api import select_layers_from_hf_id
     from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
@@ -63,15 +64,11 @@ def run(args: argparse.Namespace) -> int:
         text_key = tuple(part.strip() for part in text_key.split(","))
     max_samples = DEFAULT_MAX_SAMPLES if args.max_samples is None else (args.max_samples or None)
     cache_dir = True if args.cache_dir == "default" else args.cache_dir
-    result = select_layers_from_hf_id(
-        args.model, args.dataset, k=args.k, task=args.task, preset=args.preset, split=args.split,
-        dataset_config_name=args.dataset_config_name, text_key=text_key, target_key=args.target_key,
-        max_calibration_samples=max_samples, batch_size=args.batch_size, max_length=args.max_length,
-        pooling=args.pooling, include_embeddings=args.include_embeddings, device=args.device,
-        dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file,
-        trust_remote_code=args.trust_remote_code, cache_dir=cache_dir, random_state=args.seed,
-        show_progress="off" if args.json else args.progress, verbose=bool(getattr(args, "verbose", False)),
-    )
+    try:
+        result = _select(select_layers_from_hf_id, args, text_key, max_samples, cache_dir)
+    except LOESError as e:
+        sys.stderr.write(f"loes select: error: {e}\n")
+        return 2
     if args.output:
         result.to_json(args.output)
     if args.json:
@@ -81,3 +78,15 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             sys.stdout.write(f"result written to {args.output}\n")
     return 0
+
+
+def _select(select_layers_from_hf_id, args, text_key, max_samples, cache_dir):
+    return select_layers_from_hf_id(
+        args.model, args.dataset, k=args.k, task=args.task, preset=args.preset, split=args.split,
+        dataset_config_name=args.dataset_config_name, text_key=text_key, target_key=args.target_key,
+        max_calibration_samples=max_samples, batch_size=args.batch_size, max_length=args.max_length,
+        pooling=args.pooling, include_embeddings=args.include_embeddings, device=args.device,
+        dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file,
+        trust_remote_code=args.trust_remote_code, cache_dir=cache_dir, random_state=args.seed,
+        show_progress="off" if args.json else args.progress, verbose=bool(getattr(args, "verbose", False)),
+    )
