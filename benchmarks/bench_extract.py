@@ -1,0 +1,128 @@
+"""Extraction throughput of loes vs a plain forward pass over the same batches.
+
+For each model config (random weights, built from its config class), the same
+pre-tokenized batches are run (a) through ``model(**batch)`` in inference mode
+and (b) through :func:`loes.extract_embeddings` (all hidden states, pooling,
+copy to CPU). The table reports the median wall time of each over
+``--repeats`` alternating runs and the overhead of (b) over (a).
+
+Usage::
+
+    python benchmarks/bench_extract.py --device cpu              # BERT-base size
+    python benchmarks/bench_extract.py --device cuda             # + a 1.1B Llama decoder
+    python benchmarks/bench_extract.py --device cpu --with-1b    # the 1B config on CPU (slow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Dict, List, Tuple
+
+import torch
+
+
+def configs(with_1b: bool):
+    import transformers
+
+    out = [("bert-base (12x768)", "auto", lambda: transformers.BertConfig())]
+    if with_1b:
+        out.append((
+            "llama-1.1B (22x2048)", "last_token",
+            lambda: transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                             num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+        ))
+    return out
+
+
+def make_batches(n: int, seq: int, batch_size: int, vocab: int, seed: int = 0) -> List[Tuple[Dict, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = torch.randint(1000, vocab - 1, (b, seq), generator=g)
+        lengths = torch.randint(seq // 2, seq + 1, (b,), generator=g)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        batches.append(({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 4, (b,), generator=g)))
+    return batches
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain(model, batches, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for inputs, _ in batches:
+            out = model(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()}, use_cache=False)
+            del out
+    sync(device)
+    return time.perf_counter() - t
+
+
+def with_loes(model, batches, device, pooling) -> float:
+    from loes import extract_embeddings
+
+    sync(device)
+    t = time.perf_counter()
+    emb = extract_embeddings(model, dataloader=batches, task="label_free", max_samples=None,
+                             pooling=pooling, show_progress=False)
+    sync(device)
+    elapsed = time.perf_counter() - t
+    assert emb.embeddings.device.type == "cpu"
+    return elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=None, help="samples (default: 64 on CPU, 1024 on CUDA)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: 64 CPU, 256 CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 16 CPU, 32 CUDA")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--with-1b", action="store_true", help="also run the 1.1B decoder (default on CUDA)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    n = args.n or (1024 if cuda else 64)
+    seq = args.seq or (256 if cuda else 64)
+    bs = args.batch_size or (32 if cuda else 16)
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    rows = []
+    for name, pooling, make in configs(args.with_1b or cuda):
+        config = make()
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.AutoModel.from_config(config, dtype=dtype).eval()
+        batches = make_batches(n, seq, bs, config.vocab_size)
+        plain(model, batches[:1], device)          # warm-up (kernels, allocator)
+        with_loes(model, batches[:1], device, pooling)
+        times: Dict[str, List[float]] = {"plain": [], "loes": []}
+        for _ in range(args.repeats):             # alternate to share any drift in machine load
+            times["plain"].append(plain(model, batches, device))
+            times["loes"].append(with_loes(model, batches, device, pooling))
+        tp, tl = statistics.median(times["plain"]), statistics.median(times["loes"])
+        rows.append((name, str(device), str(dtype).replace("torch.", ""), n, seq, bs, tp, tl,
+                     100 * (tl / tp - 1), n / tl))
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    head = ("model", "device", "dtype", "N", "seq", "batch", "plain s", "loes s", "overhead", "loes samples/s")
+    print(f"{head[0]:<22} {head[1]:<7} {head[2]:<9} {head[3]:>5} {head[4]:>4} {head[5]:>5} "
+          f"{head[6]:>8} {head[7]:>8} {head[8]:>9} {head[9]:>15}")
+    for r in rows:
+        print(f"{r[0]:<22} {r[1]:<7} {r[2]:<9} {r[3]:>5} {r[4]:>4} {r[5]:>5} {r[6]:>8.2f} {r[7]:>8.2f} "
+              f"{r[8]:>8.1f}% {r[9]:>15.1f}")
+    print(f"(median of {args.repeats} alternating runs; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads)")
+
+
+if __name__ == "__main__":
+    main()
