@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -21,6 +22,13 @@ __all__ = ["select_from_embeddings", "select_layers_from_hf", "select_layers_fro
 logger = logging.getLogger(__name__)
 
 _RESERVED = ("layer_names", "pooling", "dataset", "model_name", "embeddings", "targets")
+
+
+def _extraction_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments of an entry point that :func:`extract_embeddings` takes."""
+    args = dict(args, max_samples=args.get("max_calibration_samples"))
+    wanted = set(inspect.signature(extract_embeddings).parameters) - {"model_or_id"}
+    return {k: v for k, v in args.items() if k in wanted}
 
 
 def select_from_embeddings(emb: Embeddings, *, k: Optional[int], task: str, random_state: Any,
@@ -108,15 +116,8 @@ def select_layers_from_hf(
         ``dataset`` and ``model_name`` filled in, and the extraction settings in
         ``config["extraction"]``.
     """
-    emb = extract_embeddings(
-        model, dataset, dataloader=dataloader, split=split, dataset_config_name=dataset_config_name,
-        text_key=text_key, target_key=target_key, task=task, max_samples=max_calibration_samples,
-        batch_size=batch_size, pooling=pooling, device=device, dtype=dtype,
-        include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
-        random_state=random_state, show_progress=show_progress, verbose=verbose,
-        processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, max_length=max_length,
-        num_workers=num_workers,
-    )
+    args = dict(locals())
+    emb = extract_embeddings(model, **_extraction_args(args))
     return select_from_embeddings(emb, k=k, task=task, random_state=random_state,
                                   show_progress=show_progress, verbose=verbose, logger=logger,
                                   **select_kwargs)
@@ -174,6 +175,7 @@ def select_layers_from_hf_id(
     ...                                   max_calibration_samples=256)
     >>> print(result.summary())
     """
+    args = dict(locals())
     source = os.fspath(model_id_or_path)
     if model_loader is not None:
         model: Any = model_loader(source)
@@ -185,16 +187,7 @@ def select_layers_from_hf_id(
     else:
         model = source
     t0 = time.perf_counter()
-    emb = extract_embeddings(
-        model, dataset, dataloader=dataloader, split=split, dataset_config_name=dataset_config_name,
-        text_key=text_key, target_key=target_key, task=task, max_samples=max_calibration_samples,
-        batch_size=batch_size, pooling=pooling, device=device, dtype=dtype,
-        include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
-        revision=revision, random_state=random_state, show_progress=show_progress, verbose=verbose,
-        trust_remote_code=trust_remote_code, processor=processor, tokenizer=tokenizer,
-        collate_fn=collate_fn, max_length=max_length, num_workers=num_workers, gguf_file=gguf_file,
-        model_kwargs=model_kwargs,
-    )
+    emb = extract_embeddings(model, **_extraction_args(args))
     emb.model_name = source
     emb.info.setdefault("timings", {})["load_and_extract"] = time.perf_counter() - t0
     return select_from_embeddings(emb, k=k, task=task, random_state=random_state,

@@ -415,7 +415,8 @@ def from_dataset(
                                target_key=target_key, max_samples=None, text_key=text_key,
                                max_length=max_length, random_state=random_state)
         data.indices, data.name = indices, name
-        data.fingerprint = content_fingerprint(ds, columns, indices, extra="collate_fn")
+        fn_name = f"{getattr(collate_fn, '__module__', '')}.{getattr(collate_fn, '__qualname__', collate_fn)}"
+        data.fingerprint = content_fingerprint(ds, columns, indices, extra=f"{name}|collate_fn={fn_name}")
         return data
 
     kind, in_cols = find_input(ds, text_key, tkey)

@@ -8,6 +8,7 @@ batch at a time for token-level metrics (prompt entropy, curvature).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -194,6 +195,14 @@ def _prepare(model_or_id, dataset, dataloader, *, split, dataset_config_name, te
                  revision=revision, source=source)
 
 
+def _plan_from(args: Dict[str, Any]) -> _Plan:
+    """Call :func:`_prepare` with the matching entries of a public function's arguments."""
+    if args.get("processor") is None:
+        args["processor"] = args.get("tokenizer")
+    wanted = inspect.signature(_prepare).parameters
+    return _prepare(**{k: v for k, v in args.items() if k in wanted})
+
+
 def _stream(plan: _Plan, *, include_embeddings: bool, show_progress: ProgressSetting,
             info: Dict[str, Any]) -> Iterator[TokenStates]:
     """Run the model batch by batch; only one batch's states are alive at a time."""
@@ -285,13 +294,9 @@ def iter_hidden_states(
     ...     lengths = b.mask.sum(1)                          # real tokens per row
     ...     last = b.hidden_states[-1]                        # (batch, tokens, dim)
     """
-    plan = _prepare(model, dataset, dataloader, split=split, dataset_config_name=dataset_config_name,
-                    text_key=text_key, target_key=target_key, task=task, max_samples=max_samples,
-                    batch_size=batch_size, device=device, dtype=dtype, revision=revision,
-                    random_state=random_state, trust_remote_code=trust_remote_code,
-                    processor=processor if processor is not None else tokenizer, collate_fn=collate_fn,
-                    max_length=max_length, num_workers=num_workers, gguf_file=gguf_file,
-                    model_kwargs=model_kwargs)
+    args = dict(locals())
+    args["model_or_id"] = args.pop("model")
+    plan = _plan_from(args)
     yield from _stream(plan, include_embeddings=include_embeddings, show_progress=show_progress,
                        info={"batch_size": batch_size})
 
@@ -387,13 +392,7 @@ def extract_embeddings(
     """
     log = verbose_logger(logger, verbose)
     t0 = time.perf_counter()
-    plan = _prepare(model_or_id, dataset, dataloader, split=split, dataset_config_name=dataset_config_name,
-                    text_key=text_key, target_key=target_key, task=task, max_samples=max_samples,
-                    batch_size=batch_size, device=device, dtype=dtype, revision=revision,
-                    random_state=random_state, trust_remote_code=trust_remote_code,
-                    processor=processor if processor is not None else tokenizer, collate_fn=collate_fn,
-                    max_length=max_length, num_workers=num_workers, gguf_file=gguf_file,
-                    model_kwargs=model_kwargs)
+    plan = _plan_from(dict(locals()))
     t_prep = time.perf_counter()
     data = plan.data
     folder = C.resolve_cache_dir(cache_dir)
