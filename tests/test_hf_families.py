@@ -294,3 +294,24 @@ def test_select_layers_from_hf_on_a_tiny_model_accepts_core_keywords(tokenizer, 
     assert res.layer_names == ["hidden_states[1]", "hidden_states[2]", "hidden_states[3]"]
     assert res.pooling == "cls" and res.num_calibration_samples == len(titles)
     assert len(set(res.selected_layers)) == 2
+
+
+def test_collate_fn_on_a_dataset_and_regression_targets(tokenizer, titles):
+    model = _build(TEXT_ENCODERS["bert"]())
+
+    def collate(rows):
+        enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+        return {**enc, "labels": torch.tensor([r["label"] for r in rows])}
+
+    a = extract_embeddings(model, titles, tokenizer=tokenizer, collate_fn=collate, max_samples=10,
+                           show_progress=False)
+    b = extract_embeddings(model, titles, tokenizer=tokenizer, max_samples=10, show_progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.targets, b.targets)
+    torch.testing.assert_close(a.embeddings, b.embeddings, atol=ATOL, rtol=1e-4)
+
+    scored = titles.map(lambda r: {"score": float(len(r["text"]))}).remove_columns("label")
+    reg = extract_embeddings(model, scored, tokenizer=tokenizer, task="regression", target_key="score",
+                             max_samples=9, show_progress=False)
+    assert reg.targets.dtype.kind == "f"
+    np.testing.assert_array_equal(reg.targets, [len(scored[int(i)]["text"]) for i in reg.indices])
