@@ -74,7 +74,7 @@ def matrix_entropy(z: Any, alpha: float = 1.0, *, normalize: bool = True) -> flo
     1.0
     """
     t = as_matrix(z, "z", min_rows=1)
-    counts = torch.tensor([t.shape[0]], dtype=t.dtype)
+    counts = torch.tensor([t.shape[0]], dtype=t.dtype, device=t.device)
     return float(_batched_entropy(t[None], counts, alpha, normalize)[0])
 
 

@@ -108,14 +108,15 @@ def twonn_dimension(
     if not 0 <= discard_fraction < 1:
         raise LOESError(f"discard_fraction must be in [0, 1); got {discard_fraction}")
     n = t.shape[0]
-    r1 = torch.empty(n, dtype=t.dtype)
-    r2 = torch.empty(n, dtype=t.dtype)
+    r1 = torch.empty(n, dtype=t.dtype, device=t.device)
+    r2 = torch.empty(n, dtype=t.dtype, device=t.device)
     sq = (t * t).sum(1)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         d2 = sq[start:stop, None] + sq[None, :] - 2.0 * t[start:stop] @ t.T
         d2 = d2.clamp(min=0.0)
-        d2[torch.arange(stop - start), torch.arange(start, stop)] = float("inf")
+        rows = torch.arange(stop - start, device=t.device)
+        d2[rows, rows + start] = float("inf")
         two = torch.topk(d2, 2, dim=1, largest=False).values.sqrt()
         r1[start:stop], r2[start:stop] = two[:, 0], two[:, 1]
     scale = float(torch.median(r2)) if n else 1.0
@@ -132,7 +133,7 @@ def twonn_dimension(
         total = float(logmu.sum())
         return float("inf") if total <= 0 else (m - 1) / total
     keep = max(2, int(math.floor(m * (1.0 - discard_fraction))))
-    f = torch.arange(1, m + 1, dtype=t.dtype) / m
+    f = torch.arange(1, m + 1, dtype=t.dtype, device=t.device) / m
     xs, ys = logmu[:keep], -torch.log1p(-f[:keep].clamp(max=1 - 1e-12))
     return float((xs * ys).sum() / (xs * xs).sum())
 
@@ -181,7 +182,7 @@ def cka_matrix(layers: Any, *, method: str = "auto", memory_limit: float = 4e8) 
         out = g @ g.T
     else:
         self_norm = [torch.linalg.norm(x.T @ x) for x in xs]
-        out = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+        out = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=xs[0].device)
         for i in range(n_layers):
             for j in range(i, n_layers):
                 den = self_norm[i] * self_norm[j]

@@ -312,7 +312,7 @@ def profile(
     names = list(layer_names) if layer_names is not None else None
     if names is not None and len(names) != lengths.pop():
         raise LOESError(f"layer_names has {len(names)} names for {len(next(iter(ordered.values())))} layers")
-    cka = cka_matrix(layers) if (with_cka and layers is not None and len(layers) > 1) else None
+    cka = cka_matrix(layers).cpu() if (with_cka and layers is not None and len(layers) > 1) else None
     return MetricProfile(
         values=ordered,
         directions={m: METRICS[m].direction for m in ordered},

@@ -75,7 +75,7 @@ def infonce(view_a: Any, view_b: Any, temperature: float = 0.1, *, symmetric: bo
         raise LOESError(f"temperature must be positive; got {temperature!r}")
     a, b = as_views([view_a, view_b])
     s = _unit_rows(a) @ _unit_rows(b).T / temperature
-    idx = torch.arange(s.shape[0])
+    idx = torch.arange(s.shape[0], device=s.device)
     loss_ab = (torch.logsumexp(s, dim=1) - s[idx, idx]).mean()
     if not symmetric:
         return float(loss_ab)
@@ -120,7 +120,7 @@ def lidar(views: Any, *, delta: float = 1e-4, eps: float = 1e-8) -> float:
     ridge = delta * float(torch.diagonal(within).sum()) / d
     if ridge <= 0:
         ridge = delta * max(float(torch.diagonal(between).sum()) / d, 1e-300)
-    within = within + ridge * torch.eye(d, dtype=within.dtype)
+    within = within + ridge * torch.eye(d, dtype=within.dtype, device=within.device)
     w_val, w_vec = torch.linalg.eigh(within)
     inv_sqrt = w_vec @ torch.diag(w_val.clamp(min=1e-300).rsqrt()) @ w_vec.T
     lam = torch.linalg.eigvalsh(inv_sqrt @ between @ inv_sqrt).clamp(min=0.0)
@@ -182,7 +182,7 @@ def dime(
     joint = _joint_entropy(ka, kb, alpha)
     shuffled = []
     for _ in range(n_permutations):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(kb.device)
         shuffled.append(_joint_entropy(ka, kb[perm][:, perm], alpha))
     return float(torch.stack(shuffled).mean() - joint)
 
