@@ -37,9 +37,9 @@ def test_select_json_matches_the_library(csv_path, capsys, tmp_path):
 
 def test_select_prints_the_layer_table(csv_path, capsys):
     main(["select", "--model", minilm_path(), "--dataset", csv_path, "--text-key", "headline",
-          "--target-key", "topic", "--k", "2", "--max-samples", "20", "--preset", "reference", "--progress", "off"])
+          "--target-key", "topic", "--k", "2", "--max-samples", "20", "--preset", "robust", "--progress", "off"])
     text = capsys.readouterr().out
-    assert "LOES (reference, classification): selected layers" in text and "hidden_states[" in text
+    assert "LOES (robust, classification): selected layers" in text and "hidden_states[" in text
 
 
 def test_missing_column_is_a_clear_error(csv_path, capsys):

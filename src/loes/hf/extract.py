@@ -390,7 +390,7 @@ def extract_embeddings(
     >>> emb.embeddings.shape, emb.layer_names[0]
     (torch.Size([64, 6, 384]), 'hidden_states[1]')
     """
-    log = verbose_logger(logger, verbose)
+    log = verbose_logger(logging.getLogger("loes.hf"), verbose)  # covers loes.hf.* modules
     t0 = time.perf_counter()
     plan = _plan_from(dict(locals()))
     t_prep = time.perf_counter()
