@@ -116,12 +116,20 @@ def test_regression_baselines_find_the_informative_layer():
     assert 3 in select_baseline("exhaustive", x, y, k=2, task="regression").selected_layers
 
 
-def test_label_free_baseline_is_loes_label_free():
+def test_label_free_baseline_ranks_by_the_metric():
     x, _ = _complementary()
-    res = select_baseline("label_free", x, k=3)
+    res = select_baseline("label_free", x, k=3, metric="loes")
     ref = select_layers_from_custom_embeddings(x, None, 3, task="label_free", show_progress=False)
     assert res.selected_layers == ref.selected_layers
     assert res.config["method"] == "label_free"
+    # effective rank, higher is better: layers squeezed into fewer directions rank last
+    g = np.random.default_rng(1).normal(size=(200, 4, 16))
+    g[:, 0, 2:] = 0
+    g[:, 3, 6:] = 0
+    by_rank = select_baseline("label_free", g, k=2, metric="effective_rank")
+    assert sorted(by_rank.selected_layers) == [1, 2]
+    with pytest.raises(LOESError, match="unknown label-free metric"):
+        select_baseline("label_free", g, k=2, metric="vibes")
 
 
 def test_unknown_baseline_and_missing_targets():

@@ -34,7 +34,7 @@ import itertools
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,7 +151,7 @@ def select_baseline(
     random_state: Optional[int] = 0,
     reg: float = 1e-1,
     max_combinations: int = MAX_COMBINATIONS,
-    metric: str = "loes",
+    metric: str = "dataset_entropy",
     show_progress: ProgressSetting = False,
     layer_names: Optional[Sequence[str]] = None,
 ) -> LOESResult:
@@ -176,8 +176,10 @@ def select_baseline(
     max_combinations : int
         ``exhaustive`` refuses to enumerate more k-subsets than this.
     metric : str
-        The label-free score of ``label_free``: ``"loes"`` (LOES label-free:
-        isotropy and redundancy) or a metric name from :mod:`loes.metrics`.
+        The label-free score of ``label_free``: a pooled-embedding metric of
+        :mod:`loes.metrics` (``"dataset_entropy"``, ``"effective_rank"``,
+        ``"twonn"``, ...; each with its own direction) or ``"loes"`` (LOES
+        label-free: isotropy and redundancy).
     show_progress : bool or str
     layer_names : sequence of str, optional
 
@@ -260,34 +262,15 @@ def select_baseline(
 
 def _label_free(metric: str, layers: List[torch.Tensor], k: int, random_state: Any,
                 show_progress: ProgressSetting, common: Dict[str, Any]) -> LOESResult:
-    """Top-k by a label-free score: LOES label-free, or a :mod:`loes.metrics` metric."""
-    if metric == "loes":
-        from loes.core.select import select_layers_from_custom_embeddings
+    """Top-k by a label-free score (:func:`loes.metrics.select_layers_label_free`)."""
+    from loes.metrics import LABEL_FREE_METHODS, select_layers_label_free
 
-        res = select_layers_from_custom_embeddings(
-            layers, None, k, task="label_free", random_state=random_state, show_progress=show_progress
-        )
-        return _result("label_free", res.selected_layers, res.layer_scores, steps=res.steps,
-                       config={"metric": "loes"}, **common)
-    ranker = _metric_ranker(metric)
-    scores = ranker(layers, random_state)
-    order = sorted(range(len(layers)), key=lambda i: (scores[i], i))
-    picked = order[:k]
-    return _result("label_free", picked, [scores[i] for i in picked], steps=[],
-                   config={"metric": metric}, **common)
-
-
-def _metric_ranker(metric: str) -> Callable[[List[torch.Tensor], Any], List[float]]:
-    """A function returning one score per layer, lower = better, for a metric of :mod:`loes.metrics`."""
-    try:
-        from loes import metrics as metrics_mod  # written by the metrics engineer
-    except ImportError as e:
-        raise LOESError(f"label-free metric {metric!r} needs loes.metrics, which is not available") from e
-    fn = getattr(metrics_mod, "layer_scores", None) or getattr(metrics_mod, "score_layers", None)
-    if fn is None:
-        raise LOESError(f"loes.metrics has no per-layer scoring function for metric {metric!r}")
-
-    def rank(layers: List[torch.Tensor], random_state: Any) -> List[float]:
-        return [float(v) for v in fn(layers, metric, random_state=random_state)]
-
-    return rank
+    if metric not in LABEL_FREE_METHODS:
+        raise LOESError(f"unknown label-free metric {metric!r}; choose one of {list(LABEL_FREE_METHODS)}")
+    res = select_layers_label_free(layers, k, method=metric, random_state=random_state,
+                                   show_progress=show_progress)
+    config = {"metric": metric}
+    if "direction" in res.config:
+        config["direction"] = res.config["direction"]
+    return _result("label_free", res.selected_layers, res.layer_scores, steps=res.steps,
+                   config=config, **common)

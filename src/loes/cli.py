@@ -17,6 +17,7 @@ from typing import List, Optional
 COMMAND_MODULES = [
     "loes.hf._cli",
     "loes.metrics._cli",
+    "loes.transfer._cli",
 ]
 
 

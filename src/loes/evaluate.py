@@ -475,41 +475,54 @@ def evaluate(
     sizes: Dict[str, int] = {}
     jobs = [(s, c) for s in seeds for c in chosen]
     bar = progress(jobs, show_progress, desc="evaluate", total=len(jobs), unit="run")
-    current_seed = None
-    for seed, (name, fn) in bar:
-        if seed != current_seed:
-            current_seed = seed
-            cal, tr, va, te = split_indices(n, fractions, seed, strat)
-            if min(len(cal), len(tr), len(va), len(te)) < 3:
-                raise LOESError(
-                    f"too few samples ({n}) for the four splits {list(fractions)}: got sizes "
-                    f"{[len(cal), len(tr), len(va), len(te)]}; pass more samples"
-                )
-            if not sizes:
-                sizes = {"calibration": len(cal), "train": len(tr), "validation": len(va), "test": len(te)}
-            if per_layer:
-                per_layer_runs.append(per_layer_scores(layers, y, (tr, va, te), task=task,
-                                                       probe=probe, random_state=seed))
-        t0 = time.perf_counter()
-        res = _run_selector(fn, name, [x[cal] for x in layers], y[cal], k, task, seed,
-                            loes_options, baseline_options)
-        t_sel = time.perf_counter() - t0
-        head = res.config.get("head", HEADS.get(name, "concat")) if isinstance(res.config, dict) else "concat"
-        chosen_layers = list(res.selected_layers)
-        t0 = time.perf_counter()
-        model = _make_probe(head, chosen_layers, probe, task, seed, fusion_options)
-        model.fit([layers[i][tr] for i in range(n_layers)], y[tr],
-                  [layers[i][va] for i in range(n_layers)], y[va])
-        score = model.score([layers[i][te] for i in range(n_layers)], y[te])
-        t_train = time.perf_counter() - t0
-        rows.append({"method": name, "seed": int(seed), "layers": [int(i) for i in chosen_layers],
-                     "head": head, "score": float(score),
-                     "val_score": float(getattr(model, "best_val_score_", float("nan"))),
-                     "selection_time": t_sel, "training_time": t_train})
-        if seed == seeds[0]:
-            selections[name] = res.to_dict()
-        logger.info("seed %d %-14s layers %s %s %.4f (select %.2fs, train %.2fs)", seed, name,
-                    chosen_layers, metric, score, t_sel, t_train)
+
+    def _run_jobs() -> None:
+        current_seed = None
+        for seed, (name, fn) in bar:
+            if seed != current_seed:
+                current_seed = seed
+                cal, tr, va, te = split_indices(n, fractions, seed, strat)
+                if min(len(cal), len(tr), len(va), len(te)) < 3:
+                    raise LOESError(
+                        f"too few samples ({n}) for the four splits {list(fractions)}: got sizes "
+                        f"{[len(cal), len(tr), len(va), len(te)]}; pass more samples"
+                    )
+                if not sizes:
+                    sizes.update(calibration=len(cal), train=len(tr), validation=len(va), test=len(te))
+                if per_layer:
+                    per_layer_runs.append(per_layer_scores(layers, y, (tr, va, te), task=task,
+                                                           probe=probe, random_state=seed))
+            t0 = time.perf_counter()
+            res = _run_selector(fn, name, [x[cal] for x in layers], y[cal], k, task, seed,
+                                loes_options, baseline_options)
+            t_sel = time.perf_counter() - t0
+            head = res.config.get("head", HEADS.get(name, "concat")) if isinstance(res.config, dict) else "concat"
+            chosen_layers = list(res.selected_layers)
+            t0 = time.perf_counter()
+            model = _make_probe(head, chosen_layers, probe, task, seed, fusion_options)
+            model.fit([layers[i][tr] for i in range(n_layers)], y[tr],
+                      [layers[i][va] for i in range(n_layers)], y[va])
+            score = model.score([layers[i][te] for i in range(n_layers)], y[te])
+            t_train = time.perf_counter() - t0
+            rows.append({"method": name, "seed": int(seed), "layers": [int(i) for i in chosen_layers],
+                         "head": head, "score": float(score),
+                         "val_score": float(getattr(model, "best_val_score_", float("nan"))),
+                         "selection_time": t_sel, "training_time": t_train})
+            if seed == seeds[0]:
+                selections[name] = res.to_dict()
+            logger.info("seed %d %-14s layers %s %s %.4f (select %.2fs, train %.2fs)", seed, name,
+                        chosen_layers, metric, score, t_sel, t_train)
+
+    # the same warning (e.g. N <= D on every calibration split) is shown once, not once per run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_jobs()
+    seen_messages = set()
+    for w in caught:
+        key = (str(w.message), w.category)
+        if key not in seen_messages:
+            seen_messages.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     result = EvaluationResult(rows=rows, metric=metric, task=task, k=k, probe=probe,
                               seeds=[int(s) for s in seeds], fractions=[float(f) for f in fractions],

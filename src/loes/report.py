@@ -1,0 +1,446 @@
+"""Plots and an HTML report of a layer selection (needs ``loes[plot]``).
+
+* :func:`plot_result` — per-layer score terms at each greedy step
+  (``LOESResult.plot()`` calls it);
+* :func:`plot_trace` — the selection trace: every candidate's total score at
+  every step, the picks marked;
+* :func:`plot_cka` — the layer-by-layer linear CKA heatmap;
+* :func:`plot_per_layer` — test score of a probe on each single layer;
+* :func:`plot_comparison` — LOES against the baselines;
+* :func:`write_report` — all of the above as PNGs plus ``report.html``.
+
+Figures are built with :class:`matplotlib.figure.Figure` (no pyplot state, no
+GUI backend), so they work headless.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from loes._deps import require
+from loes._exceptions import LOESError
+from loes.result import LOESResult
+
+__all__ = [
+    "cka_heatmap_matrix",
+    "plot_cka",
+    "plot_comparison",
+    "plot_per_layer",
+    "plot_result",
+    "plot_trace",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+_TERM_STYLE = {
+    "fit": ("#1f77b4", "fit (unexplained)"),
+    "isotropy": ("#ff7f0e", "1 − isotropy"),
+    "redundancy": ("#2ca02c", "redundancy"),
+    "geometry": ("#9467bd", "class geometry (subtracted)"),
+}
+
+
+def _figure(figsize):
+    require("matplotlib", extra="plot")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _save(fig, path: Optional[Union[str, os.PathLike]]) -> None:
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=110)
+
+
+def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = None, *,
+                steps: Optional[Sequence[int]] = None, figsize: Optional[Sequence[float]] = None):
+    """Plot every candidate's score terms at each greedy step.
+
+    One panel per step: the unweighted terms (lines) and the weighted total
+    (bars) for each candidate layer; the layer picked at that step is marked.
+
+    Parameters
+    ----------
+    result : LOESResult
+    path : str or path, optional
+        Also write the figure there (PNG, SVG, PDF by extension).
+    steps : sequence of int, optional
+        1-based steps to show (all by default).
+    figsize : (width, height), optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    LOESError
+        When the result holds no step tables (e.g. a fixed baseline).
+    """
+    if not result.steps:
+        raise LOESError(
+            f"this result ({result.preset}) has no per-step score tables to plot; "
+            "only greedy selections (LOES, greedy_probe, metric selectors) have them"
+        )
+    steps = list(steps) if steps is not None else [t.step for t in result.steps]
+    n = len(steps)
+    fig = _figure(figsize or (7.5, 2.4 * n + 0.6))
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    for ax, step in zip(axes, steps):
+        table = result.steps[step - 1]
+        order = np.argsort(table.candidates)
+        layers = np.asarray(table.candidates)[order]
+        total = np.asarray(table.terms["total"], dtype=float)[order]
+        colors = ["#d62728" if layer == table.selected else "#c7c7c7" for layer in layers]
+        ax.bar(layers, total, color=colors, alpha=0.55, label="total (weighted)", zorder=1)
+        for name, (color, label) in _TERM_STYLE.items():
+            values = np.asarray(table.terms.get(name, []), dtype=float)
+            if values.size and np.any(values != 0):
+                ax.plot(layers, values[order], marker="o", ms=3, lw=1.2, color=color, label=label, zorder=2)
+        ax.set_title(f"step {table.step}: picked layer {table.selected}", fontsize=10)
+        ax.set_ylabel("score (lower is better)", fontsize=8)
+        ax.set_xticks(layers)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    legend: Dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=5, loc="outside lower center")
+    axes[-1].set_xlabel("layer")
+    fig.suptitle(f"LOES ({result.preset}, {result.task}) — selected {result.selected_layers}", fontsize=11)
+    _save(fig, path)
+    return fig
+
+
+def plot_trace(result: LOESResult, path: Optional[Union[str, os.PathLike]] = None, *,
+               figsize: Optional[Sequence[float]] = None):
+    """The selection trace: total score of each candidate (columns) at each step (rows).
+
+    Already-selected layers are blank; the pick of each step is boxed and
+    numbered.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if not result.steps:
+        raise LOESError(f"this result ({result.preset}) has no per-step score tables")
+    n_layers = result.num_layers_seen
+    grid = np.full((len(result.steps), n_layers), np.nan)
+    for r, table in enumerate(result.steps):
+        for layer, value in zip(table.candidates, table.terms["total"]):
+            grid[r, layer] = value
+    fig = _figure(figsize or (max(5.0, 0.32 * n_layers + 2.5), 0.55 * len(result.steps) + 1.8))
+    ax = fig.subplots()
+    finite = grid[np.isfinite(grid)]
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis_r",
+                   vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    for r, table in enumerate(result.steps):
+        ax.add_patch(_rect(table.selected, r))
+        ax.text(table.selected, r, str(r + 1), ha="center", va="center", color="white", fontsize=8,
+                fontweight="bold")
+    ax.set_xticks(range(n_layers))
+    ax.set_yticks(range(len(result.steps)))
+    ax.set_yticklabels([f"step {t.step}" for t in result.steps])
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title("selection trace: total score per candidate (lower is better)", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    _save(fig, path)
+    return fig
+
+
+def _rect(x: float, y: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=2)
+
+
+def cka_heatmap_matrix(embeddings: Any) -> np.ndarray:
+    """Layer-by-layer linear CKA (L, L) of ``embeddings`` (:func:`loes.metrics.cka_matrix`)."""
+    from loes.metrics import cka_matrix
+
+    return np.asarray(cka_matrix(embeddings), dtype=float)
+
+
+def plot_cka(embeddings: Any = None, path: Optional[Union[str, os.PathLike]] = None, *,
+             cka: Optional[np.ndarray] = None, selected: Optional[Sequence[int]] = None,
+             figsize: Optional[Sequence[float]] = None):
+    """Heatmap of linear CKA between every pair of layers.
+
+    Parameters
+    ----------
+    embeddings : array of shape (n_samples, n_layers, dim) or list of layers, optional
+    cka : array of shape (n_layers, n_layers), optional
+        A precomputed matrix (instead of ``embeddings``).
+    selected : sequence of int, optional
+        Layers to mark on the axes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if cka is None:
+        if embeddings is None:
+            raise LOESError("plot_cka needs embeddings or a precomputed cka matrix")
+        cka = cka_heatmap_matrix(embeddings)
+    cka = np.asarray(cka, dtype=float)
+    n = cka.shape[0]
+    fig = _figure(figsize or (max(4.0, 0.3 * n + 2.5), max(3.5, 0.3 * n + 2.0)))
+    ax = fig.subplots()
+    im = ax.imshow(cka, vmin=0, vmax=1, cmap="magma", origin="lower")
+    ticks = range(n) if n <= 32 else range(0, n, max(1, n // 16))
+    ax.set_xticks(list(ticks))
+    ax.set_yticks(list(ticks))
+    ax.tick_params(labelsize=7)
+    for layer in selected or []:
+        for lab in ax.get_xticklabels() + ax.get_yticklabels():
+            if lab.get_text() == str(layer):
+                lab.set_color("#d62728")
+                lab.set_fontweight("bold")
+        ax.axvline(layer, color="#d62728", lw=0.6, alpha=0.6)
+        ax.axhline(layer, color="#d62728", lw=0.6, alpha=0.6)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{cka[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if cka[i, j] < 0.6 else "black")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title("linear CKA between layers", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    _save(fig, path)
+    return fig
+
+
+def plot_per_layer(evaluation: Any, path: Optional[Union[str, os.PathLike]] = None, *,
+                   selected: Optional[Sequence[int]] = None, figsize: Optional[Sequence[float]] = None):
+    """Test score of a probe trained on each single layer (mean ± std over seeds).
+
+    Parameters
+    ----------
+    evaluation : EvaluationResult
+        With ``per_layer`` filled (``evaluate(..., per_layer=True)``).
+    selected : sequence of int, optional
+        Layers to highlight (default: LOES's first-seed selection).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if not evaluation.per_layer:
+        raise LOESError("this evaluation has no per-layer scores: run evaluate(..., per_layer=True)")
+    if selected is None and "loes" in evaluation.selections:
+        selected = evaluation.selections["loes"]["selected_layers"]
+    selected = set(selected or [])
+    layers = evaluation.per_layer["layer"]
+    mean = np.asarray(evaluation.per_layer["mean"])
+    std = np.asarray(evaluation.per_layer["std"])
+    fig = _figure(figsize or (max(5.0, 0.28 * len(layers) + 2.5), 3.2))
+    ax = fig.subplots()
+    colors = ["#d62728" if layer in selected else "#1f77b4" for layer in layers]
+    ax.bar(layers, mean, yerr=std, color=colors, capsize=2)
+    label = "test accuracy" if evaluation.metric == "accuracy" else "test RMSE"
+    ax.set_ylabel(label)
+    ax.set_xlabel("layer (red: selected by LOES)")
+    if evaluation.metric == "accuracy":
+        lo = max(0.0, float((mean - std).min()) - 0.05)
+        ax.set_ylim(lo, min(1.0, float((mean + std).max()) + 0.03))
+    ax.set_xticks(layers if len(layers) <= 32 else layers[::2])
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"single-layer {evaluation.probe} probe, {label}", fontsize=10)
+    _save(fig, path)
+    return fig
+
+
+def plot_comparison(evaluation: Any, path: Optional[Union[str, os.PathLike]] = None, *,
+                    figsize: Optional[Sequence[float]] = None):
+    """Mean test score ± std of every method (LOES highlighted).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    rows = evaluation.table()
+    names = [r["method"] for r in rows]
+    mean = np.array([r[evaluation.metric] for r in rows])
+    std = np.array([r["std"] for r in rows])
+    fig = _figure(figsize or (7.0, 0.35 * len(rows) + 1.4))
+    ax = fig.subplots()
+    colors = ["#d62728" if n == "loes" else "#7f7f7f" for n in names]
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, mean, xerr=std, color=colors, capsize=2)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    label = "test accuracy" if evaluation.metric == "accuracy" else "test RMSE"
+    ax.set_xlabel(f"{label} (mean ± std over {len(evaluation.seeds)} seeds)")
+    if evaluation.metric == "accuracy":
+        ax.set_xlim(max(0.0, float((mean - std).min()) - 0.05), min(1.0, float((mean + std).max()) + 0.02))
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"LOES vs baselines (k={evaluation.k}, {evaluation.probe} probe)", fontsize=10)
+    _save(fig, path)
+    return fig
+
+
+# ------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;
+margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}tr.loes{background:#fdecea;font-weight:600}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta{color:#666;font-size:.85em}
+"""
+
+
+def _table_html(headers: List[str], rows: List[List[Any]], left: Sequence[int] = (0,),
+                row_classes: Optional[List[str]] = None) -> str:
+    out = ["<table><tr>" + "".join(
+        f'<th class="{"l" if i in left else ""}">{html.escape(h)}</th>' for i, h in enumerate(headers)) + "</tr>"]
+    for r, row in enumerate(rows):
+        cls = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
+        out.append(f"<tr{cls}>" + "".join(
+            f'<td class="{"l" if i in left else ""}">{html.escape(str(v))}</td>' for i, v in enumerate(row)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_report(
+    result: LOESResult,
+    output_dir: Union[str, os.PathLike],
+    *,
+    embeddings: Any = None,
+    evaluation: Any = None,
+    title: Optional[str] = None,
+    cka: Optional[np.ndarray] = None,
+) -> Path:
+    """Write ``report.html`` and its PNG figures to ``output_dir``.
+
+    Parameters
+    ----------
+    result : LOESResult
+        The selection to report (its step tables give the score-term and trace plots).
+    output_dir : str or path
+        Created if missing. Figures are written next to the HTML file.
+    embeddings : array of shape (n_samples, n_layers, dim), optional
+        For the layer-by-layer CKA heatmap (or pass ``cka``).
+    evaluation : EvaluationResult, optional
+        Adds the comparison table, the comparison plot and per-layer probe scores.
+    title : str, optional
+    cka : array of shape (n_layers, n_layers), optional
+        Precomputed CKA matrix.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``report.html``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or f"LOES report — {result.model_name or 'custom embeddings'}"
+    sections: List[str] = []
+    figures: Dict[str, str] = {}
+
+    def figure(name: str, make) -> Optional[str]:
+        try:
+            fig = make(out / name)
+        except LOESError as e:
+            logger.info("skipping %s: %s", name, e)
+            return None
+        del fig
+        figures[name] = str(out / name)
+        return name
+
+    # summary
+    names = result.layer_names
+    pick_rows = [[i + 1, layer, names[layer] if names else "", _fmt(score)]
+                 for i, (layer, score) in enumerate(zip(result.selected_layers, result.layer_scores))]
+    meta = [f"preset <b>{html.escape(result.preset)}</b>", f"task {html.escape(result.task)}",
+            f"{result.num_layers_seen} layers", f"N = {result.num_calibration_samples} calibration samples",
+            f"pooling {html.escape(str(result.pooling))}"]
+    if result.dataset:
+        meta.append(f"data {html.escape(str(result.dataset))}")
+    total_time = result.timings.get("total")
+    if total_time is not None:
+        meta.append(f"selection took {total_time:.2f} s")
+    sections.append("<h2>Selected layers</h2>"
+                    f'<p class="meta">{" · ".join(meta)}</p>'
+                    + _table_html(["pick", "layer", "name", "score"], pick_rows))
+    if result.warnings:
+        sections.append("<p class='meta'>Warnings: " + "; ".join(html.escape(w) for w in result.warnings) + "</p>")
+
+    if evaluation is not None:
+        rows, classes = [], []
+        for r in evaluation.table():
+            layers = r["layers"]
+            layer_text = (" | ".join(",".join(map(str, ls)) for ls in layers)
+                          if layers and isinstance(layers[0], list) else ",".join(map(str, layers)))
+            rows.append([r["method"], layer_text, r["head"], _fmt(r[evaluation.metric]), _fmt(r["std"]),
+                         _fmt(r["selection_time"], 3), _fmt(r["training_time"], 3),
+                         _fmt(r["loes_minus_method"], 4), _fmt(r["p_value"], 3)])
+            classes.append("loes" if r["method"] == "loes" else "")
+        metric = "accuracy" if evaluation.metric == "accuracy" else "RMSE"
+        sizes = ", ".join(f"{k} {v}" for k, v in evaluation.n_samples.items())
+        sections.append(
+            "<h2>LOES against baselines</h2>"
+            f'<p class="meta">k = {evaluation.k}; {evaluation.probe} probe; seeds {evaluation.seeds}; '
+            f"splits: {html.escape(sizes)}. Selection uses the calibration split only; the probe is "
+            "fitted on train, its regularisation chosen on validation, and the test score is reported. "
+            "LOES−method is the mean paired difference, p the two-sided paired t-test over seeds.</p>"
+            + _table_html(["method", "layers", "head", f"test {metric}", "± std", "select s", "train s",
+                           "LOES − method", "p"], rows, left=(0, 1, 2), row_classes=classes))
+        name = figure("comparison.png", lambda p: plot_comparison(evaluation, p))
+        if name:
+            sections.append(f'<img src="{name}" alt="comparison">')
+
+    name = figure("score_terms.png", lambda p: plot_result(result, p))
+    if name:
+        sections.append("<h2>Score terms at each step</h2><p class='meta'>Bars: the weighted total "
+                        "that was minimised (red: the pick); lines: the unweighted terms.</p>"
+                        f'<img src="{name}" alt="score terms">')
+    name = figure("selection_trace.png", lambda p: plot_trace(result, p))
+    if name:
+        sections.append(f'<h2>Selection trace</h2><img src="{name}" alt="selection trace">')
+    if cka is not None or embeddings is not None:
+        name = figure("cka.png", lambda p: plot_cka(embeddings, p, cka=cka, selected=result.selected_layers))
+        if name:
+            sections.append(f'<h2>Layer-by-layer CKA</h2><img src="{name}" alt="CKA heatmap">')
+    if evaluation is not None and evaluation.per_layer:
+        name = figure("per_layer_probe.png",
+                      lambda p: plot_per_layer(evaluation, p, selected=result.selected_layers))
+        if name:
+            sections.append(f'<h2>Per-layer probe score</h2><img src="{name}" alt="per-layer probe">')
+    if result.steps:
+        step_rows = []
+        for row in sorted(result.score_table(1), key=lambda r: r["layer"]):
+            step_rows.append([int(row["layer"])] + [_fmt(row.get(t, float("nan"))) for t in
+                                                     ("fit", "isotropy", "redundancy", "geometry", "total")])
+        sections.append("<h2>Step 1 score table</h2>"
+                        + _table_html(["layer", "fit", "isotropy", "redundancy", "geometry", "total"], step_rows))
+
+    doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+           f"<h1>{html.escape(title)}</h1>" + "\n".join(sections) + "</body></html>")
+    path = out / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    logger.info("wrote %s with %d figures", path, len(figures))
+    return path
