@@ -471,7 +471,8 @@ def split_batch(batch: Any, *, target_key: Optional[str], require_targets: bool)
             if require_targets:
                 raise LOESError(
                     f"dataloader batches are dicts with keys {keys} but none is a target "
-                    f"({target_key!r} or one of {list(TARGET_KEYS)}): pass target_key=<key>, "
+                    f"({repr(target_key) if target_key else 'one of ' + str(list(TARGET_KEYS))}): "
+                    "pass target_key=<key>, "
                     "yield (inputs, targets) tuples, or use task='label_free'"
                 )
             return dict(batch), None
