@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loes import LOESError
 from loes.core._numerics import linear_cka
@@ -320,3 +322,46 @@ def test_view_metrics_check_shapes(rng):
         lidar([rng.normal(size=(10, 3)), rng.normal(size=(9, 3))])
     with pytest.raises(LOESError, match="at least 2 views"):
         lidar([rng.normal(size=(10, 3))])
+
+
+# -------------------------------------------------------------- invariances
+def test_rotation_and_sample_order_invariance(rng):
+    x = rng.normal(size=(200, 6)) * np.arange(1, 7)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    perm = rng.permutation(200)
+    for fn in (dataset_entropy, effective_rank, twonn_dimension):
+        assert fn(x @ q) == pytest.approx(fn(x), rel=1e-8)
+        assert fn(x[perm]) == pytest.approx(fn(x), rel=1e-8)
+    views = [x + 0.3 * rng.normal(size=x.shape) for _ in range(3)]
+    assert lidar([v @ q for v in views]) == pytest.approx(lidar(views), rel=1e-6)
+    assert infonce(views[0] @ q, views[1] @ q) == pytest.approx(infonce(views[0], views[1]), rel=1e-10)
+    tokens = rng.normal(size=(3, 8, 6))
+    assert curvature(tokens @ q) == pytest.approx(curvature(tokens), rel=1e-10)
+    assert prompt_entropy(tokens @ q) == pytest.approx(prompt_entropy(tokens), rel=1e-10)
+
+
+def test_low_precision_input_is_upcast(rng):
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        t = torch.from_numpy(x).to(dtype)
+        ref = t.double()
+        assert dataset_entropy(t) == pytest.approx(dataset_entropy(ref), rel=1e-12)
+        assert effective_rank(t) == pytest.approx(effective_rank(ref), rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 4), t=st.integers(1, 9), d=st.integers(1, 7), alpha=st.sampled_from([0.5, 1.0, 2.0]),
+       seed=st.integers(0, 2**16))
+def test_token_metrics_stay_in_range(b, t, d, alpha, seed):
+    g = np.random.default_rng(seed)
+    tokens = g.normal(size=(b, t, d))
+    mask = g.random((b, t)) < 0.8
+    mask[:, 0] = True
+    mask = np.maximum.accumulate(mask[:, ::-1], axis=1)[:, ::-1]  # contiguous, right padded
+    pe = prompt_entropy(tokens, mask, alpha=alpha, reduction="none").numpy()
+    cu = curvature(tokens, mask, reduction="none").numpy()
+    ok = ~np.isnan(pe)
+    assert np.all((pe[ok] >= -1e-12) & (pe[ok] <= 1 + 1e-9))
+    assert np.all(np.isnan(pe) == (np.minimum(mask.sum(1), d) < 2))
+    okc = ~np.isnan(cu)
+    assert np.all((cu[okc] >= 0) & (cu[okc] <= np.pi + 1e-12))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import numpy as np
 import torch
 
 from loes._exceptions import LOESError
@@ -12,9 +13,16 @@ from loes.core._numerics import as_float
 __all__ = ["as_matrix", "as_tokens", "entropy_of_spectrum", "gram_spectrum"]
 
 
+def _float64(x: Any) -> torch.Tensor:
+    """``as_float`` that also takes non-contiguous numpy views (negative strides)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.array(x, order="C", copy=True)
+    return as_float(x)
+
+
 def as_matrix(x: Any, what: str = "x", min_rows: int = 2) -> torch.Tensor:
     """A float64 (N, D) tensor; LOESError for other shapes or non-finite values."""
-    t = as_float(x)
+    t = _float64(x)
     if t.ndim != 2:
         raise LOESError(
             f"{what} must have shape (n_samples, dim); got shape {tuple(t.shape)}"
@@ -33,11 +41,13 @@ def as_tokens(tokens: Any, mask: Optional[Any] = None) -> Tuple[torch.Tensor, to
     A single prompt of shape (T, D) is accepted as a batch of one. Padded
     positions (mask False) are zeroed so they cannot leak into sums.
     """
-    t = as_float(tokens)
+    t = _float64(tokens)
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        mask = torch.from_numpy(np.array(mask, order="C", copy=True))
     if t.ndim == 2:
         t = t[None]
-        if mask is not None:
-            mask = as_float(mask)[None] if as_float(mask).ndim == 1 else mask
+        if mask is not None and mask.ndim == 1:
+            mask = mask[None]
     if t.ndim != 3:
         raise LOESError(
             f"token states must have shape (batch, tokens, dim) or (tokens, dim); got {tuple(t.shape)}"
@@ -45,8 +55,7 @@ def as_tokens(tokens: Any, mask: Optional[Any] = None) -> Tuple[torch.Tensor, to
     if mask is None:
         m = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
     else:
-        m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(mask)
-        m = m.to(t.device).bool()
+        m = mask.to(t.device).bool()
         if tuple(m.shape) != tuple(t.shape[:2]):
             raise LOESError(
                 f"mask must have shape (batch, tokens) = {tuple(t.shape[:2])}; got {tuple(m.shape)}"
