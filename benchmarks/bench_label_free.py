@@ -28,12 +28,13 @@ import argparse
 import json
 import os
 import time
+import warnings
 from typing import Dict, List
 
 import numpy as np
 import torch
 
-from loes import select_layers_from_custom_embeddings
+from loes import LOESWarning, select_layers_from_custom_embeddings
 from loes.augment import TextAugmenter, make_views
 from loes.metrics import METRICS, curvature, profile, prompt_entropy, select_layers_label_free
 from loes.sweep import ridge_gcv_fit
@@ -164,6 +165,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write every row to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    warnings.simplefilter("ignore", LOESWarning)  # N <= D is expected here
     rows = run(args)
     print(summarise(rows))
     mean_layer = {}
