@@ -167,3 +167,11 @@ def test_auto_errors(rng):
         resolve_layers("fast_auto", 6, embeddings=x, targets=y)
     with pytest.raises(LOESError, match="rule"):
         GroupLassoLayers(rule="best")
+
+
+def test_fast_auto_warns_when_the_path_is_too_short(rng):
+    from loes import LOESWarning
+
+    x, y = planted_regression(rng)
+    with pytest.warns(LOESWarning, match="enter the group-lasso path"):
+        GroupLassoLayers(cv=None, n_lambdas=3, lambda_min_ratio=0.5).fit_top_k(x, y, 5)

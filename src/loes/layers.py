@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from loes._exceptions import LOESError
+from loes._exceptions import LOESError, LOESWarning
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
 
 __all__ = ["LAYER_SPECS", "GroupLassoLayers", "infer_task", "resolve_layers"]
@@ -324,6 +325,14 @@ class GroupLassoLayers:
         self._finish(lambdas[: len(coefs)], coefs, best, groups, n_layers)
         order = np.argsort(-self.block_norms_, kind="stable")[:k]
         top = [int(i) for i in order]
+        if (self.block_norms_[order] == 0).any():
+            warnings.warn(
+                f"only {int((self.block_norms_ > 0).sum())} layers enter the group-lasso path down to "
+                f"{self.lambda_min_ratio}·λ_max; the other picks among the top {k} are arbitrary "
+                "(lower lambda_min_ratio to rank them)",
+                LOESWarning,
+                stacklevel=2,
+            )
         self.selected_layers_ = top
         # refit on the chosen layers only
         keep = np.concatenate([np.arange(groups[i][0], groups[i][1]) for i in sorted(top)])
