@@ -31,6 +31,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -285,17 +286,14 @@ class EvaluationResult:
         """Serialise to JSON; also write to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            Path(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
     def from_json(cls, text_or_path: str) -> "EvaluationResult":
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as fh:
-                text = fh.read()
-        return cls.from_dict(json.loads(text))
+        """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
+        is_text = text_or_path.lstrip().startswith("{")
+        return cls.from_dict(json.loads(text_or_path if is_text else Path(text_or_path).read_text("utf-8")))
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,6 @@ features. The epoch with the best validation score is kept.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,7 +21,7 @@ from loes._deps import require
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress
 from loes._validation import normalize_task
-from loes.transfer._fusion import FusionHead, cosine_schedule
+from loes.transfer._fusion import BestEpoch, FusionHead, cosine_schedule
 from loes.transfer._georeg import GeoReg
 from loes.transfer._probes import encode_labels, task_score
 
@@ -214,8 +213,7 @@ def finetune(
         reg = georeg
         if reg is not None and not isinstance(reg, GeoReg):
             reg = GeoReg(weight=float(reg), random_state=seed) if float(reg) > 0 else None
-        better = (lambda a, b: a > b) if task == "classification" else (lambda a, b: a < b)
-        best, best_state, history = None, None, []
+        best, history = BestEpoch(task), []
         for epoch in range(epochs):
             wrapped.train()
             order = torch.randperm(n, generator=gen).tolist()
@@ -237,11 +235,8 @@ def finetune(
             score = wrapped.score(val_texts, val_targets if task == "classification" else y_va.numpy())
             history.append({"epoch": epoch, "train_loss": total / n, "val_score": score})
             logger.info("fine-tune epoch %d: loss %.4f, validation %.4f", epoch + 1, total / n, score)
-            if best is None or better(score, best):
-                best = score
-                best_state = copy.deepcopy(wrapped.state_dict())
-        wrapped.load_state_dict(best_state)
-    wrapped.eval()
+            best.update(score, epoch, wrapped)
+        best.restore(wrapped)
     wrapped.history_ = history
-    wrapped.best_val_score_ = best
+    wrapped.best_val_score_ = best.score
     return wrapped

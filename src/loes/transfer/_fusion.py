@@ -120,6 +120,30 @@ class FusionHead(nn.Module):
         return self.out(self.dropout(self.features(layers)))
 
 
+class BestEpoch:
+    """Keeps a copy of a module's weights at its best validation score so far.
+
+    Higher is better for classification (accuracy), lower for regression (RMSE).
+    """
+
+    def __init__(self, task: str):
+        self.higher = task == "classification"
+        self.score: Optional[float] = None
+        self.epoch = -1
+        self.state: Optional[Dict[str, torch.Tensor]] = None
+
+    def update(self, score: float, epoch: int, module: nn.Module) -> None:
+        """Record ``module``'s weights if ``score`` beats the best so far."""
+        if self.score is None or (score > self.score if self.higher else score < self.score):
+            self.score, self.epoch = score, epoch
+            self.state = copy.deepcopy(module.state_dict())
+
+    def restore(self, module: nn.Module) -> None:
+        """Load the best weights back into ``module`` and put it in eval mode."""
+        module.load_state_dict(self.state)
+        module.eval()
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int = 0):
     """Linear warm-up then cosine decay to 0 over ``total_steps`` optimizer steps."""
 
@@ -270,8 +294,7 @@ class FusionProbe:
             steps_per_epoch = max(1, math.ceil(n / self.batch_size))
             opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             sched = cosine_schedule(opt, self.epochs * steps_per_epoch, warmup=min(steps_per_epoch, 10))
-            better = (lambda a, b: a > b) if self.task_ == "classification" else (lambda a, b: a < b)
-            best_state, best_score, self.best_epoch_ = None, None, -1
+            best = BestEpoch(self.task_)
             self.history_: List[Dict[str, float]] = []
             for epoch in progress(range(self.epochs), self.show_progress, desc="fusion head",
                                   total=self.epochs, unit="epoch"):
@@ -299,13 +322,10 @@ class FusionProbe:
                 score = self._evaluate(head, xs_va, y_va)
                 self.history_.append({"epoch": epoch, "train_loss": tot_task / n,
                                       "reg_loss": tot_reg / n, "val_score": score})
-                if best_score is None or better(score, best_score):
-                    best_score, self.best_epoch_ = score, epoch
-                    best_state = copy.deepcopy(head.state_dict())
-        head.load_state_dict(best_state)
-        head.eval()
+                best.update(score, epoch, head)
+        best.restore(head)
         self.head_ = head
-        self.best_val_score_ = best_score
+        self.best_val_score_, self.best_epoch_ = best.score, best.epoch
         return self
 
     def _scale(self, layers: List[torch.Tensor]) -> List[torch.Tensor]:
