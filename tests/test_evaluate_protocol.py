@@ -61,6 +61,11 @@ def test_loes_beats_last_layer_and_finds_planted_layers():
     # the per-layer probe sweep ranks the planted layers first
     best_two = np.argsort(ev.per_layer["mean"])[-2:]
     assert set(best_two.tolist()) == {2, 4}
+    majority = []
+    for seed in (0, 1, 2):
+        _, tr, _, te = split_indices(len(y), (0.25, 0.4, 0.15, 0.2), seed, y)
+        majority.append(np.mean(y[te] == np.bincount(y[tr]).argmax()))
+    assert ev.info["majority_accuracy"] == pytest.approx(np.mean(majority))
     text = ev.format_table()
     assert text.splitlines()[1].startswith("loes") and "greedy_probe" in text
     again = EvaluationResult.from_json(ev.to_json())

@@ -174,6 +174,10 @@ class EvaluationResult:
         ``{method: LOESResult as dict}`` of the first seed (for reports).
     n_samples : dict
         Sizes of the calibration / train / validation / test splits (first seed).
+    layer_names : list of str, optional
+    info : dict
+        ``majority_accuracy``: test accuracy of always predicting the training
+        split's most common class (classification; mean over seeds).
     """
 
     rows: List[Dict[str, Any]]
@@ -263,6 +267,9 @@ class EvaluationResult:
                 f"{row['method']:<14} {text:<22} {row[self.metric]:>7.4f} {row['std']:>7.4f} "
                 f"{row['selection_time']:>9.3f} {row['training_time']:>8.3f} {diff:>8} {p:>7}"
             )
+        if "majority_accuracy" in self.info:
+            lines.append(f"(majority class: {self.info['majority_accuracy']:.4f}; "
+                         f"LOES−it and p: paired t-test over {len(self.seeds)} seeds)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -470,6 +477,7 @@ def evaluate(
     rows: List[Dict[str, Any]] = []
     selections: Dict[str, Dict[str, Any]] = {}
     per_layer_runs: List[List[float]] = []
+    majority_runs: List[float] = []
     sizes: Dict[str, int] = {}
     jobs = [(s, c) for s in seeds for c in chosen]
     bar = progress(jobs, show_progress, desc="evaluate", total=len(jobs), unit="run")
@@ -487,6 +495,9 @@ def evaluate(
                     )
                 if not sizes:
                     sizes.update(calibration=len(cal), train=len(tr), validation=len(va), test=len(te))
+                if task == "classification":
+                    values, counts = np.unique(y[tr], return_counts=True)
+                    majority_runs.append(float(np.mean(y[te] == values[np.argmax(counts)])))
                 if per_layer:
                     per_layer_runs.append(per_layer_scores(layers, y, (tr, va, te), task=task,
                                                            probe=probe, random_state=seed))
@@ -531,6 +542,8 @@ def evaluate(
         for other in names:
             if other != "loes":
                 result.tests[other] = paired_ttest(base, result.scores(other))
+    if majority_runs:
+        result.info["majority_accuracy"] = float(np.mean(majority_runs))
     if per_layer_runs:
         arr = np.asarray(per_layer_runs)
         result.per_layer = {"layer": list(range(n_layers)), "mean": arr.mean(0).tolist(),
