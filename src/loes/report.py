@@ -403,7 +403,10 @@ def write_report(
         sections.append(
             "<h2>LOES against baselines</h2>"
             f'<p class="meta">k = {evaluation.k}; {evaluation.probe} probe; seeds {evaluation.seeds}; '
-            f"splits: {html.escape(sizes)}. Selection uses the calibration split only; the probe is "
+            f"splits: {html.escape(sizes)}"
+            + (f"; majority-class accuracy {evaluation.info['majority_accuracy']:.4f}"
+               if evaluation.info.get("majority_accuracy") is not None else "")
+            + ". Selection uses the calibration split only; the probe is "
             "fitted on train, its regularisation chosen on validation, and the test score is reported. "
             "LOES−method is the mean paired difference, p the two-sided paired t-test over seeds.</p>"
             + _table_html(["method", "layers", "head", f"test {metric}", "± std", "select s", "train s",
