@@ -139,3 +139,37 @@ def test_unknown_baseline_and_missing_targets():
     with pytest.raises(LOESError, match="targets are required"):
         select_baseline("greedy_probe", x, None, k=2)
     assert set(BASELINES) == set(HEADS)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_kernel_loo_matches_feature_loo(task):
+    """The summed-kernel (dual) LOO used by exhaustive search equals the feature form."""
+    from loes.baselines import _kernel_loo_error
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 3, 30))
+    labels = rng.integers(0, 3, 40)
+    layers = [torch.from_numpy(_standardize(x[:, i])) for i in range(3)]
+    if task == "classification":
+        y, lab = torch.nn.functional.one_hot(torch.from_numpy(labels)).double(), torch.from_numpy(labels)
+    else:
+        y, lab = torch.from_numpy(x[:, 0, :2].sum(1, keepdims=True) + rng.normal(size=(40, 1))), None
+    kernel = sum(layer @ layer.T for layer in layers[:2])
+    fast = _kernel_loo_error(kernel, 60, y, lab, 0.1)
+    slow = loo_probe_error(layers[:2], y, lab, 0.1)
+    assert fast[0] == pytest.approx(slow[0], abs=1e-12)
+    assert fast[1] == pytest.approx(slow[1], rel=1e-8)
+
+
+def test_exhaustive_dual_path_finds_the_true_best_subset():
+    # N = 40 samples < 2 x 30 dims: the kernel path is used
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+    x = rng.normal(size=(40, 5, 30))
+    x[:, 1, :10] += 2.0 * a[:, None]
+    x[:, 3, :10] += 2.0 * b[:, None]
+    y = 2 * a + b
+    res = select_baseline("exhaustive", x, y, k=2)
+    brute = {s: _slow_loo_error([x[:, i] for i in s], y) for s in itertools.combinations(range(5), 2)}
+    assert brute[tuple(res.selected_layers)] == pytest.approx(min(brute.values()), abs=1e-12)
+    assert res.selected_layers == [1, 3]

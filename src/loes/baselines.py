@@ -115,6 +115,29 @@ def loo_probe_error(
     return float((pred.argmax(1) != labels).double().mean()), mse
 
 
+def _kernel_loo_error(kernel: torch.Tensor, dim: int, y: torch.Tensor, labels: Optional[torch.Tensor],
+                      reg: float) -> Tuple[float, float]:
+    """:func:`loo_probe_error` from the summed centred kernel of the layers (dual form).
+
+    With ``A = K + λI`` the hat matrix is ``K A⁻¹ = I − λA⁻¹``, so the LOO
+    residuals are ``λ(A⁻¹ yc)_i / (λ(A⁻¹)_ii − 1/n)·(−1)``; one Cholesky per subset
+    instead of forming the concatenated features. Same λ as the primal form:
+    ``reg · tr(K) / min(n − 1, dim)``.
+    """
+    n = kernel.shape[0]
+    lam = reg * float(torch.diagonal(kernel).sum()) / min(n - 1, dim)
+    a_inv = torch.cholesky_inverse(torch.linalg.cholesky(
+        kernel + lam * torch.eye(n, dtype=kernel.dtype)))
+    yc = y - y.mean(0, keepdim=True)
+    e = lam * (a_inv @ yc)
+    resid = e / (lam * torch.diagonal(a_inv) - 1.0 / n)[:, None]
+    mse = float((resid**2).mean())
+    if labels is None:
+        var = float((yc**2).mean())
+        return mse / var if var > 0 else 0.0, mse
+    return float(((y - resid).argmax(1) != labels).double().mean()), mse
+
+
 def _result(name: str, selected: List[int], scores: List[float], n_layers: int, n: int, task: str,
             k: int, steps: List[StepTable], config: Dict[str, Any], t0: float,
             layer_names: Optional[Sequence[str]]) -> LOESResult:
@@ -251,9 +274,17 @@ def select_baseline(
         )
     best: Optional[Tuple[float, float]] = None
     best_subset: Tuple[int, ...] = ()
+    n_kept = std[0].shape[0]
+    # N <= concatenated width: sum the layers' N x N kernels instead of concatenating
+    dual = n_kept <= k * min(x.shape[1] for x in std)
+    kernels = [x @ x.T for x in std] if dual else None
     for subset in progress(itertools.combinations(range(n_layers), k), show_progress,
                            desc="exhaustive subsets", total=total, unit="subset"):
-        err = loo_probe_error([std[i] for i in subset], y, labels, reg)
+        if dual:
+            dim = sum(std[i].shape[1] for i in subset)
+            err = _kernel_loo_error(sum(kernels[i] for i in subset), dim, y, labels, reg)
+        else:
+            err = loo_probe_error([std[i] for i in subset], y, labels, reg)
         if best is None or err < best:
             best, best_subset = err, subset
     config.update({"subsets": total, "best_error": best[0]})
