@@ -77,7 +77,7 @@ def run_task(task: str, args) -> List[Dict[str, Any]]:
             warnings.simplefilter("ignore")
             t = time.perf_counter()
             ev = evaluate(x, y, k=k, seeds=list(range(args.seeds)), probe=args.probe, methods=methods,
-                          per_layer=(k == args.k[0]), show_progress=args.progress)
+                          fractions=args.fractions, per_layer=(k == args.k[0]), show_progress=args.progress)
         print(f"\n### {task}, k={k}, {args.probe} probe, {args.seeds} seeds "
               f"(splits {ev.n_samples}; {time.perf_counter() - t:.0f} s)")
         print(ev.format_table())
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", nargs="+", type=int, default=[3, 4])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--probe", default="ridge", choices=("ridge", "logistic", "fusion"))
+    parser.add_argument("--fractions", nargs=4, type=float, default=[0.25, 0.4, 0.15, 0.2],
+                        help="calibration / train / validation / test shares")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/loes-bench"))
     parser.add_argument("--sweep", action="store_true", help="grid over LOES settings instead")
     parser.add_argument("--extract-only", action="store_true")
@@ -145,6 +147,14 @@ def main(argv=None) -> int:
         for task in args.tasks:
             sweep(task, args)
         return 0
+    import inspect
+
+    from loes.core._robust import run_robust
+    from loes.core.select import DEFAULTS
+
+    engine = {k: v.default for k, v in inspect.signature(run_robust).parameters.items()
+              if v.default is not inspect.Parameter.empty and k in ("standardize", "orth_rank")}
+    print(f"LOES robust defaults: {DEFAULTS['robust']} {engine}")
     rows = []
     for task in args.tasks:
         rows.extend(run_task(task, args))
