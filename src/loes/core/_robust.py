@@ -291,7 +291,7 @@ def run_robust(
     orth_rank: int = 64,
     cka_samples: Optional[int] = 512,
     cka_debiased: bool = True,
-    standardize: bool = False,
+    standardize: bool = True,
 ) -> EngineOutput:
     t0 = time.perf_counter()
     reg, alpha, gamma, eta = params["reg"], params["alpha"], params["gamma"], params["eta"]

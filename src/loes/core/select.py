@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 #: values; ``robust`` values were chosen on the benchmark suite (docs/core.md).
 DEFAULTS: Dict[str, Dict[str, float]] = {
     "reference": {"reg": 1e-3, "alpha": 1.0, "gamma": 0.5, "eta": 0.1},
-    "robust": {"reg": 1e-1, "alpha": 0.1, "gamma": 0.1, "eta": 0.05, "orth_reg": 1.0},
+    "robust": {"reg": 1.0, "alpha": 0.1, "gamma": 0.1, "eta": 0.05, "orth_reg": 1.0},
 }
 
 
