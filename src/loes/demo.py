@@ -112,6 +112,8 @@ def run_demo(
     -------
     DemoOutput
     """
+    import torch
+
     from loes.datasets import minilm_path
     from loes.evaluate import evaluate
     from loes.hf import extract_embeddings
@@ -147,12 +149,19 @@ def run_demo(
          f"max_length {max_length} ({source})")
 
     t = time.perf_counter()
-    ev = evaluate(
-        x, y, k=k, task="classification", seeds=list(range(seeds)), probe=probe,
-        loes_options={"layer_names": emb.layer_names, "model_name": model_label,
-                      "dataset": task, "pooling": emb.pooling},
-        layer_names=emb.layer_names, show_progress=show_progress,
-    )
+    # the evaluation is many small dense solves: one thread is as fast on an idle
+    # machine and far faster on a busy one (no OpenMP oversubscription)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = evaluate(
+            x, y, k=k, task="classification", seeds=list(range(seeds)), probe=probe,
+            loes_options={"layer_names": emb.layer_names, "model_name": model_label,
+                          "dataset": task, "pooling": emb.pooling},
+            layer_names=emb.layer_names, show_progress=show_progress,
+        )
+    finally:
+        torch.set_num_threads(threads)
     timings["evaluate"] = time.perf_counter() - t
     sizes = ", ".join(f"{name} {size}" for name, size in ev.n_samples.items())
     echo(f"\nLOES (robust, k={k}) vs baselines: {probe} probe, {seeds} seed(s), splits: {sizes}")
