@@ -123,3 +123,13 @@ def test_bad_protocol_settings():
         evaluate(x, y, fractions=(0.5, 0.5), show_progress=False)
     with pytest.raises(LOESError, match="unknown method"):
         evaluate(x, y, methods=["loes", "oracle"], show_progress=False)
+
+
+def test_fusion_head_probe_with_georeg_in_the_protocol():
+    x, y = _planted(n=300)
+    ev = evaluate(x, y, k=2, methods=["loes", "last"], seeds=[0], probe="fusion", per_layer=False,
+                  fusion_options={"epochs": 40, "georeg": 0.1, "hidden": 32, "batch_size": 32},
+                  show_progress=False)
+    assert ev.probe == "fusion"
+    assert ev.mean_score("loes") > ev.mean_score("last") + 0.2
+    assert all(r["training_time"] > 0 and 0 < r["val_score"] <= 1 for r in ev.rows)
