@@ -56,15 +56,6 @@ __all__ = ["run_robust", "LayerFactor"]
 _DEAD_TOL = 1e-10
 
 
-def _gram_t(xc: torch.Tensor) -> torch.Tensor:
-    """``XcᵀXc``; on the CPU through numpy, whose matmul uses the symmetric rank-k
-    BLAS kernel for ``A.T @ A`` (about 1.7× faster than a general product)."""
-    if xc.device.type == "cpu" and xc.dtype in (torch.float32, torch.float64):
-        a = xc.numpy()
-        return torch.from_numpy(a.T @ a)
-    return xc.T @ xc
-
-
 class LayerFactor:
     """One layer's centred statistics and ridge factorisation, computed once.
 
@@ -90,7 +81,7 @@ class LayerFactor:
             self.scale = torch.where(std > 0, 1.0 / std.clamp(min=1e-30), torch.zeros_like(std))
             xc = xc * self.scale
         self.dual = dual
-        g = xc @ xc.T if dual else _gram_t(xc)
+        g = xc @ xc.T if dual else xc.T @ xc
         tr = float(torch.diagonal(g).sum())
         raw = float((self.mean * self.mean).sum()) * n + tr  # Σ x² = N‖x̄‖² + tr
         self.dead = tr <= _DEAD_TOL * raw
@@ -443,14 +434,21 @@ class _BlockCache:
         self.hb: List[torch.Tensor] = []
         self.xtb: List[torch.Tensor] = []
 
-    def products(self, f: LayerFactor, blocks: List[torch.Tensor], cdt: torch.dtype, want_xt: bool):
-        for b in blocks[len(self.hb):]:
-            hb, xtb = f.apply(b, cdt, want_xt=want_xt)
-            self.hb.append(hb)
-            if xtb is not None:
-                self.xtb.append(xtb)
-        hb = torch.cat(self.hb, dim=1)
-        return hb, (torch.cat(self.xtb, dim=1) if want_xt else None)
+    def products(self, f: LayerFactor, blocks: List[torch.Tensor], cdt: torch.dtype, want_xt: bool,
+                 extra: torch.Tensor):
+        """``(H B, Xcᵀ B, H extra)``: new blocks and ``extra`` go through one product."""
+        new = blocks[len(self.hb):]
+        widths = [b.shape[1] for b in new]
+        hm, xtm = f.apply(torch.cat([*new, extra], dim=1), cdt, want_xt=want_xt and bool(new))
+        for i, part in enumerate(torch.split(hm[:, : sum(widths)], widths, dim=1)):
+            self.hb.append(part)
+            if xtm is not None:
+                self.xtb.append(xtm[:, sum(widths[:i]) : sum(widths[: i + 1])])
+        return (
+            torch.cat(self.hb, dim=1),
+            torch.cat(self.xtb, dim=1) if want_xt else None,
+            hm[:, sum(widths):],
+        )
 
 
 def _loo_residual(
@@ -474,10 +472,9 @@ def _loo_residual(
     if proj is None:
         hr, _ = f.apply(r, cdt)
         return (r - hr) / (1.0 - 1.0 / n - f.h)[:, None], None
-    hb, xtb = (cache or _BlockCache()).products(f, proj.blocks, cdt, want_xt)
+    hb, xtb, htr = (cache or _BlockCache()).products(f, proj.blocks, cdt, want_xt, extra=tr)
     hu = hb @ proj.coef  # H U
     xt_u = xtb @ proj.coef if xtb is not None else None
-    htr, _ = f.apply(tr, cdt)
     g = hu * proj.omega  # H V
     vtg = (proj.u * proj.omega).T @ g  # Vᵀ H V, (q, q)
     eye = torch.eye(proj.rank, dtype=torch.float64, device=r.device)
