@@ -263,3 +263,16 @@ def test_standardize_makes_scores_invariant_to_per_feature_scale():
     for s, t in zip(a.steps, b.steps):
         np.testing.assert_allclose(s.terms["fit"], t.terms["fit"], rtol=1e-3, atol=1e-4)
     assert a.config["standardize"] is True
+
+
+def test_steps_where_nothing_explains_the_target_are_reported():
+    x, y = planted(200, 32, informative=(2,), n_layers=6, seed=3)
+    res = select(x, y, k=3)
+    # after the informative layer, only noise is left: steps 2 and 3 explain nothing out of sample
+    assert res.selected_layers[0] == 2
+    for t in (2, 3):
+        assert min(res.steps[t - 1].terms["fit"]) >= 1.0
+    assert res.config["uninformative_steps"] == [2, 3]
+    assert any("no remaining layer explained" in w for w in res.warnings)
+    signal = select(*planted(200, 32, informative=(2, 4), n_layers=6, seed=3), k=2)
+    assert signal.config["uninformative_steps"] == []

@@ -355,6 +355,7 @@ def run_robust(
 
     centroids: Dict[int, torch.Tensor] = {}
     caches = {l: _BlockCache() for l in alive}
+    uninformative: List[int] = []  # steps at which no candidate explained the target out of sample
     steps: List[StepTable] = []
     selected: List[int] = []
     scores: List[float] = []
@@ -400,6 +401,8 @@ def run_robust(
             t, best, rows["total"][i_best], rows["fit"][i_best], rows["isotropy"][i_best],
             rows["redundancy"][i_best], rows["geometry"][i_best],
         )
+        if r_target is not None and min(rows["fit"]) >= 1.0:
+            uninformative.append(t)
         if t == k:
             break
         if r_target is not None:
@@ -411,6 +414,14 @@ def run_robust(
         n_dims_sel += dims[best]
         proj = _Projection(blocks, n_dims_sel, n, orth_reg, cdt)
     t2 = time.perf_counter()
+    if uninformative:
+        warnings.warn(
+            f"at step(s) {uninformative} no remaining layer explained the current target out of sample "
+            "(every leave-one-out fit fraction >= 1): those picks rest on the isotropy, redundancy and "
+            "geometry terms alone. A smaller k, or more calibration samples, may serve better.",
+            LOESWarning,
+            stacklevel=4,
+        )
     config = {
         "form": sorted({"dual" if f.dual else "primal" for f in factors}),
         "orth_rank": orth_rank,
@@ -420,6 +431,7 @@ def run_robust(
             f" on {cka_samples} sampled rows" if cka_samples is not None and n > cka_samples else ""
         ),
         "n_triplets": int(tri_index.shape[0]),
+        "uninformative_steps": uninformative,
     }
     return EngineOutput(selected, scores, steps, excluded, {"prepare": t1 - t0, "select": t2 - t1}, config)
 
