@@ -234,9 +234,12 @@ def test_verbose_prints_without_logging_configuration():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "step 1: layer" in out.stderr and "selected layers" in out.stderr
-    quiet = subprocess.run([sys.executable, "-c", code.replace("verbose=True", "verbose=False")],
-                           capture_output=True, text=True, timeout=120)
-    assert "step 1" not in quiet.stderr
+    # a quiet run after a verbose one stays quiet
+    both = code + "; import sys; print('QUIET', file=sys.stderr); " + code.split("; ", 1)[1].replace("verbose=True", "verbose=False")
+    out = subprocess.run([sys.executable, "-c", both], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stderr.split("QUIET")
+    assert "step 1" in before and "step 1" not in after
 
 
 def test_progress_bars_on_request(capsys):

@@ -58,26 +58,32 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def verbose_logger(logger: logging.Logger, verbose: bool) -> logging.Logger:
-    """Make ``verbose=True`` visible even when the application configured no logging.
+#: Where ``verbose=False`` runs send their progress logs: nowhere (as in the
+#: published code, progress is logged only when asked for).
+_QUIET = logging.getLogger("loes._quiet")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+_QUIET.setLevel(logging.CRITICAL)
 
-    If neither ``logger`` nor any ancestor has a real handler (only the library's
+
+def verbose_logger(logger: logging.Logger, verbose: bool) -> logging.Logger:
+    """The logger a run with this ``verbose`` setting logs progress to.
+
+    ``verbose=False``: a silent logger. ``verbose=True``: ``logger``, made visible
+    even when the application configured no logging: if neither ``logger`` nor any ancestor has a real handler (only the library's
     NullHandler), attach one stderr handler once, at INFO level. An application
     that configured logging keeps full control.
     """
     if not verbose:
-        return logger
+        return _QUIET
+    configured = False
     node: Optional[logging.Logger] = logger
     while node is not None:
         if any(not isinstance(h, logging.NullHandler) for h in node.handlers):
+            configured = True
             break
-        if not node.propagate:
-            node = None
-            break
-        node = node.parent
-    else:
-        node = None
-    if node is None and not getattr(logger, "_loes_handler", False):
+        node = node.parent if node.propagate else None
+    if not configured and not getattr(logger, "_loes_handler", False):
         handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("[loes] %(message)s"))
         logger.addHandler(handler)
