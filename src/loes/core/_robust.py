@@ -295,6 +295,7 @@ def run_robust(
     cka_samples: Optional[int] = 512,
     cka_debiased: bool = True,
     standardize: bool = True,
+    fallback: str = "none",
 ) -> EngineOutput:
     t0 = time.perf_counter()
     reg, alpha, gamma, eta = params["reg"], params["alpha"], params["gamma"], params["eta"]
@@ -356,6 +357,9 @@ def run_robust(
     centroids: Dict[int, torch.Tensor] = {}
     caches = {l: _BlockCache() for l in alive}
     uninformative: List[int] = []  # steps at which no candidate explained the target out of sample
+    fell_back: List[int] = []
+    if fallback not in ("none", "marginal"):
+        raise LOESError(f"fallback must be 'none' or 'marginal'; got {fallback!r}")
     steps: List[StepTable] = []
     selected: List[int] = []
     scores: List[float] = []
@@ -391,6 +395,16 @@ def run_robust(
             total = fit + alpha * iso_pen[l] + gamma * red - eta * geo
             for name, v in (("fit", fit), ("isotropy", iso_pen[l]), ("redundancy", red), ("geometry", geo), ("total", total)):
                 rows[name].append(float(v))
+        if t == 1 and r_target is not None:
+            marginal = dict(zip(cands, rows["fit"]))  # each layer's own fit to the labels
+        if fallback == "marginal" and t > 1 and r_target is not None and min(rows["fit"]) >= 1.0:
+            # Nothing explains the residual: rank by each layer's own fit to the labels instead.
+            rows["fit"] = [marginal[l] for l in cands]
+            rows["total"] = [
+                f_ + alpha * i_ + gamma * r_ - eta * g_
+                for f_, i_, r_, g_ in zip(rows["fit"], rows["isotropy"], rows["redundancy"], rows["geometry"])
+            ]
+            fell_back.append(t)
         i_best = min(range(len(cands)), key=rows["total"].__getitem__)
         best = cands[i_best]
         steps.append(StepTable(step=t, selected=best, candidates=cands, terms=rows))
@@ -401,7 +415,7 @@ def run_robust(
             t, best, rows["total"][i_best], rows["fit"][i_best], rows["isotropy"][i_best],
             rows["redundancy"][i_best], rows["geometry"][i_best],
         )
-        if r_target is not None and min(rows["fit"]) >= 1.0:
+        if r_target is not None and (t in fell_back or min(rows["fit"]) >= 1.0):
             uninformative.append(t)
         if t == k:
             break
@@ -432,6 +446,7 @@ def run_robust(
         ),
         "n_triplets": int(tri_index.shape[0]),
         "uninformative_steps": uninformative,
+        "fallback": fallback,
     }
     return EngineOutput(selected, scores, steps, excluded, {"prepare": t1 - t0, "select": t2 - t1}, config)
 
