@@ -5,8 +5,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import subprocess
+import sys
+
 import pytest
-import torch
 
 from loes import LOESWarning
 
@@ -27,6 +29,13 @@ def _quiet_loes_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LOESWarning)
         yield
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (no logging configured, nothing imported)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
 
 
 def planted(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import planted
+from conftest import planted, run_python
 from loes import LOESError, LOESSelector, LOESWarning, select_layers_from_custom_embeddings
 
 
@@ -133,6 +131,4 @@ def test_import_loes_stays_light():
         "heavy = [m for m in ('transformers', 'datasets', 'matplotlib', 'sklearn', 'pandas') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ""
+    assert run_python(code).stdout.strip() == ""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import planted
+from conftest import planted, run_python
 from published_loes import published_loes
 from loes import LOESResult, select_layers_from_custom_embeddings
 from loes.core.select import DEFAULTS
@@ -223,21 +223,16 @@ def test_json_round_trip(tmp_path):
 
 def test_verbose_prints_without_logging_configuration():
     # a fresh interpreter with no logging configured, as in a user's script
-    import subprocess
-    import sys
-
     code = (
         "import torch; from loes import select_layers_from_custom_embeddings as s; "
         "g = torch.Generator().manual_seed(0); x = torch.randn(60, 3, 8, generator=g); "
         "s(x, torch.arange(60) % 2, k=2, verbose=True, show_progress=False)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_python(code)
     assert "step 1: layer" in out.stderr and "selected layers" in out.stderr
     # a quiet run after a verbose one stays quiet
     both = code + "; import sys; print('QUIET', file=sys.stderr); " + code.split("; ", 1)[1].replace("verbose=True", "verbose=False")
-    out = subprocess.run([sys.executable, "-c", both], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_python(both)
     before, after = out.stderr.split("QUIET")
     assert "step 1" in before and "step 1" not in after
 

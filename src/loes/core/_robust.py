@@ -342,14 +342,12 @@ def run_robust(
     iso_pen = [1.0 - f.iso for f in factors]
 
     # Class geometry: hard labels with >= 3 classes present.
-    labels = None
     tri_index = torch.empty(0, 3, dtype=torch.long)
     class_means = None  # (C, N) averaging matrix
     if task == "classification" and tgt is not None and tgt.labels is not None and eta > 0:
         lab = tgt.labels.to(device)
         present = torch.unique(lab)
         if present.numel() >= 3:
-            labels = lab
             onehot = (lab[None, :] == present[:, None]).to(cdt)
             class_means = onehot / onehot.sum(1, keepdim=True)
             tri_index = triplets(int(present.numel()), generator=generator).to(device)

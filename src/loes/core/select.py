@@ -118,9 +118,8 @@ def select_layers_from_custom_embeddings(
                 raise LOESError(f"{name} must be a non-negative number; got {value!r}")
             params[name] = float(value)
     if preset == "robust":
-        for name in ("orth_reg",):
-            if name in options:
-                params[name] = float(options.pop(name))
+        if "orth_reg" in options:
+            params["orth_reg"] = float(options.pop("orth_reg"))
     if params["reg"] <= 0:
         raise LOESError(f"reg must be positive; got {params['reg']}")
 
