@@ -12,6 +12,7 @@ reference preset as yardsticks.
     python benchmarks/tune_robust.py --extract     # once: embeddings into the cache
     python benchmarks/tune_robust.py               # the grid (minutes)
     python benchmarks/tune_robust.py --quick       # a small grid
+    python benchmarks/tune_robust.py --compare - cv=gcv   # the defaults against option sets
 
 Tasks: MiniLM-L6 (6 layers) and SmolLM2-135M (30 layers) on drug reviews
 (3-way rating; log usefulness votes as regression; condition among the 8
@@ -161,6 +162,23 @@ def probe_score(x, y, task, layers, train, test) -> float:
     return float(RidgeCV(alphas=alphas).fit(a, y[train]).score(b, y[test]))
 
 
+def _parse_options(spec: str) -> dict:
+    """'cv=gcv,orth_rank=32' -> {'cv': 'gcv', 'orth_rank': 32}; '-' -> {}."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        if item == "-":
+            continue
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--extract", action="store_true")
@@ -172,6 +190,13 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--stage", type=int, default=0, help="1: ridge and scaling only, 2: weights only, 0: both")
     ap.add_argument("--fallback", action="store_true", help="only the defaults, with and without fallback='marginal'")
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="OPTIONS",
+        help="only the defaults with each of these option sets, e.g. 'cv=gcv' 'cv=gcv,orth_rank=32' "
+        "('-' for the defaults as they are)",
+    )
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.extract:
@@ -222,6 +247,13 @@ def main() -> None:
                 for fb in ("none", "marginal"):
                     methods[f"defaults, fallback={fb}"] = select(
                         x[cal], y[cal], k=k, task=task, fallback=fb, show_progress=False
+                    ).selected_layers
+                grid = []
+            if args.compare:
+                for spec in args.compare:
+                    opts = _parse_options(spec)
+                    methods[f"defaults {spec}"] = select(
+                        x[cal], y[cal], k=k, task=task, show_progress=False, **opts
                     ).selected_layers
                 grid = []
             for reg, std, alpha, gamma, eta in grid:

@@ -9,9 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from loes.core import isotropy, linear_cka, reference_isotropy, ridge_loo_residuals, triangle_geometry
+from loes.core import (
+    isotropy,
+    linear_cka,
+    reference_isotropy,
+    ridge_gcv_residuals,
+    ridge_loo_residuals,
+    triangle_geometry,
+)
 from loes.core._numerics import triplets
-from loes.core._robust import LayerFactor, _geometry, _loo_residual, _Projection, cka_matrix
+from loes.core._robust import (
+    LayerFactor,
+    _gcv_residual,
+    _GcvCache,
+    _geometry,
+    _loo_residual,
+    _Projection,
+    cka_matrix,
+    sym_gram,
+    tri_inverse,
+)
 
 
 def _refit_loo(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
@@ -145,7 +162,7 @@ def test_layer_factor_hat_diagonal_and_step1_loo(rng, n, d, dual):
     y = torch.from_numpy(rng.normal(size=(n, 3)))
     y = y - y.mean(0)
     f = LayerFactor(x, 0.1, torch.float64, dual=dual)
-    loo, _ = _loo_residual(f, y, y, None, torch.float64, want_xt=False)
+    loo = _loo_residual(f, y, y, None, torch.float64, want_xt=False).residual()
     expected = ridge_loo_residuals(x, y, reg=0.1)
     torch.testing.assert_close(loo, expected, rtol=1e-7, atol=1e-9)
 
@@ -163,7 +180,8 @@ def test_woodbury_orthogonalised_loo_equals_explicit_projection(rng, n, d, dual)
     assert proj.rank >= 1
     f = LayerFactor(x, 0.1, torch.float64, dual=dual)
     tr = proj.t(y)
-    fast, xt_u = _loo_residual(f, y, tr, proj, torch.float64, want_xt=True)
+    fit = _loo_residual(f, y, tr, proj, torch.float64, want_xt=True)
+    fast, xt_u = fit.residual(), fit.xt_u
     # slow twin: explicit T, explicit orthogonalised features, explicit hat matrix
     t_mat = torch.eye(n, dtype=torch.float64) - proj.u @ torch.diag(proj.w) @ proj.u.T
     xt = t_mat @ (x - x.mean(0))
@@ -173,3 +191,85 @@ def test_woodbury_orthogonalised_loo_equals_explicit_projection(rng, n, d, dual)
     slow = e / (1 - torch.diagonal(hat))[:, None]
     torch.testing.assert_close(fast, slow, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(xt_u, (x - x.mean(0)).T @ proj.u, rtol=1e-9, atol=1e-9)
+
+
+def test_gcv_equals_refit_loo_when_every_sample_has_the_same_leverage(rng):
+    """GCV replaces each 1 − H_ii by their mean: exact when all leverages are equal.
+
+    Cosine/sine pairs over equally spaced points give every row the same norm
+    and orthogonal centred columns, hence equal leverages.
+    """
+    n = 24
+    t = 2 * np.pi * np.arange(n) / n
+    x = np.stack([f(j * t) for j in (1, 2, 3) for f in (np.cos, np.sin)], axis=1)
+    y = rng.normal(size=(n, 2)) + x[:, :2]
+    lam = 0.5
+    gcv = ridge_gcv_residuals(x, y, reg=lam, relative=False).numpy()
+    np.testing.assert_allclose(gcv, _refit_loo(x, y, lam), rtol=1e-8, atol=1e-10)
+
+
+def test_gcv_trace_matches_the_spectrum(rng):
+    """tr H = Σ σ²/(σ² + lam) over the centred singular values."""
+    x = rng.normal(size=(30, 8))
+    y = rng.normal(size=(30, 1))
+    lam = 2.0
+    res = ridge_gcv_residuals(x, y, reg=lam, relative=False).numpy()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    s = np.linalg.svd(xc, compute_uv=False)
+    dof = float((s**2 / (s**2 + lam)).sum())
+    e = yc - xc @ np.linalg.solve(xc.T @ xc + lam * np.eye(8), xc.T @ yc)
+    np.testing.assert_allclose(res, e / (1 - (1 + dof) / 30), rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [5, 130, 300])
+def test_recursive_triangular_inverse_equals_solve(rng, n):
+    a = rng.normal(size=(n, n))
+    chol = torch.linalg.cholesky(torch.from_numpy(a @ a.T + n * np.eye(n)))
+    expected = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=torch.float64), upper=False)
+    torch.testing.assert_close(tri_inverse(chol, base=32), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,d,dual", [(40, 12, False), (40, 12, True), (20, 35, True), (20, 35, False)])
+def test_layer_factor_gcv_step1_equals_plain_twin(rng, n, d, dual):
+    x = torch.from_numpy(rng.normal(size=(n, d)))
+    y = torch.from_numpy(rng.normal(size=(n, 3)))
+    y = y - y.mean(0)
+    f = LayerFactor(x, 0.1, torch.float64, dual=dual, cv="gcv")
+    res = _gcv_residual(f, y, y, None, torch.float64, want_xt=False).residual()
+    torch.testing.assert_close(res, ridge_gcv_residuals(x, y, reg=0.1), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,d,dual", [(50, 10, False), (50, 10, True), (25, 40, True), (25, 40, False)])
+def test_orthogonalised_gcv_equals_explicit_projection_over_growing_blocks(rng, n, d, dual):
+    """Cached small-matrix GCV after projecting out P = U W Uᵀ, against forming T X
+    and its hat matrix explicitly; the projection grows by a second block as in
+    a later step, so the cache's incremental update is exercised."""
+    x = torch.from_numpy(rng.normal(size=(n, d)))
+    y = torch.from_numpy(rng.normal(size=(n, 2)))
+    y = y - y.mean(0)
+    f = LayerFactor(x, 0.1, torch.float64, dual=dual, cv="gcv")
+    cache = _GcvCache()
+    blocks = []
+    for width in (4, 3):
+        sel = torch.from_numpy(rng.normal(size=(n, width)))
+        u, s, _ = torch.linalg.svd(sel - sel.mean(0), full_matrices=False)
+        blocks.append(u * s)
+        proj = _Projection(list(blocks), 6 * len(blocks), n, orth_reg=1.0, cdt=torch.float64)
+        assert proj.rank >= 1
+        tr = proj.t(y)
+        fit = _gcv_residual(f, y, tr, proj, torch.float64, want_xt=True, cache=cache)
+        assert fit.sq == pytest.approx(float((fit.residual() ** 2).sum()), rel=1e-9)
+        fast, xt_u = fit.residual(), fit.xt_u
+        t_mat = torch.eye(n, dtype=torch.float64) - proj.u @ torch.diag(proj.w) @ proj.u.T
+        xt = t_mat @ (x - x.mean(0))
+        hat = xt @ torch.linalg.solve(xt.T @ xt + f.lam * torch.eye(d, dtype=torch.float64), xt.T)
+        slow = (y - hat @ y) / (1 - (1 + torch.trace(hat)) / n)
+        torch.testing.assert_close(fast, slow, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(xt_u, (x - x.mean(0)).T @ proj.u, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,d", [(50, 7), (40, 300), (700, 9)])
+def test_blocked_symmetric_gram_equals_plain_products(rng, n, d):
+    x = torch.from_numpy(rng.normal(size=(n, d)))
+    torch.testing.assert_close(sym_gram(x, base=16), x.T @ x, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(sym_gram(x, rows=True, base=16), x @ x.T, rtol=1e-12, atol=1e-10)

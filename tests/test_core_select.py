@@ -8,7 +8,7 @@ import torch
 
 from conftest import planted, run_python
 from published_loes import published_loes
-from loes import LOESResult, select_layers_from_custom_embeddings
+from loes import LOESResult, LOESWarning, select_layers_from_custom_embeddings
 from loes.core.select import DEFAULTS
 
 
@@ -287,3 +287,64 @@ def test_marginal_fallback_ranks_uninformative_steps_by_each_layers_own_fit():
         assert table.terms["fit"] == [first[l] for l in table.candidates]
     with pytest.raises(Exception, match="fallback must be"):
         select(x, y, k=2, fallback="best")
+
+
+# ---------------------------------------------------------- GCV and exact LOO
+@pytest.mark.parametrize("cv", ["gcv", "loo"])
+@pytest.mark.parametrize("n,d", [(90, 200), (300, 40)])
+def test_step1_fit_equals_the_plain_twin(cv, n, d):
+    """The engine's first-step fit is the out-of-sample error fraction of the plain
+    ridge twin on the standardised layer and standardised one-hot labels."""
+    from loes.core import ridge_gcv_residuals, ridge_loo_residuals
+
+    x, y = planted(n, d, informative=(3,), n_layers=5, seed=2)
+    res = select(x.astype(np.float64), y, k=1, cv=cv)
+    target = np.eye(4)[y]
+    target = target - target.mean(0)
+    twin = ridge_gcv_residuals if cv == "gcv" else ridge_loo_residuals
+    for layer in range(5):
+        feats = x[:, layer] / x[:, layer].std(0)
+        e = twin(feats, target, reg=DEFAULTS["robust"]["reg"]).numpy()
+        assert res.steps[0].row(layer)["fit"] == pytest.approx(float((e**2).sum() / (target**2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("n,d", [(120, 256), (600, 64)])
+def test_gcv_and_exact_loo_find_the_same_planted_layers(n, d):
+    x, y = planted(n, d, informative=(6, 2), dead=(0,), duplicate_of={9: 6}, seed=3)
+    gcv, loo = select(x, y, k=2, cv="gcv"), select(x, y, k=2, cv="loo")
+    assert gcv.selected_layers == loo.selected_layers == [6, 2]
+    assert gcv.config["cv"] == "gcv" and loo.config["cv"] == "loo"
+    # both estimate the same out-of-sample error: close, not equal
+    a, b = np.array(gcv.steps[0].terms["fit"]), np.array(loo.steps[0].terms["fit"])
+    assert np.abs(a - b).max() < 0.05 and not np.allclose(a, b)
+
+
+def test_unknown_cv_is_a_clear_error():
+    x, y = _planted_small()
+    with pytest.raises(ValueError, match="cv must be 'loo'"):
+        select(x, y, cv="kfold")
+
+
+# ------------------------------------------------------------- constant features
+def test_constant_layer_of_nonzero_value_is_excluded():
+    """A layer of 0.1s centres to rounding noise (±1 ulp), not to zeros: it must
+    still count as constant, not be standardised into unit-variance noise."""
+    x, y = _planted_small()
+    x = x.astype(np.float32)
+    x[:, 3] = 0.1
+    with pytest.warns(LOESWarning, match=r"layer\(s\) \[3\] are constant"):
+        res = select(x, y, k=2)
+    assert res.excluded_layers == [3]
+    assert 3 not in res.steps[0].candidates
+
+
+def test_constant_features_do_not_count_towards_a_layer():
+    from loes.core._robust import LayerFactor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 50, generator=g)
+    x[:, :10] = 3.7  # ten constant features in float32
+    for dual in (False, True):
+        f = LayerFactor(x, 1.0, torch.float32, dual=dual, standardize=True)
+        assert f.tr == pytest.approx(40 * 300, rel=1e-4)  # 40 unit-variance features over 300 samples
+        assert bool((f.scale[0, :10] == 0).all()) and bool((f.scale[0, 10:] > 0).all())

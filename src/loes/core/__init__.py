@@ -4,6 +4,7 @@ from loes.core._numerics import (
     isotropy,
     linear_cka,
     reference_isotropy,
+    ridge_gcv_residuals,
     ridge_loo_residuals,
     triangle_geometry,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "isotropy",
     "linear_cka",
     "reference_isotropy",
+    "ridge_gcv_residuals",
     "ridge_loo_residuals",
     "select_layers_from_custom_embeddings",
     "triangle_geometry",
