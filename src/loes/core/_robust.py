@@ -317,6 +317,9 @@ class _Projection:
         self.u = (b @ self.coef.to(torch.float64)).to(cdt)
         self.w = w[keep].to(cdt)
         self.omega = (2 * self.w - self.w * self.w).sqrt()
+        # V = U Ω^½ = B vc, shared by every candidate's GCV fit
+        self.vc64 = self.coef.to(torch.float64) * self.omega.to(torch.float64)
+        self.vc = self.vc64.to(cdt)
 
     @property
     def rank(self) -> int:
@@ -454,6 +457,8 @@ def run_robust(
         if r_target is not None:
             energy = float((r_target * r_target).sum())
             tr_target = proj.t(r_target) if proj is not None else r_target
+        if class_means is not None and proj is not None:
+            cm_u = class_means @ proj.u  # class means of U, shared by every candidate
         for l in cands:
             f = factors[l]
             fit, geo = 0.0, 0.0
@@ -469,7 +474,7 @@ def run_robust(
                         centroids[l] = f.xt(class_means.T, cdt).T  # (C, D) class means of Xc
                     cent = centroids[l]
                     if proj is not None:
-                        cent = cent - (class_means @ proj.u) @ (proj.w[:, None] * xt_u.T)
+                        cent = cent - cm_u @ (proj.w[:, None] * xt_u.T)
                     geo = _geometry(cent, tri_index)
             red = redundancy(l, selected)
             total = fit + alpha * iso_pen[l] + gamma * red - eta * geo
@@ -711,7 +716,7 @@ def _gcv_residual(
     cache = cache or _GcvCache()
     a0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r
     f64 = torch.float64
-    vc = proj.coef.to(f64) * proj.omega.to(f64)  # V = B vc
+    vc = proj.vc64  # V = B vc
     m1 = vc.T @ cache.m1 @ vc
     lam = f.lam
     if f.dual:  # H = I − lam (K + lam I)⁻¹, VᵀV = Ω
@@ -726,7 +731,7 @@ def _gcv_residual(
     # GᵀG − S² = S(I − S) − lam·M with M = VᵀXc A⁻² XcᵀV (m_sq), and Q S (I − S) = S.
     trace = f.trace_h - lam * float((qmat * m_sq).sum())
     den = max(1.0 - (1.0 + trace) / n, 1e-12)
-    vc_t, q_t = vc.to(cdt), qmat.to(cdt)
+    vc_t, q_t = proj.vc, qmat.to(cdt)
     xt_u = cache.z @ proj.coef if want_xt else None
     if f.dual:
         y0 = torch.cholesky_solve(tr, f.chol)
@@ -736,18 +741,19 @@ def _gcv_residual(
         res = (r - proj.t(pre)) / den
         return _Fit(float((res * res).sum()), xt_u, residual=res)
     z0 = torch.cholesky_solve(a0, f.chol)
-    gt = vc_t.T @ (cache.z.T @ z0)  # Vᵀ H tr
+    zz0 = cache.z.T @ z0  # Bᵀ Xc z0
+    gt = vc_t.T @ zz0  # Vᵀ H tr
     c = vc_t @ (q_t @ gt)
     z = z0 + cache.y @ c  # fitted values: T Xc z
     az = a0 + cache.z @ c  # A z = Xcᵀ (tr + V·)
-    vz = vc_t.T @ (cache.z.T @ z)  # Vᵀ Xc z
+    vz = vc.T @ (zz0.to(f64) + cache.m1 @ c.to(f64))  # Vᵀ Xc z, with Zᵀ Y = M1
     z64 = z.to(f64)
     sse = (
         float((r.to(f64) ** 2).sum())
         - 2 * float((a0.to(f64) * z64).sum())
         + float((az.to(f64) * z64).sum())
         - lam * float((z64 * z64).sum())
-        - float((vz.to(f64) ** 2).sum())
+        - float((vz**2).sum())
     )
 
     def residual() -> torch.Tensor:
