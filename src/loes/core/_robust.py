@@ -640,11 +640,15 @@ class _GcvCache:
     def update(
         self, f: LayerFactor, proj: "_Projection", cdt: torch.dtype, want_xt: bool, extra: Optional[torch.Tensor] = None
     ) -> Optional[torch.Tensor]:
-        """Take in the blocks added since the last call; return ``Xcᵀ extra`` if
-        ``extra`` is given (in the same pass over the layer as the new blocks)."""
+        """Take in the blocks added since the last call. Primal form with ``extra``:
+        return ``(Xcᵀ extra, A⁻¹ Xcᵀ extra)``, computed in the same pass over the
+        layer and the same solve as the new blocks."""
         new = proj.blocks[self.n_blocks:]
         if not new:
-            return None if extra is None else f.xt(extra, cdt)
+            if extra is None:
+                return None
+            a = f.xt(extra, cdt)
+            return a, torch.cholesky_solve(a, f.chol)
         self.n_blocks = len(proj.blocks)
         b = torch.cat(new, dim=1)
         q = b.shape[1]
@@ -659,8 +663,10 @@ class _GcvCache:
         else:
             both = f.xt(b if extra is None else torch.cat([b, extra], dim=1), cdt)
             self.z = _append(self.z, both[:, :q])
-            out = None if extra is None else both[:, q:]
-            y = torch.cholesky_solve(both[:, :q], f.chol)
+            solved = torch.cholesky_solve(both, f.chol)  # one solve for the blocks and extra
+            y = solved[:, :q]
+            if extra is not None:
+                out = (both[:, q:], solved[:, q:])
             left = self.z
         self.y = _append(self.y, y)
         self.m1 = _grow_symmetric(self.m1, (left.T @ y).to(torch.float64))
@@ -714,7 +720,7 @@ def _gcv_residual(
         res = (r - hr) / max(1.0 - (1.0 + f.trace_h) / n, 1e-12)
         return _Fit(float((res * res).sum()), None, residual=res)
     cache = cache or _GcvCache()
-    a0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r
+    a0z0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r, A⁻¹ of it
     f64 = torch.float64
     vc = proj.vc64  # V = B vc
     m1 = vc.T @ cache.m1 @ vc
@@ -740,7 +746,7 @@ def _gcv_residual(
         pre = tr + proj.b @ c - lam * (y0 + cache.y @ c)
         res = (r - proj.t(pre)) / den
         return _Fit(float((res * res).sum()), xt_u, residual=res)
-    z0 = torch.cholesky_solve(a0, f.chol)
+    a0, z0 = a0z0
     zz0 = cache.z.T @ z0  # Bᵀ Xc z0
     gt = vc_t.T @ zz0  # Vᵀ H tr
     c = vc_t @ (q_t @ gt)
