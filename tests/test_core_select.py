@@ -348,3 +348,11 @@ def test_constant_features_do_not_count_towards_a_layer():
         f = LayerFactor(x, 1.0, torch.float32, dual=dual, standardize=True)
         assert f.tr == pytest.approx(40 * 300, rel=1e-4)  # 40 unit-variance features over 300 samples
         assert bool((f.scale[0, :10] == 0).all()) and bool((f.scale[0, 10:] > 0).all())
+
+
+def test_unknown_options_are_named_with_the_presets_options():
+    x, y = _planted_small()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['foo'\] for preset='robust'.*'cv'"):
+        select(x, y, foo=1)
+    with pytest.raises(ValueError, match=r"\['cv'\] for preset='reference'"):
+        select(x, y, preset="reference", cv="gcv")

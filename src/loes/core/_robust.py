@@ -5,13 +5,16 @@ candidate layer ``l`` is scored by
 
     score_l = fit_l + alpha·(1 − iso_l) + gamma·red_l − eta·geo_l
 
-- ``fit_l``: exact leave-one-out (LOO) squared error of a ridge probe from the
-  candidate — orthogonalised against the selected layers — to the current
-  target, divided by the target's energy: the fraction of the current target
-  left unexplained out of sample, in [0, ~1]. It cannot reach 0 by
-  interpolation when N <= D. The first target is the (standardised) labels;
-  each later target is the LOO residual of the previous winner, so the
-  selection stays honest from step to step.
+- ``fit_l``: out-of-sample squared error of a ridge probe from the candidate
+  — orthogonalised against the selected layers — to the current target,
+  divided by the target's energy: the fraction of the current target left
+  unexplained, in [0, ~1]. It cannot reach 0 by interpolation when N <= D.
+  The estimate is generalised cross-validation (``cv="gcv"``, the default:
+  in-sample residuals over ``1 − (1 + tr H)/N``) or exact leave-one-out
+  (``cv="loo"``: each residual over its own ``1 − 1/N − H_ii``). The first
+  target is the (standardised) labels; each later target is the previous
+  winner's out-of-sample residual, so the selection stays honest from step
+  to step.
 - ``iso_l`` in [0, 1]: normalised participation ratio of the layer's
   covariance spectrum (:func:`loes.core.isotropy`).
 - ``red_l``: the largest linear CKA between ``l`` and a selected layer.
@@ -23,14 +26,18 @@ Every ridge penalty is relative to the layer's spectrum (``reg`` × mean
 non-zero eigenvalue), so scaling a layer or the targets changes nothing.
 
 Speed: each layer is factorised once (Cholesky of the D × D primal or N × N
-dual normal matrix, whichever is cheaper), giving the LOO hat diagonal for
-free. Orthogonalisation uses a ridge projection ``P = U W Uᵀ`` onto the
-dominant span of the selected layers (top ``orth_rank`` directions of each,
-weights ``w = σ²/(σ² + μ)`` with ``μ = orth_reg`` × the mean eigenvalue), so it
-shrinks rather than annihilates directions when Σ D_S >= N. The orthogonalised
-candidate's LOO fit then follows from the layer's own factorisation by the
-Woodbury identity: per candidate the cost is O(N·D·q), not a new
-factorisation. Layer-pair CKAs come from Gram matrices computed once.
+dual normal matrix, whichever is cheaper; the Gram matrix by a blocked
+symmetric product), with ``tr H`` from a recursive triangular inverse (GCV)
+or the hat diagonal from a triangular solve (LOO). Orthogonalisation uses a
+ridge projection ``P = U W Uᵀ`` onto the dominant span of the selected layers
+(top ``orth_rank`` directions of each, weights ``w = σ²/(σ² + μ)`` with
+``μ = orth_reg`` × the mean eigenvalue), so it shrinks rather than
+annihilates directions when Σ D_S >= N. The orthogonalised candidate's fit
+then follows from the layer's own factorisation by the Woodbury identity:
+per candidate and step the cost is one product and one solve with the new
+directions (O(N·D·q)), not a new factorisation. With GCV the fit is computed
+from rank × rank and D × m matrices and only the winner's residuals are
+formed. Layer-pair CKAs come from Gram matrices computed once.
 """
 
 from __future__ import annotations
@@ -716,9 +723,18 @@ def _gcv_residual(
     """
     n = r.shape[0]
     if proj is None:
-        hr, _ = f.apply(r, cdt)
-        res = (r - hr) / max(1.0 - (1.0 + f.trace_h) / n, 1e-12)
-        return _Fit(float((res * res).sum()), None, residual=res)
+        den = max(1.0 - (1.0 + f.trace_h) / n, 1e-12)
+        if f.dual:
+            hr, _ = f.apply(r, cdt)
+            res = (r - hr) / den
+            return _Fit(float((res * res).sum()), None, residual=res)
+        a0 = f.xt(r, cdt)
+        z0 = torch.cholesky_solve(a0, f.chol)
+        # ‖r − Xc z‖² = ‖r‖² − 2 a·z + zᵀ(A − lam I)z with A z = a = Xcᵀ r
+        sse = float((r.double() ** 2).sum()) - float((a0.double() * z0.double()).sum()) - f.lam * float(
+            (z0.double() ** 2).sum()
+        )
+        return _Fit(max(sse, 0.0) / (den * den), None, make=lambda: (r - f.xv(z0, cdt)) / den)
     cache = cache or _GcvCache()
     a0z0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r, A⁻¹ of it
     f64 = torch.float64

@@ -81,9 +81,12 @@ def select_layers_from_custom_embeddings(
     layer_names, pooling, dataset, model_name
         Provenance stored in the result.
     **options
-        Preset-specific settings: ``orth_reg`` (robust: relative ridge of the
-        orthogonalisation), ``orth_rank`` (robust: directions kept per selected
-        layer), ``cka_memory`` (bytes allowed for cached Gram matrices).
+        Settings of the robust preset: ``cv`` ("gcv", default, or "loo": the
+        out-of-sample estimate of the fit term), ``standardize`` (True: unit
+        variance per feature), ``orth_reg`` (relative ridge of the
+        orthogonalisation), ``orth_rank`` (directions kept per selected layer),
+        ``cka_samples`` (rows used for CKA), ``cka_debiased``, ``fallback``
+        ("none" or "marginal"). See docs/core.md.
 
     Returns
     -------
@@ -163,6 +166,7 @@ def select_layers_from_custom_embeddings(
             from loes.core._reference import run_reference as engine
         else:
             from loes.core._robust import run_robust as engine
+        _check_options(engine, preset, options)
         out = engine(
             layers,
             tgt,
@@ -206,6 +210,22 @@ def select_layers_from_custom_embeddings(
     log.info("LOES selected layers %s (scores %s) in %.3fs", out.selected,
              [round(s, 4) for s in out.scores], timings["total"])
     return result
+
+
+_ENGINE_ARGS = {"layers", "tgt", "k", "task", "params", "random_state", "show_progress", "log"}
+
+
+def _check_options(engine, preset: str, options: Dict[str, Any]) -> None:
+    """A clear error for an option the preset does not have (not a bare TypeError)."""
+    import inspect
+
+    known = [name for name in inspect.signature(engine).parameters if name not in _ENGINE_ARGS]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise LOESError(
+            f"unknown option(s) {unknown} for preset={preset!r}; "
+            + (f"its options are {sorted(known)}" if known else "it takes no extra options")
+        )
 
 
 class EngineOutput:
