@@ -356,3 +356,20 @@ def test_unknown_options_are_named_with_the_presets_options():
         select(x, y, foo=1)
     with pytest.raises(ValueError, match=r"\['cv'\] for preset='reference'"):
         select(x, y, preset="reference", cv="gcv")
+
+
+@pytest.mark.parametrize("cv", ["gcv", "loo"])
+@pytest.mark.parametrize("n,d", [(90, 200), (300, 40)])  # dual and primal forms
+def test_step1_geometry_equals_the_plain_twin(cv, n, d):
+    """Class geometry at step 1: the scale-free triangle term of the centroids of
+    the standardised layer, as computed by the plain function."""
+    from loes.core import triangle_geometry
+    from loes.core._numerics import triplets
+
+    x, y = planted(n, d, informative=(3,), n_layers=5, n_classes=6, seed=4)
+    res = select(x.astype(np.float64), y, k=1, cv=cv)
+    index = triplets(6)
+    for layer in range(5):
+        feats = torch.from_numpy(x[:, layer] / x[:, layer].std(0))
+        cent = torch.stack([feats[torch.from_numpy(y == c)].mean(0) for c in range(6)])
+        assert res.steps[0].row(layer)["geometry"] == pytest.approx(triangle_geometry(cent, index), rel=1e-8)

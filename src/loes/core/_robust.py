@@ -74,12 +74,21 @@ class LayerFactor:
     h : (N,) diagonal of the ridge hat matrix ``Xc (XcᵀXc + lam·I)⁻¹ Xcᵀ``
         (``cv="loo"`` only).
     trace_h : float, its trace (``cv="gcv"`` only).
+    xt_extra : ``Xcᵀ extra`` for the ``extra`` columns given (targets, class
+        averaging vectors), or None.
     dual : bool, True when the N × N form is used.
     dead : bool, True for a constant layer (never selected).
     """
 
     def __init__(
-        self, x: torch.Tensor, reg: float, cdt: torch.dtype, dual: bool, standardize: bool = False, cv: str = "loo"
+        self,
+        x: torch.Tensor,
+        reg: float,
+        cdt: torch.dtype,
+        dual: bool,
+        standardize: bool = False,
+        cv: str = "loo",
+        extra: Optional[torch.Tensor] = None,
     ):
         self.x = x  # the caller's (N, D) view; centred on the fly
         n, d = x.shape
@@ -88,10 +97,11 @@ class LayerFactor:
         xc = xf - self.mean
         self.scale = None
         self.dual = dual
+        xc_scaled = False
         if dual:
             if standardize:
                 self.scale = _inverse_std(xc.pow(2).mean(0, keepdim=True), self.mean)
-                xc = xc * self.scale
+                xc, xc_scaled = xc * self.scale, True
             g = sym_gram(xc, rows=True)
         else:
             g = sym_gram(xc)
@@ -99,7 +109,12 @@ class LayerFactor:
                 self.scale = _inverse_std(torch.diagonal(g)[None, :] / n, self.mean)
                 g = g * self.scale * self.scale.T
                 if cv == "loo":
-                    xc = xc * self.scale
+                    xc, xc_scaled = xc * self.scale, True
+        self.xt_extra = None  # Xcᵀ extra (D × e), of the standardised features
+        if extra is not None:
+            self.xt_extra = (extra.T @ xc).T
+            if self.scale is not None and not xc_scaled:
+                self.xt_extra = self.xt_extra * self.scale.T
         tr = float(torch.diagonal(g).sum())
         raw = float((self.mean * self.mean).sum()) * n + tr  # Σ x² = N‖x̄‖² + tr
         self.dead = tr <= _DEAD_TOL * raw
@@ -315,7 +330,8 @@ class _Projection:
         self.b = torch.cat(blocks, dim=1)  # (N, Σq), in the compute dtype
         b = self.b.to(torch.float64)
         # B = U Σ Vᵀ from the small q × q eigenproblem of BᵀB; U = B V Σ⁻¹.
-        ev, v = torch.linalg.eigh(b.T @ b)
+        self.btb64 = b.T @ b
+        ev, v = torch.linalg.eigh(self.btb64)
         ev, v = ev.flip(0).clamp(min=0), v.flip(1)
         mu = orth_reg * len(blocks) / min(n - 1, n_dims)  # orth_reg × mean eigenvalue of Σ K_j / tr_j
         w = ev / (ev + mu)
@@ -326,7 +342,7 @@ class _Projection:
         self.omega = (2 * self.w - self.w * self.w).sqrt()
         # V = U Ω^½ = B vc, shared by every candidate's GCV fit
         self.vc64 = self.coef.to(torch.float64) * self.omega.to(torch.float64)
-        self.vc = self.vc64.to(cdt)
+        self.cc64 = self.vc64 @ self.vc64.T  # C = vc vcᵀ, (Σq × Σq)
 
     @property
     def rank(self) -> int:
@@ -404,10 +420,25 @@ def run_robust(
     y = _prepare_targets(tgt, task, device, cdt) if tgt is not None else None
     m = 0 if y is None else y.shape[1]
 
+    # Class geometry: hard labels with >= 3 classes present.
+    tri_index = torch.empty(0, 3, dtype=torch.long)
+    class_means = None  # (C, N) averaging matrix
+    if task == "classification" and tgt is not None and tgt.labels is not None and eta > 0:
+        lab = tgt.labels.to(device)
+        present = torch.unique(lab)
+        if present.numel() >= 3:
+            onehot = (lab[None, :] == present[:, None]).to(cdt)
+            class_means = onehot / onehot.sum(1, keepdim=True)
+            tri_index = triplets(int(present.numel()), generator=generator).to(device)
+
+    # Products every layer needs once (Xcᵀ y, class sums), taken while its centred
+    # features are at hand rather than in extra passes over the strided input.
+    pieces = ([y] if y is not None else []) + ([class_means.T] if class_means is not None else [])
+    extra = torch.cat(pieces, dim=1) if pieces else None
     factors: List[LayerFactor] = []
     for x in progress(layers, show_progress, desc="LOES: factorise layers", unit="layer"):
         dual = _choose_dual(n, x.shape[1], m, orth_rank, k, cv)
-        factors.append(LayerFactor(x, reg, cdt, dual=dual, standardize=standardize, cv=cv))
+        factors.append(LayerFactor(x, reg, cdt, dual=dual, standardize=standardize, cv=cv, extra=extra))
     excluded = [i for i, f in enumerate(factors) if f.dead]
     if excluded:
         warnings.warn(
@@ -430,17 +461,6 @@ def run_robust(
         return max((float(cka[l, j]) for j in selected), default=0.0) if cka is not None else 0.0
 
     iso_pen = [1.0 - f.iso for f in factors]
-
-    # Class geometry: hard labels with >= 3 classes present.
-    tri_index = torch.empty(0, 3, dtype=torch.long)
-    class_means = None  # (C, N) averaging matrix
-    if task == "classification" and tgt is not None and tgt.labels is not None and eta > 0:
-        lab = tgt.labels.to(device)
-        present = torch.unique(lab)
-        if present.numel() >= 3:
-            onehot = (lab[None, :] == present[:, None]).to(cdt)
-            class_means = onehot / onehot.sum(1, keepdim=True)
-            tri_index = triplets(int(present.numel()), generator=generator).to(device)
 
     centroids: Dict[int, torch.Tensor] = {}
     residual_fn = _gcv_residual if cv == "gcv" else _loo_residual
@@ -471,14 +491,15 @@ def run_robust(
             fit, geo = 0.0, 0.0
             if r_target is not None:
                 res = residual_fn(
-                    f, r_target, tr_target, proj, cdt, want_xt=class_means is not None, cache=caches[l]
+                    f, r_target, tr_target, proj, cdt, want_xt=class_means is not None, cache=caches[l],
+                    xt_r=f.xt_extra[:, :m] if t == 1 else None,
                 )
                 fit = res.sq / energy if energy > 0 else 1.0
                 xt_u = res.xt_u
                 loo_by_layer[l] = res
                 if class_means is not None:
                     if l not in centroids:
-                        centroids[l] = f.xt(class_means.T, cdt).T  # (C, D) class means of Xc
+                        centroids[l] = f.xt_extra[:, m:].T  # (C, D) class means of Xc
                     cent = centroids[l]
                     if proj is not None:
                         cent = cent - cm_u @ (proj.w[:, None] * xt_u.T)
@@ -595,6 +616,7 @@ def _loo_residual(
     cdt: torch.dtype,
     want_xt: bool,
     cache: Optional[_BlockCache] = None,
+    xt_r: Optional[torch.Tensor] = None,
 ) -> _Fit:
     """LOO residuals of the ridge fit of ``r`` (centred, N × m) on the candidate
     orthogonalised by ``proj`` (with an intercept), and ``Xcᵀ U`` for centroids.
@@ -704,6 +726,7 @@ def _gcv_residual(
     cdt: torch.dtype,
     want_xt: bool,
     cache: Optional[_GcvCache] = None,
+    xt_r: Optional[torch.Tensor] = None,
 ) -> _Fit:
     """GCV fit of ``r`` on the candidate orthogonalised by ``proj`` (with an
     intercept), and ``Xcᵀ U`` for centroids.
@@ -728,7 +751,7 @@ def _gcv_residual(
             hr, _ = f.apply(r, cdt)
             res = (r - hr) / den
             return _Fit(float((res * res).sum()), None, residual=res)
-        a0 = f.xt(r, cdt)
+        a0 = f.xt(r, cdt) if xt_r is None else xt_r
         z0 = torch.cholesky_solve(a0, f.chol)
         # ‖r − Xc z‖² = ‖r‖² − 2 a·z + zᵀ(A − lam I)z with A z = a = Xcᵀ r
         sse = float((r.double() ** 2).sum()) - float((a0.double() * z0.double()).sum()) - f.lam * float(
@@ -738,44 +761,43 @@ def _gcv_residual(
     cache = cache or _GcvCache()
     a0z0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r, A⁻¹ of it
     f64 = torch.float64
-    vc = proj.vc64  # V = B vc
-    m1 = vc.T @ cache.m1 @ vc
     lam = f.lam
-    if f.dual:  # H = I − lam (K + lam I)⁻¹, VᵀV = Ω
-        s = torch.diag(proj.omega.to(f64) ** 2) - lam * m1
-        m_sq = m1 - lam * (vc.T @ cache.m2 @ vc)
+    # In B coordinates (V = B vc): S = vcᵀ M_s vc and VᵀXc A⁻² XcᵀV = vcᵀ M_q vc.
+    if f.dual:  # H = I − lam (K + lam I)⁻¹
+        m_s = proj.btb64 - lam * cache.m1
+        m_q = cache.m1 - lam * cache.m2
     else:  # H = Xc A⁻¹ Xcᵀ
-        s = m1
-        m_sq = vc.T @ cache.m2 @ vc
-    eye = torch.eye(s.shape[0], dtype=f64, device=s.device)
-    qmat = torch.linalg.inv(eye - s)
-    qmat = 0.5 * (qmat + qmat.T)
-    # GᵀG − S² = S(I − S) − lam·M with M = VᵀXc A⁻² XcᵀV (m_sq), and Q S (I − S) = S.
-    trace = f.trace_h - lam * float((qmat * m_sq).sum())
+        m_s, m_q = cache.m1, cache.m2
+    # R = vc Q vcᵀ = C (I − M_s C)⁻¹ with C = vc vcᵀ (push-through identity): one
+    # Σq × Σq solve, no projection of M_s, M_q onto the rank × rank basis.
+    c_mat = proj.cc64
+    eye = torch.eye(c_mat.shape[0], dtype=f64, device=c_mat.device)
+    rmat = torch.linalg.solve((eye - m_s @ c_mat).T, c_mat).T
+    rmat = 0.5 * (rmat + rmat.T)
+    # GᵀG − S² = S(I − S) − lam·VᵀXc A⁻² XcᵀV and Q S (I − S) = S, so tr H̃ = tr H − lam·tr(R M_q).
+    trace = f.trace_h - lam * float((rmat * m_q).sum())
     den = max(1.0 - (1.0 + trace) / n, 1e-12)
-    vc_t, q_t = proj.vc, qmat.to(cdt)
     xt_u = cache.z @ proj.coef if want_xt else None
     if f.dual:
         y0 = torch.cholesky_solve(tr, f.chol)
-        gt = vc_t.T @ (proj.b.T @ (tr - lam * y0))  # Vᵀ H tr
-        c = vc_t @ (q_t @ gt)
+        c = (rmat @ (proj.b.T @ (tr - lam * y0)).to(f64)).to(cdt)  # R Bᵀ H tr
         pre = tr + proj.b @ c - lam * (y0 + cache.y @ c)
         res = (r - proj.t(pre)) / den
         return _Fit(float((res * res).sum()), xt_u, residual=res)
     a0, z0 = a0z0
-    zz0 = cache.z.T @ z0  # Bᵀ Xc z0
-    gt = vc_t.T @ zz0  # Vᵀ H tr
-    c = vc_t @ (q_t @ gt)
+    zz0 = (cache.z.T @ z0).to(f64)  # Bᵀ H tr
+    c64 = rmat @ zz0
+    c = c64.to(cdt)
     z = z0 + cache.y @ c  # fitted values: T Xc z
     az = a0 + cache.z @ c  # A z = Xcᵀ (tr + V·)
-    vz = vc.T @ (zz0.to(f64) + cache.m1 @ c.to(f64))  # Vᵀ Xc z, with Zᵀ Y = M1
+    w = zz0 + cache.m1 @ c64  # Bᵀ Xc z (Zᵀ Y = M1); ‖VᵀXc z‖² = wᵀ C w
     z64 = z.to(f64)
     sse = (
         float((r.to(f64) ** 2).sum())
         - 2 * float((a0.to(f64) * z64).sum())
         + float((az.to(f64) * z64).sum())
         - lam * float((z64 * z64).sum())
-        - float((vz**2).sum())
+        - float((w * (c_mat @ w)).sum())
     )
 
     def residual() -> torch.Tensor:
