@@ -229,8 +229,11 @@ def main() -> None:
     t0 = time.time()
     for name, x, y, task in all_tasks:
         n_layers = x.shape[1]
+        n_cal = min(args.n_cal, len(y) // 2)  # leave at least half for probe training and test
+        if n_cal < args.n_cal:
+            print(f"# {name}: {len(y)} rows, calibration capped at {n_cal}", flush=True)
         for seed in range(args.seeds):
-            cal, train, test = _split(len(y), args.n_cal, seed)
+            cal, train, test = _split(len(y), n_cal, seed)
 
             def score(layers):
                 key = (name, seed, tuple(sorted(layers)))

@@ -102,6 +102,14 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float):
     return w, (ym - xm @ w).squeeze(0)
 
 
+def _centred_pair(x: Any, y: Any):
+    """Centred float64 features (N, D) and targets (N, m) for the ridge twins."""
+    x, y = as_float(x), as_float(y)
+    if y.ndim == 1:
+        y = y[:, None]
+    return center(x), y - y.mean(0, keepdim=True)
+
+
 def ridge_loo_residuals(x: Any, y: Any, reg: float = 1e-2, relative: bool = True) -> torch.Tensor:
     """Exact leave-one-out residuals of ridge regression with an intercept.
 
@@ -119,21 +127,16 @@ def ridge_loo_residuals(x: Any, y: Any, reg: float = 1e-2, relative: bool = True
     for ridge with an unpenalised intercept; the dual (N × N) form is used when
     N < D.
     """
-    x = as_float(x)
-    y = as_float(y)
-    if y.ndim == 1:
-        y = y[:, None]
-    n, d = x.shape
-    xc = center(x)
-    yc = y - y.mean(0, keepdim=True)
+    xc, yc = _centred_pair(x, y)
+    n, d = xc.shape
     g = gram(xc)
     lam = reg
     if relative:
         r = min(n - 1, d)
         lam = reg * float(torch.diagonal(g).sum()) / r
-    eye_n = torch.eye(n, dtype=x.dtype, device=x.device)
+    eye_n = torch.eye(n, dtype=xc.dtype, device=xc.device)
     if d <= n:
-        a = g + lam * torch.eye(d, dtype=x.dtype, device=x.device)
+        a = g + lam * torch.eye(d, dtype=xc.dtype, device=xc.device)
         h = xc @ torch.linalg.solve(a, xc.T)
     else:
         h = g @ torch.linalg.inv(g + lam * eye_n)
@@ -153,17 +156,12 @@ def ridge_gcv_residuals(x: Any, y: Any, reg: float = 1e-2, relative: bool = True
     needs only the trace of the hat matrix. Written out in full (explicit hat
     matrix) as the plain twin of the engine's factorised form.
     """
-    x = as_float(x)
-    y = as_float(y)
-    if y.ndim == 1:
-        y = y[:, None]
-    n, d = x.shape
-    xc = center(x)
-    yc = y - y.mean(0, keepdim=True)
+    xc, yc = _centred_pair(x, y)
+    n, d = xc.shape
     lam = reg
     if relative:
         lam = reg * float((xc * xc).sum()) / min(n - 1, d)
-    h = xc @ torch.linalg.solve(xc.T @ xc + lam * torch.eye(d, dtype=x.dtype, device=x.device), xc.T)
+    h = xc @ torch.linalg.solve(xc.T @ xc + lam * torch.eye(d, dtype=xc.dtype, device=xc.device), xc.T)
     e = yc - h @ yc
     return e / (1.0 - (1.0 + torch.trace(h)) / n)
 
