@@ -1,4 +1,5 @@
-"""``loes select``: pick layers of a Hugging Face model on a dataset from the shell."""
+"""``loes select``: pick layers of a Hugging Face model on a dataset, or from
+precomputed embeddings, from the shell."""
 
 from __future__ import annotations
 
@@ -7,27 +8,36 @@ import json
 import sys
 from typing import Any
 
-EPILOG = """example:
+EPILOG = """examples:
   loes select --model sentence-transformers/all-MiniLM-L6-v2 --dataset ag_news \\
       --split train --k 4 --max-samples 512 --output result.json
+  loes select --embeddings feats.npz --k 3 --task regression
+  loes select --embeddings feats.npy --targets labels.txt --k 3 --cv loo
 
   --model takes a hub id or a local folder; --dataset a hub id, a local
   .csv/.tsv/.json/.jsonl/.parquet file, a save_to_disk folder, or a packaged
-  set (loes:drugreview, loes:bbc_news). The layer table goes to stdout (or,
-  with --json, the result as JSON; logs always go to stderr).
+  set (loes:drugreview, loes:bbc_news). --embeddings instead takes precomputed
+  (N, L, D) features: .npy, or .npz/.safetensors/.pt with an 'embeddings'
+  entry and, optionally, 'targets' (loes's own cache files qualify); --targets
+  gives them from .npy or a text file, one value per line. The layer table
+  goes to stdout (or, with --json, the result as JSON; logs always go to
+  stderr).
 """
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "select",
-        help="select the best layers of a Hugging Face model on a dataset",
+        help="select the best layers of a Hugging Face model on a dataset (or of precomputed embeddings)",
         description="Extract pooled hidden states of every layer on a calibration sample and run LOES.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="hub id or local model folder")
-    p.add_argument("--dataset", required=True, help="hub id, local file/folder, or loes:drugreview / loes:bbc_news")
+    p.add_argument("--model", default=None, help="hub id or local model folder")
+    p.add_argument("--dataset", default=None, help="hub id, local file/folder, or loes:drugreview / loes:bbc_news")
+    p.add_argument("--embeddings", default=None, help="precomputed (N, L, D) features instead of --model/--dataset")
+    p.add_argument("--embeddings-key", default=None, help="entry of --embeddings holding the features")
+    p.add_argument("--targets", default=None, help="targets for --embeddings (.npy or one value per line)")
     p.add_argument("--k", type=int, required=True, help="number of layers to select")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument("--config", dest="dataset_config_name", default=None, help="dataset configuration name")
@@ -35,6 +45,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--target-key", default=None, help="target column (default: detected)")
     p.add_argument("--task", default="classification", choices=["classification", "regression", "label_free"])
     p.add_argument("--preset", default="robust", choices=["robust", "reference"])
+    for name, kind, text in (
+        ("--reg", float, "ridge strength (default: the preset's)"),
+        ("--alpha", float, "isotropy weight"),
+        ("--gamma", float, "redundancy weight"),
+        ("--eta", float, "class-geometry weight"),
+    ):
+        p.add_argument(name, type=kind, default=None, help=text)
+    p.add_argument("--cv", default=None, choices=["gcv", "loo"],
+                   help="robust preset: out-of-sample estimate of the fit (default: gcv)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="calibration sample cap (default: 1024; 0 = all rows)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -56,16 +75,24 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loes._exceptions import LOESError
-    from loes.hf.api import select_layers_from_hf_id
-    from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
     text_key = args.text_key
     if text_key and "," in text_key:
         text_key = tuple(part.strip() for part in text_key.split(","))
-    max_samples = DEFAULT_MAX_SAMPLES if args.max_samples is None else (args.max_samples or None)
-    cache_dir = True if args.cache_dir == "default" else args.cache_dir
     try:
-        result = _select(select_layers_from_hf_id, args, text_key, max_samples, cache_dir)
+        if args.embeddings is not None:
+            if args.model is not None or args.dataset is not None:
+                raise LOESError("give either --embeddings or --model with --dataset, not both")
+            result = _select_embeddings(args)
+        else:
+            if args.model is None or args.dataset is None:
+                raise LOESError("give --model and --dataset (or --embeddings with precomputed features)")
+            from loes.hf.api import select_layers_from_hf_id
+            from loes.hf.sampling import DEFAULT_MAX_SAMPLES
+
+            max_samples = DEFAULT_MAX_SAMPLES if args.max_samples is None else (args.max_samples or None)
+            cache_dir = True if args.cache_dir == "default" else args.cache_dir
+            result = _select(select_layers_from_hf_id, args, text_key, max_samples, cache_dir)
     except LOESError as e:
         sys.stderr.write(f"loes select: error: {e}\n")
         return 2
@@ -80,6 +107,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_kwargs(args: argparse.Namespace) -> dict:
+    """The selector's hyper-parameters given on the command line (unset ones omitted)."""
+    out = {name: getattr(args, name) for name in ("reg", "alpha", "gamma", "eta", "cv")}
+    return {name: value for name, value in out.items() if value is not None}
+
+
+def _select_embeddings(args: argparse.Namespace):
+    from loes._io import load_embeddings_file, load_targets_file
+    from loes.core import select_layers_from_custom_embeddings
+
+    embeddings, targets = load_embeddings_file(args.embeddings, key=args.embeddings_key)
+    if args.targets is not None:
+        targets = load_targets_file(args.targets)
+    if targets is None and args.task != "label_free":
+        from loes._exceptions import LOESError
+
+        raise LOESError(f"{args.embeddings} holds no targets: pass --targets, or --task label_free")
+    return select_layers_from_custom_embeddings(
+        embeddings, targets, k=args.k, task=args.task, preset=args.preset, random_state=args.seed,
+        show_progress="off" if args.json else args.progress, verbose=bool(getattr(args, "verbose", False)),
+        dataset=str(args.embeddings), **_method_kwargs(args),
+    )
+
+
 def _select(select_layers_from_hf_id, args, text_key, max_samples, cache_dir):
     return select_layers_from_hf_id(
         args.model, args.dataset, k=args.k, task=args.task, preset=args.preset, split=args.split,
@@ -89,4 +140,5 @@ def _select(select_layers_from_hf_id, args, text_key, max_samples, cache_dir):
         dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file,
         trust_remote_code=args.trust_remote_code, cache_dir=cache_dir, random_state=args.seed,
         show_progress="off" if args.json else args.progress, verbose=bool(getattr(args, "verbose", False)),
+        **_method_kwargs(args),
     )
