@@ -273,7 +273,7 @@ def _warn_small_classes(labels: torch.Tensor) -> None:
     if singles:
         warnings.warn(
             f"{len(singles)} class(es) have a single sample (class ids {singles[:10]}): "
-            "their geometry and leave-one-out fit are unreliable; add calibration samples",
+            "their geometry and out-of-sample fit are unreliable; add calibration samples",
             LOESWarning,
             stacklevel=4,
         )

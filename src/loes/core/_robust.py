@@ -555,7 +555,7 @@ def run_robust(
     if uninformative:
         warnings.warn(
             f"at step(s) {uninformative} no remaining layer explained the current target out of sample "
-            "(every leave-one-out fit fraction >= 1): those picks rest on the isotropy, redundancy and "
+            "(every out-of-sample fit fraction >= 1): those picks rest on the isotropy, redundancy and "
             "geometry terms alone. A smaller k, or more calibration samples, may serve better.",
             LOESWarning,
             stacklevel=4,

@@ -150,7 +150,7 @@ def select_layers_from_custom_embeddings(
             warnings.warn(
                 f"N={n} calibration samples <= dimension {max(dims)}: in-sample fits interpolate; "
                 + (
-                    "the robust preset uses leave-one-out fits, which stay honest"
+                    "the robust preset scores out-of-sample fits (GCV or leave-one-out), which stay honest"
                     if preset == "robust"
                     else "the reference preset's fit term is unreliable here (use preset='robust')"
                 ),
