@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     from loes.core.select import DEFAULTS
 
     engine = {k: v.default for k, v in inspect.signature(run_robust).parameters.items()
-              if v.default is not inspect.Parameter.empty and k in ("standardize", "orth_rank")}
+              if v.default is not inspect.Parameter.empty and k in ("standardize", "orth_rank", "cv", "cka_samples", "fallback")}
     print(f"LOES robust defaults: {DEFAULTS['robust']} {engine}")
     rows = []
     for task in args.tasks:
