@@ -107,7 +107,7 @@ class LayerFactor:
             g = sym_gram(xc)
             if standardize:  # scale the Gram, not the features: D² work instead of N·D
                 self.scale = _inverse_std(torch.diagonal(g)[None, :] / n, self.mean)
-                g = g * self.scale * self.scale.T
+                g.mul_(self.scale).mul_(self.scale.T)
                 if cv == "loo":
                     xc, xc_scaled = xc * self.scale, True
         self.xt_extra = None  # Xcᵀ extra (D × e), of the standardised features
@@ -124,7 +124,8 @@ class LayerFactor:
             return
         r = min(n - 1, d)
         self.tr = tr
-        self.iso = tr * tr / (r * float((g * g).sum()))
+        flat = g.reshape(-1)
+        self.iso = tr * tr / (r * float(torch.dot(flat, flat)))
         self.lam = reg * tr / r
         # The relative ridge bounds the condition number by about r / reg: float32
         # is accurate enough from reg = 0.1 on, float64 below.
@@ -135,7 +136,8 @@ class LayerFactor:
         if cv == "gcv":
             # tr H = tr((A − lam I) A⁻¹) = size − lam·tr(A⁻¹), and tr(A⁻¹) = ‖L⁻¹‖²_F.
             linv = tri_inverse(chol)
-            self.trace_h = float(a.shape[0] - self.lam * float((linv * linv).sum(dtype=torch.float64)))
+            flat = linv.reshape(-1)
+            self.trace_h = float(a.shape[0] - self.lam * float(torch.dot(flat, flat)))
         elif dual:
             # H = K (K + lam I)^-1 = I - lam (K + lam I)^-1, so h_i = 1 - lam [(K + lam I)^-1]_ii.
             linv = tri_inverse(chol)
