@@ -51,3 +51,12 @@ def test_missing_column_is_a_clear_error(csv_path, capsys):
 def test_help_has_an_example():
     sub = build_parser()._subparsers._group_actions[0].choices["select"]
     assert "loes select --model" in sub.format_help()
+
+
+def test_method_options_reach_the_selector(csv_path, capsys):
+    code = main(["select", "--model", minilm_path(), "--dataset", csv_path, "--text-key", "headline",
+                 "--target-key", "topic", "--k", "2", "--max-samples", "24", "--cv", "loo", "--reg", "0.5",
+                 "--gamma", "0", "--json"])
+    assert code == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["cv"], config["reg"], config["gamma"]) == ("loo", 0.5, 0.0)
