@@ -97,3 +97,12 @@ def test_bad_input_is_a_clear_error(data, tmp_path, capsys, argv, message):
     argv = [str(names.get(a, a)) for a in argv]
     code, _, err = _run(capsys, argv)
     assert code == 2 and message in err
+
+
+def test_warnings_are_one_plain_line_on_stderr(tmp_path, capsys):
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "noise.npz", embeddings=g.normal(size=(40, 3, 60)), targets=np.arange(40) % 2)
+    code, _, err = _run(capsys, ["--embeddings", str(tmp_path / "noise.npz"), "--k", "2"])
+    assert code == 0
+    assert "loes: LOESWarning: N=40 calibration samples <= dimension 60" in err
+    assert "_cli.py" not in err  # no source excerpt

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from typing import List, Optional
 
 #: Modules that provide a ``register(subparsers)`` function, in help order.
@@ -46,7 +47,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    from loes._exceptions import LOESWarning
+
+    with warnings.catch_warnings():  # one plain line per warning, not a source excerpt
+        warnings.simplefilter("always", LOESWarning)
+        warnings.showwarning = _show_warning
+        return int(args.func(args) or 0)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    (file or sys.stderr).write(f"loes: {category.__name__}: {message}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover
