@@ -13,6 +13,7 @@ reference preset as yardsticks.
     python benchmarks/tune_robust.py               # the grid (minutes)
     python benchmarks/tune_robust.py --quick       # a small grid
     python benchmarks/tune_robust.py --compare - cv=gcv   # the defaults against option sets
+    python benchmarks/tune_robust.py --stop-rules --seeds 5   # does stopping at uninformative steps pay?
 
 Tasks: MiniLM-L6 (6 layers) and SmolLM2-135M (30 layers) on drug reviews
 (3-way rating; log usefulness votes as regression; condition among the 8
@@ -142,6 +143,12 @@ def _cached_smollm_drug():
     return None
 
 
+def _n_cal(wanted: int, n: int) -> int:
+    """Calibration rows: as asked while that leaves at least 40 % of the rows for
+    probe training and test, else half the rows."""
+    return wanted if wanted <= 0.6 * n else n // 2
+
+
 def _split(n: int, n_cal: int, seed: int):
     perm = np.random.default_rng(seed).permutation(n)
     cal, rest = perm[:n_cal], perm[n_cal:]
@@ -160,6 +167,29 @@ def probe_score(x, y, task, layers, train, test) -> float:
     if task == "classification":
         return float(RidgeClassifierCV(alphas=alphas).fit(a, y[train]).score(b, y[test]))
     return float(RidgeCV(alphas=alphas).fit(a, y[train]).score(b, y[test]))
+
+
+def stop_rules(select, args) -> None:
+    """Does stopping at uninformative steps pay? Probe scores of prefixes of one selection."""
+    scores = {}
+    for name, x, y, task in tasks():
+        k_max = min(6, x.shape[1])
+        for seed in range(args.seeds):
+            cal, train, test = _split(len(y), _n_cal(args.n_cal, len(y)), seed)
+            res = select(x[cal], y[cal], k=k_max, task=task, show_progress=False)
+            first = min(res.config["uninformative_steps"], default=k_max + 1)
+            rules = {f"k={k}": k for k in (1, 2, 3, 4)}
+            rules["stop before the first uninformative step"] = max(1, first - 1)
+            rules["stop after the first uninformative step"] = max(1, min(first, k_max))
+            for rule, k in rules.items():
+                score = probe_score(x, y, task, sorted(res.selected_layers[:k]), train, test)
+                scores.setdefault(rule, {}).setdefault(name, []).append((score, k))
+        print(f"# {name}: done", flush=True)
+    print(f"N_cal={args.n_cal}, seeds={args.seeds}; mean test score (mean k used)")
+    for rule, per_task in scores.items():
+        means = [np.mean([s for s, _ in v]) for v in per_task.values()]
+        k_mean = np.mean([k for v in per_task.values() for _, k in v])
+        print(f"| {rule} | {np.mean(means):.4f} | {k_mean:.2f} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
 
 
 def _parse_options(spec: str) -> dict:
@@ -191,6 +221,12 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=0, help="1: ridge and scaling only, 2: weights only, 0: both")
     ap.add_argument("--fallback", action="store_true", help="only the defaults, with and without fallback='marginal'")
     ap.add_argument(
+        "--stop-rules",
+        action="store_true",
+        help="score the first k picks of one k=6 run for k=1..4, and stopping before / after the first "
+        "uninformative step",
+    )
+    ap.add_argument(
         "--compare",
         nargs="+",
         metavar="OPTIONS",
@@ -204,6 +240,10 @@ def main() -> None:
         return
     from loes import select_layers_from_custom_embeddings as select
     from loes.core import DEFAULTS
+
+    if args.stop_rules:
+        stop_rules(select, args)
+        return
 
     # Two stages: ridge strength and feature scaling at middling weights, then
     # the weights around the defaults. Each setting: (reg, standardize, alpha, gamma, eta).
@@ -229,7 +269,7 @@ def main() -> None:
     t0 = time.time()
     for name, x, y, task in all_tasks:
         n_layers = x.shape[1]
-        n_cal = min(args.n_cal, len(y) // 2)  # leave at least half for probe training and test
+        n_cal = _n_cal(args.n_cal, len(y))
         if n_cal < args.n_cal:
             print(f"# {name}: {len(y)} rows, calibration capped at {n_cal}", flush=True)
         for seed in range(args.seeds):

@@ -558,7 +558,7 @@ def run_robust(
         warnings.warn(
             f"at step(s) {uninformative} no remaining layer explained the current target out of sample "
             "(every out-of-sample fit fraction >= 1): those picks rest on the isotropy, redundancy and "
-            "geometry terms alone. A smaller k, or more calibration samples, may serve better.",
+            "geometry terms alone; more calibration samples would let the data decide them.",
             LOESWarning,
             stacklevel=4,
         )
