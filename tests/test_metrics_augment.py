@@ -1,6 +1,5 @@
 """Text and image augmentations used to make views."""
 
-import numpy as np
 import pytest
 import torch
 

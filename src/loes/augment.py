@@ -10,7 +10,7 @@ brightness/contrast). Every function draws from an explicit
 from __future__ import annotations
 
 import string
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch

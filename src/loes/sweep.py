@@ -10,10 +10,9 @@ the held-out fold is never used to tune anything; the score is accuracy
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
-import torch
 
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress

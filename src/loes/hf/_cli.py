@@ -4,7 +4,6 @@ precomputed embeddings, from the shell."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 

@@ -8,7 +8,7 @@ coming from input i.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Union
+from typing import Any, List, Union
 
 import numpy as np
 import torch
