@@ -17,6 +17,7 @@ selectors see), a probe-training set and a test set:
 
     python benchmarks/bench_label_free.py                       # full run (~15 min on 2 CPU cores)
     python benchmarks/bench_label_free.py --n-texts 200 --trials 3   # quick look
+    python benchmarks/bench_label_free.py --model smollm2 --datasets drugreview   # the decoder
 
 Extracted arrays are cached under ``--cache`` (default
 ``~/.cache/loes/bench_label_free``) so re-runs only redo the selection.
@@ -40,15 +41,17 @@ from loes.metrics import METRICS, curvature, profile, prompt_entropy, select_lay
 from loes.sweep import ridge_gcv_fit
 
 
-def extract(name: str, n_texts: int, max_length: int, seed: int, cache: str) -> Dict[str, np.ndarray]:
+def extract(name: str, n_texts: int, max_length: int, seed: int, cache: str,
+            model_name: str = "minilm") -> Dict[str, np.ndarray]:
     """Pooled states, per-text token metrics and two augmented views of n_texts texts."""
-    path = os.path.join(cache, f"{name}_{n_texts}_{max_length}_{seed}.npz")
+    prefix = "" if model_name == "minilm" else f"{model_name}_"
+    path = os.path.join(cache, f"{prefix}{name}_{n_texts}_{max_length}_{seed}.npz")
     if os.path.exists(path):
         return dict(np.load(path))
     import datasets
     import transformers
 
-    from loes.datasets import load_bbc_news, load_drugreview, minilm_path
+    from loes.datasets import load_bbc_news, load_drugreview, minilm_path, smollm2_gguf
     from loes.hf import extract_embeddings, iter_hidden_states
 
     ds = load_drugreview("all") if name == "drugreview" else load_bbc_news()
@@ -56,10 +59,15 @@ def extract(name: str, n_texts: int, max_length: int, seed: int, cache: str) -> 
     rows = np.sort(rng.choice(len(ds), size=min(n_texts, len(ds)), replace=False))
     texts = [ds[int(i)]["text"] for i in rows]
     labels = np.asarray([ds[int(i)]["label"] for i in rows])
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
-    common = dict(text_key="text", max_samples=None, batch_size=32, max_length=max_length,
-                  tokenizer=tok, show_progress="on")
+    if model_name == "minilm":
+        tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+        model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
+        common = dict(text_key="text", max_samples=None, batch_size=32, max_length=max_length,
+                      tokenizer=tok, show_progress="on")
+    else:  # the decoder: loes.hf loads it (GGUF, dequantised) and pads on its side
+        model, gguf = smollm2_gguf()
+        common = dict(text_key="text", max_samples=None, batch_size=16, max_length=max_length,
+                      gguf_file=gguf, show_progress="on")
     base = datasets.Dataset.from_dict({"text": texts})
     pooled, pe, cu, order = [], [], [], []
     for item in iter_hidden_states(model, base, **common):
@@ -102,7 +110,7 @@ def run(args) -> List[dict]:
     flip = {"higher": "lower", "lower": "higher"}
     for name in args.datasets:
         t0 = time.perf_counter()
-        data = extract(name, args.n_texts, args.max_length, args.seed, args.cache)
+        data = extract(name, args.n_texts, args.max_length, args.seed, args.cache, args.model)
         print(f"[{name}] extraction/cache: {time.perf_counter() - t0:.0f}s, {len(data['labels'])} texts")
         x, y = data["pooled"], data["labels"]
         last = x.shape[1] - 1
@@ -156,6 +164,8 @@ def summarise(rows: List[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["drugreview", "bbc"], choices=["drugreview", "bbc"])
+    p.add_argument("--model", default="minilm", choices=["minilm", "smollm2"],
+                   help="all-MiniLM-L6-v2 (6 layers) or SmolLM2-135M-Instruct (30 layers, GGUF)")
     p.add_argument("--n-texts", type=int, default=900)
     p.add_argument("--n-cal", type=int, default=256)
     p.add_argument("--trials", type=int, default=10)
