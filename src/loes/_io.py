@@ -76,8 +76,11 @@ def load_embeddings_file(path: Any, key: Optional[str] = None) -> Tuple[Any, Opt
                     "name it 'embeddings' or pass --embeddings-key"
                 )
             emb = named[three_d[0]]
-    targets = next((named[k] for k in TARGET_KEYS if k in named), None)
-    return emb, targets
+    return emb, _find_targets(named)
+
+
+def _find_targets(named: Dict[str, Any]) -> Optional[Any]:
+    return next((named[k] for k in TARGET_KEYS if k in named), None)
 
 
 def load_targets_file(path: Any) -> np.ndarray:
@@ -89,9 +92,9 @@ def load_targets_file(path: Any) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     if path.suffix.lower() in (".npz", ".safetensors", ".pt", ".pth"):
         named = _read_named(path)
-        for k in TARGET_KEYS:
-            if k in named:
-                return named[k]
+        targets = _find_targets(named)
+        if targets is not None:
+            return targets
         raise LOESError(f"{path}: no targets entry (looked for {list(TARGET_KEYS)}); entries: {sorted(named)}")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]

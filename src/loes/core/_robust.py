@@ -97,11 +97,12 @@ class LayerFactor:
         xc = xf - self.mean
         self.scale = None
         self.dual = dual
-        xc_scaled = False
+        # Xcᵀ extra (D × e) of the standardised features, or None; scaled below
+        self.xt_extra = None if extra is None else (extra.T @ xc).T
         if dual:
             if standardize:
                 self.scale = _inverse_std(xc.pow(2).mean(0, keepdim=True), self.mean)
-                xc, xc_scaled = xc * self.scale, True
+                xc = xc * self.scale
             g = sym_gram(xc, rows=True)
         else:
             g = sym_gram(xc)
@@ -109,12 +110,9 @@ class LayerFactor:
                 self.scale = _inverse_std(torch.diagonal(g)[None, :] / n, self.mean)
                 g.mul_(self.scale).mul_(self.scale.T)
                 if cv == "loo":
-                    xc, xc_scaled = xc * self.scale, True
-        self.xt_extra = None  # Xcᵀ extra (D × e), of the standardised features
-        if extra is not None:
-            self.xt_extra = (extra.T @ xc).T
-            if self.scale is not None and not xc_scaled:
-                self.xt_extra = self.xt_extra * self.scale.T
+                    xc = xc * self.scale
+        if self.xt_extra is not None and self.scale is not None:
+            self.xt_extra = self.xt_extra * self.scale.T
         tr = float(torch.diagonal(g).sum())
         raw = float((self.mean * self.mean).sum()) * n + tr  # Σ x² = N‖x̄‖² + tr
         self.dead = tr <= _DEAD_TOL * raw
@@ -146,7 +144,6 @@ class LayerFactor:
             z = torch.linalg.solve_triangular(chol.to(cdt), xc.T, upper=False)  # L^-1 Xcᵀ, (D, N)
             self.h = (z * z).sum(0)
         self.chol = chol.to(cdt)
-        self.chol_t = self.chol.T  # a view: the upper factor for the second solve
 
     def solve(self, m: torch.Tensor) -> torch.Tensor:
         """``A⁻¹ m`` for the factorised normal matrix ``A = L Lᵀ``.
@@ -155,7 +152,7 @@ class LayerFactor:
         which copies the factor on every call.
         """
         return torch.linalg.solve_triangular(
-            self.chol_t, torch.linalg.solve_triangular(self.chol, m, upper=False), upper=True
+            self.chol.T, torch.linalg.solve_triangular(self.chol, m, upper=False), upper=True
         )
 
     def centred(self, cdt: torch.dtype) -> torch.Tensor:
@@ -682,9 +679,9 @@ class _GcvCache:
     def update(
         self, f: LayerFactor, proj: "_Projection", cdt: torch.dtype, want_xt: bool, extra: Optional[torch.Tensor] = None
     ) -> Optional[torch.Tensor]:
-        """Take in the blocks added since the last call. Primal form with ``extra``:
-        return ``(Xcᵀ extra, A⁻¹ Xcᵀ extra)``, computed in the same pass over the
-        layer and the same solve as the new blocks."""
+        """Take in the blocks added since the last call. With ``extra`` (primal
+        form only): return ``(Xcᵀ extra, A⁻¹ Xcᵀ extra)``, computed in the same
+        pass over the layer and the same solve as the new blocks."""
         new = proj.blocks[self.n_blocks:]
         if not new:
             if extra is None:
@@ -700,8 +697,6 @@ class _GcvCache:
             if want_xt:
                 self.z = _append(self.z, f.xt(b, cdt))
             left = proj.b
-            if extra is not None:
-                out = f.xt(extra, cdt)
         else:
             both = f.xt(b if extra is None else torch.cat([b, extra], dim=1), cdt)
             self.z = _append(self.z, both[:, :q])
@@ -766,11 +761,8 @@ def _gcv_residual(
             return _Fit(float((res * res).sum()), None, residual=res)
         a0 = f.xt(r, cdt) if xt_r is None else xt_r
         z0 = f.solve(a0)
-        # ‖r − Xc z‖² = ‖r‖² − 2 a·z + zᵀ(A − lam I)z with A z = a = Xcᵀ r
-        sse = float((r.double() ** 2).sum()) - float((a0.double() * z0.double()).sum()) - f.lam * float(
-            (z0.double() ** 2).sum()
-        )
-        return _Fit(max(sse, 0.0) / (den * den), None, make=lambda: (r - f.xv(z0, cdt)) / den)
+        sse = max(_primal_sse(r, a0, z0, a0, f.lam), 0.0)  # A z0 = a0
+        return _Fit(sse / (den * den), None, make=lambda: (r - f.xv(z0, cdt)) / den)
     cache = cache or _GcvCache()
     a0z0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r, A⁻¹ of it
     f64 = torch.float64
@@ -804,16 +796,24 @@ def _gcv_residual(
     z = z0 + cache.y @ c  # fitted values: T Xc z
     az = a0 + cache.z @ c  # A z = Xcᵀ (tr + V·)
     w = zz0 + cache.m1 @ c64  # Bᵀ Xc z (Zᵀ Y = M1); ‖VᵀXc z‖² = wᵀ C w
-    z64 = z.to(f64)
-    sse = (
-        float((r.to(f64) ** 2).sum())
-        - 2 * float((a0.to(f64) * z64).sum())
-        + float((az.to(f64) * z64).sum())
-        - lam * float((z64 * z64).sum())
-        - float((w * (c_mat @ w)).sum())
-    )
+    sse = max(_primal_sse(r, a0, z, az, lam) - float((w * (c_mat @ w)).sum()), 0.0)
 
     def residual() -> torch.Tensor:
         return (r - proj.t(f.xv(z, cdt))) / den
 
-    return _Fit(max(sse, 0.0) / (den * den), xt_u, make=residual)
+    return _Fit(sse / (den * den), xt_u, make=residual)
+
+
+def _primal_sse(r: torch.Tensor, a: torch.Tensor, z: torch.Tensor, az: torch.Tensor, lam: float) -> float:
+    """``‖r − Xc z‖²`` from feature-space products, in float64, without forming Xc z:
+    ``‖r‖² − 2 aᵀz + zᵀ(A − lam I) z`` with ``a = Xcᵀ r`` (here ``Xcᵀ T r``) and
+    ``az = A z``. Not clamped: callers clamp the final value at 0."""
+    f64 = torch.float64
+    z64 = z.to(f64)
+    sse = (
+        float((r.to(f64) ** 2).sum())
+        - 2 * float((a.to(f64) * z64).sum())
+        + float((az.to(f64) * z64).sum())
+        - lam * float((z64 * z64).sum())
+    )
+    return sse

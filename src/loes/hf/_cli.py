@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import Any
 
+from loes._exceptions import LOESError
+
 EPILOG = """examples:
   loes select --model sentence-transformers/all-MiniLM-L6-v2 --dataset ag_news \\
       --split train --k 4 --max-samples 512 --output result.json
@@ -73,8 +75,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loes._exceptions import LOESError
-
     text_key = args.text_key
     if text_key and "," in text_key:
         text_key = tuple(part.strip() for part in text_key.split(","))
@@ -120,8 +120,6 @@ def _select_embeddings(args: argparse.Namespace):
     if args.targets is not None:
         targets = load_targets_file(args.targets)
     if targets is None and args.task != "label_free":
-        from loes._exceptions import LOESError
-
         raise LOESError(f"{args.embeddings} holds no targets: pass --targets, or --task label_free")
     return select_layers_from_custom_embeddings(
         embeddings, targets, k=args.k, task=args.task, preset=args.preset, random_state=args.seed,
