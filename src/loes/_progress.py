@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Any, Iterable, Optional, Union
 
+from loes._exceptions import LOESError
+
 __all__ = ["progress", "progress_enabled", "verbose_logger"]
 
 ProgressSetting = Union[bool, str, None]
@@ -19,7 +21,6 @@ def progress_enabled(show_progress: ProgressSetting) -> bool:
     if isinstance(show_progress, str):
         value = show_progress.lower()
         if value not in {"auto", "on", "off"}:
-            from loes._exceptions import LOESError
 
             raise LOESError(
                 f"show_progress must be a bool or one of 'auto', 'on', 'off'; got {show_progress!r}"
