@@ -29,7 +29,7 @@ def planted():
 def test_plot_result_has_one_panel_per_step_with_the_picks(planted, tmp_path):
     x, y = planted
     res = select_layers_from_custom_embeddings(x, y, k=3, show_progress=False)
-    fig = res.plot(tmp_path / "terms.png")
+    fig = plot_result(res, tmp_path / "terms.png")  # LOESResult.plot was removed: plotting is the report's
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert len(axes) == 3
     for ax, table in zip(axes, res.steps):

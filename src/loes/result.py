@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+from loes._json import dumps, float_or_nan, to_jsonable
+
 __all__ = ["LOESResult", "StepTable"]
 
 #: Score terms in the order they are printed.
@@ -58,7 +60,9 @@ class LOESResult:
         Selected layers in pick order (0 = first transformer block unless
         ``layer_names`` says otherwise).
     layer_scores : list of float
-        The winning score at each pick (lower is better).
+        The winning score at each pick (lower is better); NaN where the method
+        has no score (the fixed baselines ``last``, ``last_k``, ``all_concat``,
+        ``layer_weights``, ``random_k``).
     task : str
         ``"classification"``, ``"regression"`` or ``"label_free"``.
     num_layers_seen : int
@@ -69,8 +73,9 @@ class LOESResult:
         How token states were pooled (``"precomputed"`` for custom embeddings).
     dataset, model_name : str, optional
         Provenance, when known.
-    preset : str
-        ``"robust"`` (default) or ``"reference"``.
+    preset : str or None
+        The LOES preset, ``"robust"`` (default) or ``"reference"``; None when
+        another method made the result.
     steps : list of StepTable
         The full score table of every greedy step.
     config : dict
@@ -83,6 +88,9 @@ class LOESResult:
         Layers that could not be selected (constant / zero variance).
     warnings : list of str
         Warnings raised during the run, as text.
+    method : str
+        What made the result: ``"loes"``, a baseline's name
+        (:data:`loes.baselines.BASELINES`) or a label-free metric's name.
     """
 
     selected_layers: List[int]
@@ -93,13 +101,14 @@ class LOESResult:
     pooling: str
     dataset: Optional[Any] = None
     model_name: Optional[str] = None
-    preset: str = "robust"
+    preset: Optional[str] = "robust"
     steps: List[StepTable] = field(default_factory=list)
     config: Dict[str, Any] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     layer_names: Optional[List[str]] = None
     excluded_layers: List[int] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    method: str = "loes"
 
     # ------------------------------------------------------------------ tables
     def score_table(self, step: int = 1) -> List[Dict[str, float]]:
@@ -131,14 +140,14 @@ class LOESResult:
         """A plain-text report: the picks, then the first step's table."""
         name = lambda i: self.layer_names[i] if self.layer_names else str(i)  # noqa: E731
         lines = [
-            f"LOES ({self.preset}, {self.task}): selected layers {self.selected_layers} "
+            f"{self.label()}: selected layers {self.selected_layers} "
             f"from {self.num_layers_seen} layers, N={self.num_calibration_samples}",
         ]
         if self.model_name:
             lines.append(f"model: {self.model_name}  pooling: {self.pooling}")
         lines.append(f"{'pick':>4}  {'layer':>5}  {'name':<18} {'score':>10}")
         for i, (layer, score) in enumerate(zip(self.selected_layers, self.layer_scores), 1):
-            lines.append(f"{i:>4}  {layer:>5}  {name(layer):<18} {score:>10.4f}")
+            lines.append(f"{i:>4}  {layer:>5}  {name(layer):<18} {format_number(score):>10}")
         if self.steps:
             lines.append("")
             lines.append("step 1 scores (lower is better):")
@@ -158,24 +167,40 @@ class LOESResult:
     def __str__(self) -> str:
         return self.summary()
 
+    def label(self) -> str:
+        """``"LOES (robust, classification)"`` or ``"last_k (classification)"``."""
+        if self.method == "loes":
+            return f"LOES ({self.preset}, {self.task})"
+        return f"{self.method} ({self.task})"
+
     # ------------------------------------------------------------ serialising
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON-compatible dict; :meth:`from_dict` inverts it."""
-        d = asdict(self)
-        d["dataset"] = _jsonable(self.dataset)
-        d["config"] = _jsonable(self.config)
-        return d
+        """A strict-JSON dict (:mod:`loes._json`: NaN as None); :meth:`from_dict` inverts it."""
+        return to_jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LOESResult":
+        """Inverse of :meth:`to_dict`: None scores become NaN again.
+
+        A dict written before results had a ``method`` field still loads: the
+        method is ``config["method"]`` (baselines and metrics set it, and their
+        ``preset`` then held that name, not a LOES preset), else ``"loes"``.
+        """
         d = dict(d)
-        d["steps"] = [StepTable(**s) for s in d.get("steps", [])]
+        if "method" not in d:
+            method = (d.get("config") or {}).get("method")
+            d["method"], d["preset"] = ("loes", d.get("preset", "robust")) if method is None else (method, None)
+        d["layer_scores"] = [float_or_nan(v) for v in d["layer_scores"]]
+        d["steps"] = [
+            StepTable(**{**s, "terms": {k: [float_or_nan(v) for v in vs] for k, vs in s["terms"].items()}})
+            for s in d.get("steps", [])
+        ]
         return cls(**d)
 
     def to_json(self, path: Optional[str] = None, **kwargs: Any) -> str:
-        """Serialise to JSON; also write it to ``path`` when given."""
+        """Serialise to strict JSON (NaN as ``null``); also write it to ``path`` when given."""
         kwargs.setdefault("indent", 2)
-        text = json.dumps(self.to_dict(), allow_nan=True, **kwargs)
+        text = dumps(self.to_dict(), **kwargs)
         if path is not None:
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(text)
@@ -190,23 +215,9 @@ class LOESResult:
                 text = fh.read()
         return cls.from_dict(json.loads(text))
 
-    # ----------------------------------------------------------------- report
-    def plot(self, path: Optional[str] = None, **kwargs: Any):
-        """Plot the per-step score terms (needs ``loes[plot]``); see
-        :func:`loes.report.plot_result`."""
-        from loes.report import plot_result
 
-        return plot_result(self, path=path, **kwargs)
-
-
-def _jsonable(value: Any) -> Any:
-    """Best-effort conversion of provenance/config values to JSON types."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return repr(value) if not hasattr(value, "item") else _jsonable(value.item())
+def format_number(value: Optional[float], spec: str = ".4f") -> str:
+    """``value`` formatted by ``spec``; ``"—"`` for an absent (None or NaN) number."""
+    if value is None or math.isnan(value):
+        return "—"
+    return format(value, spec)
