@@ -25,9 +25,9 @@ True
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -44,7 +44,7 @@ from loes._progress import ProgressSetting, progress
 from loes._validation import check_embeddings, check_k, normalize_task
 from loes.baselines import BASELINES, HEADS, MAX_COMBINATIONS, select_baseline
 from loes.core import select_layers_from_custom_embeddings
-from loes.result import LOESResult, format_number
+from loes.result import LOESResult, check_fields, format_number, read_json_object
 from loes.transfer._fusion import FusionProbe
 from loes.transfer._probes import LinearProbe, encode_labels, split_indices
 
@@ -255,7 +255,7 @@ class EvaluationResult:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EvaluationResult":
         """Inverse of :meth:`to_dict`: the numbers written as None are NaN again."""
-        d = dict(d)
+        d = check_fields(cls, d, "evaluation result")
         d["rows"] = [{**r, **{k: float_or_nan(r.get(k)) for k in _ROW_NUMBERS}} for r in d["rows"]]
         d["tests"] = {m: {k: (v if k == "n" else float_or_nan(v)) for k, v in t.items()}
                       for m, t in (d.get("tests") or {}).items()}
@@ -272,10 +272,9 @@ class EvaluationResult:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "EvaluationResult":
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "EvaluationResult":
         """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
-        is_text = text_or_path.lstrip().startswith("{")
-        return cls.from_dict(json.loads(text_or_path if is_text else Path(text_or_path).read_text("utf-8")))
+        return cls.from_dict(read_json_object(text_or_path, "evaluation result"))
 
 
 #: The numbers of an evaluation row (None in JSON for a missing value).

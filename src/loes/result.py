@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
 
+from loes._exceptions import LOESError
 from loes._json import dumps, float_or_nan, to_jsonable
 
 __all__ = ["LOESResult", "StepTable"]
@@ -186,7 +189,7 @@ class LOESResult:
         method is ``config["method"]`` (baselines and metrics set it, and their
         ``preset`` then held that name, not a LOES preset), else ``"loes"``.
         """
-        d = dict(d)
+        d = check_fields(cls, d, "LOES result")
         if "method" not in d:
             method = (d.get("config") or {}).get("method")
             d["method"], d["preset"] = ("loes", d.get("preset", "robust")) if method is None else (method, None)
@@ -207,13 +210,62 @@ class LOESResult:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "LOESResult":
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "LOESResult":
         """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as fh:
-                text = fh.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json_object(text_or_path, "LOES result"))
+
+
+def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, Any]:
+    """The JSON object in ``source``: JSON text (starting with ``{``) or a file's path.
+
+    Raises
+    ------
+    LOESError
+        When the file is missing or unreadable, the text is not JSON, or the
+        JSON is not an object; ``what`` names what was expected.
+    """
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        text, where = source, "the JSON text"
+    elif isinstance(source, (str, os.PathLike)):
+        where = f"{what} file {os.fspath(source)!r}"
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LOESError(f"{where} does not exist: pass the path of a JSON file written by "
+                            "to_json, or the JSON text itself") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LOESError(f"cannot read {where}: {e}") from None
+    else:
+        raise LOESError(f"expected JSON text or the path of a JSON file ({what}); got {type(source).__name__}"
+                        + ("; for a dict use from_dict" if isinstance(source, Mapping) else ""))
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LOESError(f"{where} is not valid JSON ({e}); expected what to_json writes") from None
+    if not isinstance(value, dict):
+        raise LOESError(f"{where} holds a JSON {type(value).__name__}, not a JSON object ({what})")
+    return value
+
+
+def check_fields(cls: type, d: Any, what: str) -> Dict[str, Any]:
+    """A copy of ``d`` after checking it has every required field of dataclass ``cls`` and no other.
+
+    Raises
+    ------
+    LOESError
+        Naming the missing and unknown fields.
+    """
+    if not isinstance(d, Mapping):
+        raise LOESError(f"expected a dict ({what}); got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = sorted(required - set(d)), sorted(set(d) - known)
+    if missing or unknown:
+        problems = ([f"missing field(s) {missing}"] if missing else []) + (
+            [f"unknown field(s) {unknown}"] if unknown else [])
+        raise LOESError(f"{what} dict with {'; '.join(problems)}: pass what {cls.__name__}.to_dict "
+                        "or to_json wrote")
+    return dict(d)
 
 
 def format_number(value: Optional[float], spec: str = ".4f") -> str:
