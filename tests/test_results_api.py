@@ -85,6 +85,23 @@ def test_loes_result_round_trip_keeps_method_preset_and_nan(planted):
     assert math.isnan(back.steps[0].terms["fit"][0])
     assert back.steps[0].terms["total"] == res.steps[0].terms["total"]
     assert back.selected_layers == res.selected_layers and back.layer_scores == res.layer_scores
+    assert "nan" not in back.summary() and back.summary().count("—") == 1  # the one NaN cell
+
+
+def test_evaluate_needs_scipy_before_any_selection(planted, monkeypatch):
+    import loes.evaluate as ev_module
+
+    def no_scipy():
+        raise ImportError("this feature requires scipy: pip install 'loes[sklearn]'")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a selection ran before the missing dependency was reported")
+
+    monkeypatch.setattr(ev_module, "_scipy_stats", no_scipy)
+    monkeypatch.setattr(ev_module, "select_layers_from_custom_embeddings", never)
+    x, y = planted
+    with pytest.raises(ImportError, match=r"pip install 'loes\[sklearn\]'"):
+        evaluate(x, y, k=2, methods=["loes", "last"], seeds=[0], show_progress=False)
 
 
 @pytest.mark.parametrize("preset,config,method,new_preset", [

@@ -159,9 +159,10 @@ class LOESResult:
             )
             for row in sorted(self.score_table(1), key=lambda r: r["layer"]):
                 mark = " *" if row["layer"] in self.selected_layers else ""
+                f = {name: format_number(row.get(name)) for name in TERMS}
                 lines.append(
-                    f"{int(row['layer']):>5}  {row['fit']:>8.4f} {row['isotropy']:>9.4f} "
-                    f"{row['redundancy']:>8.4f} {row['geometry']:>9.4f} {row['total']:>9.4f}{mark}"
+                    f"{int(row['layer']):>5}  {f['fit']:>8} {f['isotropy']:>9} "
+                    f"{f['redundancy']:>8} {f['geometry']:>9} {f['total']:>9}{mark}"
                 )
         if self.excluded_layers:
             lines.append(f"excluded (constant) layers: {self.excluded_layers}")
