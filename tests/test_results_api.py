@@ -142,6 +142,23 @@ def test_evaluation_json_with_nan_round_trips_and_formats(planted):
     assert "nan" not in table.lower()
 
 
+def test_json_written_by_the_old_policies_still_loads():
+    """Before loes._json: LOESResult wrote bare NaN tokens, EvaluationResult wrote "nan" strings."""
+    old_result = ('{"selected_layers": [3], "layer_scores": [NaN], "task": "classification", '
+                  '"num_layers_seen": 4, "num_calibration_samples": 30, "pooling": "precomputed", '
+                  '"preset": "last", "config": {"method": "last", "head": "concat"}}')
+    res = LOESResult.from_json(old_result)
+    assert (res.method, res.preset) == ("last", None) and math.isnan(res.layer_scores[0])
+    old_eval = {"rows": [{"method": "loes", "seed": 0, "layers": [1], "head": "concat", "score": 0.9,
+                          "val_score": "nan", "selection_time": 0.1, "training_time": 0.2}],
+                "metric": "rmse", "task": "regression", "k": 1, "probe": "ridge", "seeds": [0],
+                "fractions": [0.25, 0.4, 0.15, 0.2], "tests": {"last": {"mean_diff": 0.1, "t": "nan",
+                                                                        "p": "nan", "n": 1}}}
+    ev = EvaluationResult.from_dict(old_eval)
+    assert math.isnan(ev.rows[0]["val_score"]) and math.isnan(ev.tests["last"]["p"])
+    assert ev.format_table().splitlines()[0].split()[2] == "RMSE"
+
+
 def test_evaluation_table_shows_a_dash_for_a_missing_score():
     ev = EvaluationResult(rows=[{"method": "loes", "seed": 0, "layers": [1], "head": "concat",
                                  "score": float("nan"), "val_score": 0.5, "selection_time": 0.1,
