@@ -217,7 +217,7 @@ class LOESResult:
 
 
 def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, Any]:
-    """The JSON object in ``source``: JSON text (starting with ``{``) or a file's path.
+    """The JSON object in ``source``: JSON text (starting with ``{`` or ``[``) or a file's path.
 
     Raises
     ------
@@ -225,7 +225,7 @@ def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, An
         When the file is missing or unreadable, the text is not JSON, or the
         JSON is not an object; ``what`` names what was expected.
     """
-    if isinstance(source, str) and source.lstrip().startswith("{"):
+    if isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
         text, where = source, "the JSON text"
     elif isinstance(source, (str, os.PathLike)):
         where = f"{what} file {os.fspath(source)!r}"
