@@ -29,7 +29,7 @@ def planted():
 def test_plot_result_has_one_panel_per_step_with_the_picks(planted, tmp_path):
     x, y = planted
     res = select_layers_from_custom_embeddings(x, y, k=3, show_progress=False)
-    fig = res.plot(tmp_path / "terms.png")
+    fig = plot_result(res, tmp_path / "terms.png")  # LOESResult.plot was removed: plotting is the report's
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert len(axes) == 3
     for ax, table in zip(axes, res.steps):
@@ -83,3 +83,6 @@ def test_write_report_links_existing_figures(planted, tmp_path):
     # a fixed baseline result: no step plots, but the report is still written
     plain = write_report(select_baseline("last", x, k=1), tmp_path / "plain")
     assert "<img" not in plain.read_text()
+    # its score is absent (NaN), shown as a dash; the method, not a preset, is named
+    assert '<td class="">4</td><td class=""></td><td class="">—</td>' in plain.read_text()
+    assert "method <b>last</b>" in plain.read_text() and "preset" not in plain.read_text()

@@ -6,7 +6,7 @@ import torch
 
 from loes import LOESError
 from loes.transfer import LinearProbe, split_indices
-from loes.transfer._probes import RIDGE_GRID, LayerStandardizer, select_layers
+from loes.transfer._probes import RIDGE_GRID, LayerStandardizer, take_layers
 
 
 def _planted(n=600, n_layers=5, dim=12, layer=3, seed=0):
@@ -31,9 +31,13 @@ def test_ridge_regression_recovers_coefficients():
     x, _, w = _planted()
     y = x[:, 2] @ w + 0.5
     probe = LinearProbe(layers=[2], task="regression").fit(x[:400], y[:400], x[400:500], y[400:500])
-    assert probe.score(x[500:], y[500:]) < 0.05 * y.std()
     pred = probe.predict(x[500:])
+    assert np.sqrt(np.mean((pred - y[500:]) ** 2)) < 0.05 * y.std()
     np.testing.assert_allclose(pred, y[500:], atol=0.1)
+    # score() is R², higher is better (scikit-learn's convention; it was the RMSE)
+    r2 = 1 - np.sum((y[500:] - pred) ** 2) / np.sum((y[500:] - y[500:].mean()) ** 2)
+    assert probe.score(x[500:], y[500:]) == pytest.approx(r2, rel=1e-10)
+    assert probe.score(x[500:], y[500:]) > 0.99
 
 
 def test_ridge_path_matches_direct_solves():
@@ -84,7 +88,7 @@ def test_probe_errors():
     with pytest.raises(LOESError, match="logistic probe is for classification"):
         LinearProbe(kind="logistic", task="regression").fit(x, y.astype(float))
     with pytest.raises(LOESError, match="out of range"):
-        select_layers(x, [7])
+        take_layers(x, [7])
     with pytest.raises(LOESError, match="not fitted"):
         LinearProbe().predict(x)
     with pytest.raises(LOESError, match="at least 2 classes"):

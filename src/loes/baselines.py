@@ -1,9 +1,11 @@
 """Baseline layer selectors behind the selector interface.
 
 Every baseline returns a :class:`~loes.result.LOESResult`, like
-:func:`loes.select_layers_from_custom_embeddings`, with ``preset`` set to the
-baseline's name and ``config["method"]``/``config["head"]`` saying what to
-train on the result:
+:func:`loes.select_layers_from_custom_embeddings`, with ``method`` set to the
+baseline's name (``preset`` is None: that is LOES's) and ``config["head"]``
+saying what to train on the result; the fixed baselines (``last``, ``last_k``,
+``all_concat``, ``layer_weights``, ``random_k``) score nothing, so their
+``layer_scores`` are NaN:
 
 =================  ===========================================  =================
 name               layers                                       head
@@ -36,13 +38,14 @@ import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress
+from loes._rng import check_random_state
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
 from loes.core._numerics import ridge_loo_residuals
+from loes.metrics import LABEL_FREE_METHODS, select_layers_label_free
 from loes.result import LOESResult, StepTable
 
 __all__ = [
@@ -148,7 +151,8 @@ def _result(name: str, selected: List[int], scores: List[float], n_layers: int, 
         num_layers_seen=n_layers,
         num_calibration_samples=n,
         pooling="precomputed",
-        preset=name,
+        preset=None,
+        method=name,
         steps=steps,
         config={"method": name, "head": HEADS[name], "k": k, **config},
         timings={"total": time.perf_counter() - t0},
@@ -209,16 +213,18 @@ def select_baseline(
     Returns
     -------
     LOESResult
-        ``preset`` and ``config["method"]`` are ``name``; ``config["head"]``
+        ``method`` and ``config["method"]`` are ``name``; ``config["head"]``
         is what the evaluation trains; ``layer_scores`` hold each pick's
-        score where the method has one (LOO error, lower is better).
+        score where the method has one (LOO error, lower is better), NaN
+        where it has none (the fixed baselines).
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).normal(size=(60, 6, 4))
-    >>> select_baseline("last_k", X, k=3).selected_layers
-    [3, 4, 5]
+    >>> res = select_baseline("last_k", X, k=3)
+    >>> res.selected_layers, res.method, res.layer_scores
+    ([3, 4, 5], 'last_k', [nan, nan, nan])
     """
     t0 = time.perf_counter()
     if name not in BASELINES:
@@ -231,16 +237,17 @@ def select_baseline(
     k = check_k(k, n_layers)
     common = dict(n_layers=n_layers, n=n, task=task, k=k, t0=t0, layer_names=layer_names)
 
+    unscored = [math.nan] * k
     if name == "last":
-        return _result(name, [n_layers - 1], [0.0], steps=[], config={}, **common)
+        return _result(name, [n_layers - 1], unscored, steps=[], config={}, **common)
     if name == "last_k":
-        return _result(name, list(range(n_layers - k, n_layers)), [0.0] * k, steps=[], config={}, **common)
+        return _result(name, list(range(n_layers - k, n_layers)), unscored, steps=[], config={}, **common)
     if name in ("all_concat", "layer_weights"):
-        return _result(name, list(range(n_layers)), [0.0] * n_layers, steps=[], config={}, **common)
+        return _result(name, list(range(n_layers)), unscored, steps=[], config={}, **common)
     if name == "random_k":
-        rng = np.random.default_rng(random_state)
+        rng = check_random_state(random_state)
         picked = sorted(int(i) for i in rng.choice(n_layers, size=k, replace=False))
-        return _result(name, picked, [0.0] * k, steps=[],
+        return _result(name, picked, unscored, steps=[],
                        config={"random_state": random_state}, **common)
     if name == "label_free":
         return _label_free(metric, layers, k, random_state, show_progress, common)
@@ -294,8 +301,6 @@ def select_baseline(
 def _label_free(metric: str, layers: List[torch.Tensor], k: int, random_state: Any,
                 show_progress: ProgressSetting, common: Dict[str, Any]) -> LOESResult:
     """Top-k by a label-free score (:func:`loes.metrics.select_layers_label_free`)."""
-    from loes.metrics import LABEL_FREE_METHODS, select_layers_label_free
-
     if metric not in LABEL_FREE_METHODS:
         raise LOESError(f"unknown label-free metric {metric!r}; choose one of {list(LABEL_FREE_METHODS)}")
     res = select_layers_label_free(layers, k, method=metric, random_state=random_state,

@@ -25,9 +25,9 @@ True
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -37,17 +37,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from loes._deps import require
 from loes._exceptions import LOESError, LOESWarning
+from loes._json import dumps, float_or_nan, to_jsonable
 from loes._progress import ProgressSetting, progress
 from loes._validation import check_embeddings, check_k, normalize_task
 from loes.baselines import BASELINES, HEADS, MAX_COMBINATIONS, select_baseline
-from loes.result import LOESResult
+from loes.core import select_layers_from_custom_embeddings
+from loes.result import LOESResult, check_fields, format_number, read_json_object
 from loes.transfer._fusion import FusionProbe
 from loes.transfer._probes import LinearProbe, encode_labels, split_indices
 
 __all__ = [
     "DEFAULT_FRACTIONS",
     "DEFAULT_METHODS",
+    "METRIC_LABELS",
     "EvaluationResult",
     "evaluate",
     "paired_ttest",
@@ -60,63 +64,23 @@ logger = logging.getLogger(__name__)
 DEFAULT_FRACTIONS = (0.25, 0.4, 0.15, 0.2)
 #: Methods compared by default: LOES first, then every baseline.
 DEFAULT_METHODS = ("loes",) + BASELINES
+#: How each test metric is named in tables and plots (higher is better for all
+#: current ones; ``"rmse"`` only appears in evaluations saved before R²).
+METRIC_LABELS = {"accuracy": "accuracy", "r2": "R²", "rmse": "RMSE"}
 
 Selector = Callable[..., LOESResult]
 
 
 # ------------------------------------------------------------ paired t-test
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    if math.isnan(t):
-        return float("nan")
-    return _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def paired_ttest(a: Sequence[float], b: Sequence[float], *, use_scipy: bool = True) -> Dict[str, float]:
+def paired_ttest(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     """Paired two-sided t-test of ``a`` against ``b`` (same seeds, same order).
 
-    Uses :func:`scipy.stats.ttest_rel` when scipy is installed, else an exact
-    implementation (Student's t CDF through the incomplete beta function).
+    :func:`scipy.stats.ttest_rel` (scipy comes with ``loes[sklearn]``), with
+    the degenerate cases decided here.
+
+    Parameters
+    ----------
+    a, b : sequence of float of equal length n
 
     Returns
     -------
@@ -124,6 +88,12 @@ def paired_ttest(a: Sequence[float], b: Sequence[float], *, use_scipy: bool = Tr
         ``mean_diff`` (mean of a − b), ``t``, ``p`` and ``n``. With identical
         differences (zero spread) ``t`` is 0 (all equal) or ±inf and ``p`` is
         1 or 0; with fewer than two pairs ``t`` and ``p`` are NaN.
+
+    Examples
+    --------
+    >>> r = paired_ttest([0.9, 0.8, 0.85, 0.7], [0.7, 0.75, 0.8, 0.6])
+    >>> round(r["t"], 4), round(r["p"], 4)
+    (2.8284, 0.0663)
     """
     a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
@@ -138,16 +108,12 @@ def paired_ttest(a: Sequence[float], b: Sequence[float], *, use_scipy: bool = Tr
         if abs(mean) <= 1e-15:
             return {"mean_diff": mean, "t": 0.0, "p": 1.0, "n": n}
         return {"mean_diff": mean, "t": math.copysign(math.inf, mean), "p": 0.0, "n": n}
-    if use_scipy:
-        try:
-            from scipy import stats
+    res = _scipy_stats().ttest_rel(a_arr, b_arr)
+    return {"mean_diff": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": n}
 
-            res = stats.ttest_rel(a_arr, b_arr)
-            return {"mean_diff": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": n}
-        except ImportError:
-            pass
-    t = mean / (sd / math.sqrt(n))
-    return {"mean_diff": mean, "t": t, "p": t_two_sided_p(t, n - 1), "n": n}
+
+def _scipy_stats():
+    return require("scipy.stats", extra="sklearn", package="scipy")
 
 
 # ------------------------------------------------------------------ result
@@ -159,14 +125,14 @@ class EvaluationResult:
     ----------
     rows : list of dict
         One per (method, seed): ``method``, ``seed``, ``layers``, ``head``,
-        ``score`` (test accuracy or RMSE), ``val_score``, ``selection_time``,
-        ``training_time``.
-    metric : {"accuracy", "rmse"}
+        ``score`` (test accuracy or R², higher is better), ``val_score``,
+        ``selection_time``, ``training_time``.
+    metric : {"accuracy", "r2"}
     task, k, probe, seeds, fractions
         The protocol's settings.
     tests : dict
         Per baseline: the paired t-test of LOES against it (``mean_diff`` is
-        LOES minus baseline in the metric's units).
+        LOES minus baseline in the metric's units: positive means LOES did better).
     per_layer : dict, optional
         ``{"layer": [...], "mean": [...], "std": [...]}``: test score of a
         probe on each single layer (averaged over seeds).
@@ -246,7 +212,7 @@ class EvaluationResult:
 
     def format_table(self) -> str:
         """The aggregated table as fixed-width text (what ``loes demo`` prints)."""
-        name = "acc" if self.metric == "accuracy" else "RMSE"
+        name = "acc" if self.metric == "accuracy" else METRIC_LABELS.get(self.metric, self.metric)
         lines = [
             f"{'method':<14} {'layers':<22} {name:>7} {'± std':>7} {'select s':>9} {'train s':>8} "
             f"{'LOES−it':>8} {'p':>7}"
@@ -261,10 +227,11 @@ class EvaluationResult:
                 text = ",".join(map(str, layers))
             if len(text) > 22:
                 text = text[:21] + "…"
-            diff = "" if row["loes_minus_method"] is None else f"{row['loes_minus_method']:+.3f}"
-            p = "" if row["p_value"] is None or math.isnan(row["p_value"]) else f"{row['p_value']:.3f}"
+            diff = "" if row["loes_minus_method"] is None else format_number(row["loes_minus_method"], "+.3f")
+            p = "" if row["p_value"] is None else format_number(row["p_value"], ".3f")
             lines.append(
-                f"{row['method']:<14} {text:<22} {row[self.metric]:>7.4f} {row['std']:>7.4f} "
+                f"{row['method']:<14} {text:<22} {format_number(row[self.metric]):>7} "
+                f"{format_number(row['std']):>7} "
                 f"{row['selection_time']:>9.3f} {row['training_time']:>8.3f} {diff:>8} {p:>7}"
             )
         if "majority_accuracy" in self.info:
@@ -282,38 +249,36 @@ class EvaluationResult:
         return pd.DataFrame(self.rows)
 
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON-compatible dict (inverse: :meth:`from_dict`)."""
-        return _jsonable(asdict(self))
+        """A strict-JSON dict (:mod:`loes._json`: NaN as None); inverse: :meth:`from_dict`."""
+        return to_jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EvaluationResult":
-        return cls(**dict(d))
+        """Inverse of :meth:`to_dict`: the numbers written as None are NaN again."""
+        d = check_fields(cls, d, "evaluation result")
+        d["rows"] = [{**r, **{k: float_or_nan(r.get(k)) for k in _ROW_NUMBERS}} for r in d["rows"]]
+        d["tests"] = {m: {k: (v if k == "n" else float_or_nan(v)) for k, v in t.items()}
+                      for m, t in (d.get("tests") or {}).items()}
+        if d.get("per_layer"):
+            d["per_layer"] = {k: (v if k == "layer" else [float_or_nan(x) for x in v])
+                              for k, v in d["per_layer"].items()}
+        return cls(**d)
 
     def to_json(self, path: Optional[str] = None) -> str:
-        """Serialise to JSON; also write to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2)
+        """Serialise to strict JSON (NaN as ``null``); also write to ``path`` when given."""
+        text = dumps(self.to_dict(), indent=2)
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "EvaluationResult":
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "EvaluationResult":
         """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
-        is_text = text_or_path.lstrip().startswith("{")
-        return cls.from_dict(json.loads(text_or_path if is_text else Path(text_or_path).read_text("utf-8")))
+        return cls.from_dict(read_json_object(text_or_path, "evaluation result"))
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if math.isfinite(v) else str(v)
-    return value
+#: The numbers of an evaluation row (None in JSON for a missing value).
+_ROW_NUMBERS = ("score", "val_score", "selection_time", "training_time")
 
 
 # ---------------------------------------------------------------- training
@@ -366,8 +331,6 @@ def _run_selector(method: Union[str, Selector], name: str, cal: List[torch.Tenso
     if callable(method):
         return method(cal, y_cal, k, task=task, random_state=seed)
     if method == "loes":
-        from loes.core.select import select_layers_from_custom_embeddings
-
         opts = dict(loes_options)
         opts.setdefault("show_progress", False)
         return select_layers_from_custom_embeddings(cal, y_cal, k, task=task, random_state=seed, **opts)
@@ -472,8 +435,10 @@ def evaluate(
     names = [c[0] for c in chosen]
     if len(set(names)) != len(names):
         raise LOESError(f"method names must be unique; got {names}")
+    if "loes" in names and len(names) > 1:
+        _scipy_stats()  # the comparison needs scipy: fail before any work, not after
 
-    metric = "accuracy" if task == "classification" else "rmse"
+    metric = "accuracy" if task == "classification" else "r2"
     rows: List[Dict[str, Any]] = []
     selections: Dict[str, Dict[str, Any]] = {}
     per_layer_runs: List[List[float]] = []

@@ -19,6 +19,7 @@ import torch
 
 from loes._exceptions import LOESError, LOESWarning
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
+from loes.core import select_layers_from_custom_embeddings
 
 __all__ = ["LAYER_SPECS", "GroupLassoLayers", "infer_task", "resolve_layers"]
 
@@ -187,8 +188,6 @@ def _layers_for(spec: str, n_layers: int, embeddings: Any) -> List[torch.Tensor]
 
 
 def _loes_spec(n_layers, embeddings, targets, task, k, random_state, options) -> List[int]:
-    from loes.core.select import select_layers_from_custom_embeddings
-
     layers = _layers_for("loes", n_layers, embeddings)
     k = check_k(k if k is not None else min(_DEFAULT_K, n_layers), n_layers)
     if task is None:

@@ -1,7 +1,6 @@
 """Plots and an HTML report of a layer selection (needs ``loes[plot]``).
 
-* :func:`plot_result` — per-layer score terms at each greedy step
-  (``LOESResult.plot()`` calls it);
+* :func:`plot_result` — per-layer score terms at each greedy step;
 * :func:`plot_trace` — the selection trace: every candidate's total score at
   every step, the picks marked;
 * :func:`plot_cka` — the layer-by-layer linear CKA heatmap;
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -26,7 +24,8 @@ import numpy as np
 
 from loes._deps import require
 from loes._exceptions import LOESError
-from loes.result import LOESResult
+from loes.evaluate import METRIC_LABELS
+from loes.result import LOESResult, format_number
 
 __all__ = [
     "cka_heatmap_matrix",
@@ -87,7 +86,7 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
     """
     if not result.steps:
         raise LOESError(
-            f"this result ({result.preset}) has no per-step score tables to plot; "
+            f"this result ({result.method}) has no per-step score tables to plot; "
             "only greedy selections (LOES, greedy_probe, metric selectors) have them"
         )
     steps = list(steps) if steps is not None else [t.step for t in result.steps]
@@ -116,7 +115,7 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
             legend.setdefault(label, handle)
     fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=5, loc="outside lower center")
     axes[-1].set_xlabel("layer")
-    fig.suptitle(f"LOES ({result.preset}, {result.task}) — selected {result.selected_layers}", fontsize=11)
+    fig.suptitle(f"{result.label()} — selected {result.selected_layers}", fontsize=11)
     _save(fig, path)
     return fig
 
@@ -133,7 +132,7 @@ def plot_trace(result: LOESResult, path: Optional[Union[str, os.PathLike]] = Non
     matplotlib.figure.Figure
     """
     if not result.steps:
-        raise LOESError(f"this result ({result.preset}) has no per-step score tables")
+        raise LOESError(f"this result ({result.method}) has no per-step score tables")
     n_layers = result.num_layers_seen
     grid = np.full((len(result.steps), n_layers), np.nan)
     for r, table in enumerate(result.steps):
@@ -249,7 +248,7 @@ def plot_per_layer(evaluation: Any, path: Optional[Union[str, os.PathLike]] = No
     ax = fig.subplots()
     colors = ["#d62728" if layer in selected else "#1f77b4" for layer in layers]
     ax.bar(layers, mean, yerr=std, color=colors, capsize=2)
-    label = "test accuracy" if evaluation.metric == "accuracy" else "test RMSE"
+    label = f"test {METRIC_LABELS.get(evaluation.metric, evaluation.metric)}"
     ax.set_ylabel(label)
     ax.set_xlabel("layer (red: selected by LOES)")
     if evaluation.metric == "accuracy":
@@ -282,7 +281,7 @@ def plot_comparison(evaluation: Any, path: Optional[Union[str, os.PathLike]] = N
     ax.barh(y, mean, xerr=std, color=colors, capsize=2)
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
-    label = "test accuracy" if evaluation.metric == "accuracy" else "test RMSE"
+    label = f"test {METRIC_LABELS.get(evaluation.metric, evaluation.metric)}"
     ax.set_xlabel(f"{label} (mean ± std over {len(evaluation.seeds)} seeds)")
     if evaluation.metric == "accuracy":
         ax.set_xlim(max(0.0, float((mean - std).min()) - 0.05), min(1.0, float((mean + std).max()) + 0.02))
@@ -317,10 +316,11 @@ def _table_html(headers: List[str], rows: List[List[Any]], left: Sequence[int] =
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
+    """A table cell: ``""`` for None (not applicable), ``"—"`` for NaN (no score)."""
     if v is None:
         return ""
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.{digits}f}"
+        return format_number(v, f".{digits}f")
     return str(v)
 
 
@@ -374,7 +374,9 @@ def write_report(
     names = result.layer_names
     pick_rows = [[i + 1, layer, names[layer] if names else "", _fmt(score)]
                  for i, (layer, score) in enumerate(zip(result.selected_layers, result.layer_scores))]
-    meta = [f"preset <b>{html.escape(result.preset)}</b>", f"task {html.escape(result.task)}",
+    made_by = f"preset <b>{html.escape(result.preset)}</b>" if result.method == "loes" else \
+        f"method <b>{html.escape(result.method)}</b>"
+    meta = [made_by, f"task {html.escape(result.task)}",
             f"{result.num_layers_seen} layers", f"N = {result.num_calibration_samples} calibration samples",
             f"pooling {html.escape(str(result.pooling))}"]
     if result.dataset:
@@ -398,7 +400,7 @@ def write_report(
                          _fmt(r["selection_time"], 3), _fmt(r["training_time"], 3),
                          _fmt(r["loes_minus_method"], 4), _fmt(r["p_value"], 3)])
             classes.append("loes" if r["method"] == "loes" else "")
-        metric = "accuracy" if evaluation.metric == "accuracy" else "RMSE"
+        metric = METRIC_LABELS.get(evaluation.metric, evaluation.metric)
         sizes = ", ".join(f"{k} {v}" for k, v in evaluation.n_samples.items())
         sections.append(
             "<h2>LOES against baselines</h2>"
@@ -408,7 +410,8 @@ def write_report(
                if evaluation.info.get("majority_accuracy") is not None else "")
             + ". Selection uses the calibration split only; the probe is "
             "fitted on train, its regularisation chosen on validation, and the test score is reported. "
-            "LOES−method is the mean paired difference, p the two-sided paired t-test over seeds.</p>"
+            "LOES−method is the mean paired difference (positive: LOES scored higher, which is better), "
+            "p the two-sided paired t-test over seeds.</p>"
             + _table_html(["method", "layers", "head", f"test {metric}", "± std", "select s", "train s",
                            "LOES − method", "p"], rows, left=(0, 1, 2), row_classes=classes))
         name = figure("comparison.png", lambda p: plot_comparison(evaluation, p))

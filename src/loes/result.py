@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from loes._exceptions import LOESError
+from loes._json import dumps, float_or_nan, to_jsonable
 
 __all__ = ["LOESResult", "StepTable"]
 
@@ -58,7 +63,9 @@ class LOESResult:
         Selected layers in pick order (0 = first transformer block unless
         ``layer_names`` says otherwise).
     layer_scores : list of float
-        The winning score at each pick (lower is better).
+        The winning score at each pick (lower is better); NaN where the method
+        has no score (the fixed baselines ``last``, ``last_k``, ``all_concat``,
+        ``layer_weights``, ``random_k``).
     task : str
         ``"classification"``, ``"regression"`` or ``"label_free"``.
     num_layers_seen : int
@@ -69,8 +76,9 @@ class LOESResult:
         How token states were pooled (``"precomputed"`` for custom embeddings).
     dataset, model_name : str, optional
         Provenance, when known.
-    preset : str
-        ``"robust"`` (default) or ``"reference"``.
+    preset : str or None
+        The LOES preset, ``"robust"`` (default) or ``"reference"``; None when
+        another method made the result.
     steps : list of StepTable
         The full score table of every greedy step.
     config : dict
@@ -83,6 +91,9 @@ class LOESResult:
         Layers that could not be selected (constant / zero variance).
     warnings : list of str
         Warnings raised during the run, as text.
+    method : str
+        What made the result: ``"loes"``, a baseline's name
+        (:data:`loes.baselines.BASELINES`) or a label-free metric's name.
     """
 
     selected_layers: List[int]
@@ -93,13 +104,14 @@ class LOESResult:
     pooling: str
     dataset: Optional[Any] = None
     model_name: Optional[str] = None
-    preset: str = "robust"
+    preset: Optional[str] = "robust"
     steps: List[StepTable] = field(default_factory=list)
     config: Dict[str, Any] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     layer_names: Optional[List[str]] = None
     excluded_layers: List[int] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    method: str = "loes"
 
     # ------------------------------------------------------------------ tables
     def score_table(self, step: int = 1) -> List[Dict[str, float]]:
@@ -131,14 +143,14 @@ class LOESResult:
         """A plain-text report: the picks, then the first step's table."""
         name = lambda i: self.layer_names[i] if self.layer_names else str(i)  # noqa: E731
         lines = [
-            f"LOES ({self.preset}, {self.task}): selected layers {self.selected_layers} "
+            f"{self.label()}: selected layers {self.selected_layers} "
             f"from {self.num_layers_seen} layers, N={self.num_calibration_samples}",
         ]
         if self.model_name:
             lines.append(f"model: {self.model_name}  pooling: {self.pooling}")
         lines.append(f"{'pick':>4}  {'layer':>5}  {'name':<18} {'score':>10}")
         for i, (layer, score) in enumerate(zip(self.selected_layers, self.layer_scores), 1):
-            lines.append(f"{i:>4}  {layer:>5}  {name(layer):<18} {score:>10.4f}")
+            lines.append(f"{i:>4}  {layer:>5}  {name(layer):<18} {format_number(score):>10}")
         if self.steps:
             lines.append("")
             lines.append("step 1 scores (lower is better):")
@@ -147,9 +159,10 @@ class LOESResult:
             )
             for row in sorted(self.score_table(1), key=lambda r: r["layer"]):
                 mark = " *" if row["layer"] in self.selected_layers else ""
+                f = {name: format_number(row.get(name)) for name in TERMS}
                 lines.append(
-                    f"{int(row['layer']):>5}  {row['fit']:>8.4f} {row['isotropy']:>9.4f} "
-                    f"{row['redundancy']:>8.4f} {row['geometry']:>9.4f} {row['total']:>9.4f}{mark}"
+                    f"{int(row['layer']):>5}  {f['fit']:>8} {f['isotropy']:>9} "
+                    f"{f['redundancy']:>8} {f['geometry']:>9} {f['total']:>9}{mark}"
                 )
         if self.excluded_layers:
             lines.append(f"excluded (constant) layers: {self.excluded_layers}")
@@ -158,55 +171,106 @@ class LOESResult:
     def __str__(self) -> str:
         return self.summary()
 
+    def label(self) -> str:
+        """``"LOES (robust, classification)"`` or ``"last_k (classification)"``."""
+        if self.method == "loes":
+            return f"LOES ({self.preset}, {self.task})"
+        return f"{self.method} ({self.task})"
+
     # ------------------------------------------------------------ serialising
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON-compatible dict; :meth:`from_dict` inverts it."""
-        d = asdict(self)
-        d["dataset"] = _jsonable(self.dataset)
-        d["config"] = _jsonable(self.config)
-        return d
+        """A strict-JSON dict (:mod:`loes._json`: NaN as None); :meth:`from_dict` inverts it."""
+        return to_jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LOESResult":
-        d = dict(d)
-        d["steps"] = [StepTable(**s) for s in d.get("steps", [])]
+        """Inverse of :meth:`to_dict`: None scores become NaN again.
+
+        A dict written before results had a ``method`` field still loads: the
+        method is ``config["method"]`` (baselines and metrics set it, and their
+        ``preset`` then held that name, not a LOES preset), else ``"loes"``.
+        """
+        d = check_fields(cls, d, "LOES result")
+        if "method" not in d:
+            method = (d.get("config") or {}).get("method")
+            d["method"], d["preset"] = ("loes", d.get("preset", "robust")) if method is None else (method, None)
+        d["layer_scores"] = [float_or_nan(v) for v in d["layer_scores"]]
+        d["steps"] = [
+            StepTable(**{**s, "terms": {k: [float_or_nan(v) for v in vs] for k, vs in s["terms"].items()}})
+            for s in d.get("steps", [])
+        ]
         return cls(**d)
 
     def to_json(self, path: Optional[str] = None, **kwargs: Any) -> str:
-        """Serialise to JSON; also write it to ``path`` when given."""
+        """Serialise to strict JSON (NaN as ``null``); also write it to ``path`` when given."""
         kwargs.setdefault("indent", 2)
-        text = json.dumps(self.to_dict(), allow_nan=True, **kwargs)
+        text = dumps(self.to_dict(), **kwargs)
         if path is not None:
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(text)
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "LOESResult":
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "LOESResult":
         """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as fh:
-                text = fh.read()
-        return cls.from_dict(json.loads(text))
-
-    # ----------------------------------------------------------------- report
-    def plot(self, path: Optional[str] = None, **kwargs: Any):
-        """Plot the per-step score terms (needs ``loes[plot]``); see
-        :func:`loes.report.plot_result`."""
-        from loes.report import plot_result
-
-        return plot_result(self, path=path, **kwargs)
+        return cls.from_dict(read_json_object(text_or_path, "LOES result"))
 
 
-def _jsonable(value: Any) -> Any:
-    """Best-effort conversion of provenance/config values to JSON types."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return repr(value) if not hasattr(value, "item") else _jsonable(value.item())
+def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, Any]:
+    """The JSON object in ``source``: JSON text (starting with ``{`` or ``[``) or a file's path.
+
+    Raises
+    ------
+    LOESError
+        When the file is missing or unreadable, the text is not JSON, or the
+        JSON is not an object; ``what`` names what was expected.
+    """
+    if isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
+        text, where = source, "the JSON text"
+    elif isinstance(source, (str, os.PathLike)):
+        where = f"{what} file {os.fspath(source)!r}"
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LOESError(f"{where} does not exist: pass the path of a JSON file written by "
+                            "to_json, or the JSON text itself") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LOESError(f"cannot read {where}: {e}") from None
+    else:
+        raise LOESError(f"expected JSON text or the path of a JSON file ({what}); got {type(source).__name__}"
+                        + ("; for a dict use from_dict" if isinstance(source, Mapping) else ""))
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LOESError(f"{where} is not valid JSON ({e}); expected what to_json writes") from None
+    if not isinstance(value, dict):
+        raise LOESError(f"{where} holds a JSON {type(value).__name__}, not a JSON object ({what})")
+    return value
+
+
+def check_fields(cls: type, d: Any, what: str) -> Dict[str, Any]:
+    """A copy of ``d`` after checking it has every required field of dataclass ``cls`` and no other.
+
+    Raises
+    ------
+    LOESError
+        Naming the missing and unknown fields.
+    """
+    if not isinstance(d, Mapping):
+        raise LOESError(f"expected a dict ({what}); got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = sorted(required - set(d)), sorted(set(d) - known)
+    if missing or unknown:
+        problems = ([f"missing field(s) {missing}"] if missing else []) + (
+            [f"unknown field(s) {unknown}"] if unknown else [])
+        raise LOESError(f"{what} dict with {'; '.join(problems)}: pass what {cls.__name__}.to_dict "
+                        "or to_json wrote")
+    return dict(d)
+
+
+def format_number(value: Optional[float], spec: str = ".4f") -> str:
+    """``value`` formatted by ``spec``; ``"—"`` for an absent (None or NaN) number."""
+    if value is None or math.isnan(value):
+        return "—"
+    return format(value, spec)

@@ -9,7 +9,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from loes._deps import require
 from loes._exceptions import LOESError
+from loes._json import to_jsonable
 from loes._progress import ProgressSetting, progress
 from loes._validation import check_embeddings
 from loes.core._numerics import isotropy
@@ -116,13 +118,9 @@ class MetricProfile:
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
-            "values": {k: [None if math.isnan(v) else v for v in vs] for k, vs in self.values.items()},
-            "directions": dict(self.directions),
-            "layer_names": self.layer_names,
-            "cka": None if self.cka is None else self.cka.tolist(),
-            "config": dict(self.config),
-        }
+        """A strict-JSON dict (:mod:`loes._json`: a NaN value as None)."""
+        return to_jsonable({"values": self.values, "directions": self.directions,
+                            "layer_names": self.layer_names, "cka": self.cka, "config": self.config})
 
     def to_frame(self):
         """A pandas DataFrame with one row per layer."""
@@ -137,20 +135,17 @@ class MetricProfile:
     def plot(self, path: Optional[str] = None, *, title: Optional[str] = None):
         """One panel per metric across layers, plus the CKA heat map.
 
-        Needs matplotlib (``pip install 'loes[plot]'``). Returns the figure;
-        writes it to ``path`` (e.g. a PNG) when given.
+        Needs matplotlib (``pip install 'loes[plot]'``). Returns a
+        :class:`matplotlib.figure.Figure` (no pyplot state, no backend
+        switch); writes it to ``path`` (e.g. a PNG) when given.
         """
-        from loes._deps import require
-
-        mpl = require("matplotlib", extra="plot")
-        if path is not None:
-            mpl.use("Agg", force=False)
-        plt = require("matplotlib.pyplot", extra="plot", package="matplotlib")
+        figure = require("matplotlib.figure", extra="plot", package="matplotlib")
         names = self.metrics
         panels = len(names) + (self.cka is not None)
         cols = min(4, max(panels, 1))
         rows = math.ceil(panels / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+        fig = figure.Figure(figsize=(3.6 * cols, 2.9 * rows), layout="tight")
+        axes = fig.subplots(rows, cols, squeeze=False)
         layers = list(range(self.n_layers))
         for ax, name in zip(axes.flat, names):
             vals = self.values[name]
@@ -175,7 +170,6 @@ class MetricProfile:
             ax.axis("off")
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig

@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Sequence
 
 from loes._exceptions import LOESError
 from loes._validation import check_k
+from loes.core import select_layers_from_custom_embeddings
 from loes.metrics._profile import METRICS, MetricProfile, _check_direction, profile
 from loes.result import LOESResult, StepTable
 
@@ -61,7 +62,8 @@ def select_layers_label_free(
     Returns
     -------
     LOESResult
-        ``task="label_free"``. For a metric: ``selected_layers`` are the top k
+        ``task="label_free"``. For a metric: ``method`` is its name (``preset``
+        None), ``selected_layers`` are the top k
         by the metric, ``layer_scores`` the signed score (lower is better: the
         value itself for ``"lower"``, its negative for ``"higher"``), one
         :class:`StepTable` per pick whose terms hold the metric values and the
@@ -77,8 +79,6 @@ def select_layers_label_free(
     ([2, 1], 'higher')
     """
     if method == "loes":
-        from loes.core.select import select_layers_from_custom_embeddings
-
         if embeddings is None:
             raise LOESError("method='loes' needs pooled embeddings")
         return select_layers_from_custom_embeddings(
@@ -120,7 +120,8 @@ def select_layers_label_free(
         num_layers_seen=n_layers,
         num_calibration_samples=n_samples,
         pooling="tokens" if METRICS[method].source == "tokens" else "precomputed",
-        preset="metric",
+        preset=None,
+        method=method,
         steps=steps,
         config={"method": method, "metric": method, "direction": direction, "k": k,
                 "random_state": random_state, **prof.config},

@@ -21,7 +21,7 @@ from loes.transfer._finetune import FineTunedModel, finetune
 from loes.transfer._fusion import FUSIONS, FusionHead, FusionProbe, cosine_schedule
 from loes.transfer._georeg import GeoReg, eigenvalue_variance, triangle_log_area
 from loes.transfer._probes import (LayerStandardizer, LinearProbe, encode_labels, select_layers,
-                                   split_indices, task_score)
+                                   split_indices, take_layers, task_score)
 
 __all__ = [
     "FUSIONS",
@@ -35,8 +35,9 @@ __all__ = [
     "eigenvalue_variance",
     "encode_labels",
     "finetune",
-    "select_layers",
+    "select_layers",  # deprecated alias of take_layers
     "split_indices",
+    "take_layers",
     "task_score",
     "triangle_log_area",
 ]

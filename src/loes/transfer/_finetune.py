@@ -20,6 +20,7 @@ from torch import nn
 from loes._deps import require
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress
+from loes._rng import seed_of
 from loes._validation import normalize_task
 from loes.transfer._fusion import BestEpoch, FusionHead, cosine_schedule
 from loes.transfer._georeg import GeoReg
@@ -95,7 +96,7 @@ class FineTunedModel(nn.Module):
         return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
 
     def score(self, texts: Sequence[str], targets: Any) -> float:
-        """Accuracy (classification) or RMSE (regression)."""
+        """Accuracy (classification) or R² (regression): higher is better."""
         out = self.decision_function(list(texts))
         if self.task == "classification":
             ids, _ = encode_labels(targets, self.classes)
@@ -189,7 +190,7 @@ def finetune(
         n_out = y.shape[1]
         loss_fn = nn.MSELoss()
     dim = int(getattr(model.config, "hidden_size", 0) or model.config.to_dict().get("d_model", 0))
-    seed = 0 if random_state is None else int(random_state)
+    seed = seed_of(random_state)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):
@@ -213,7 +214,7 @@ def finetune(
         reg = georeg
         if reg is not None and not isinstance(reg, GeoReg):
             reg = GeoReg(weight=float(reg), random_state=seed) if float(reg) > 0 else None
-        best, history = BestEpoch(task), []
+        best, history = BestEpoch(), []
         for epoch in range(epochs):
             wrapped.train()
             order = torch.randperm(n, generator=gen).tolist()

@@ -24,9 +24,10 @@ from torch import nn
 
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress
+from loes._rng import seed_of
 from loes._validation import normalize_task
 from loes.transfer._georeg import GeoReg
-from loes.transfer._probes import _holdout_split, encode_labels, select_layers, task_score
+from loes.transfer._probes import _holdout_split, encode_labels, take_layers, task_score
 
 __all__ = ["FUSIONS", "FusionHead", "FusionProbe"]
 
@@ -123,18 +124,17 @@ class FusionHead(nn.Module):
 class BestEpoch:
     """Keeps a copy of a module's weights at its best validation score so far.
 
-    Higher is better for classification (accuracy), lower for regression (RMSE).
+    Higher is better (accuracy or R², :func:`~loes.transfer.task_score`).
     """
 
-    def __init__(self, task: str):
-        self.higher = task == "classification"
+    def __init__(self):
         self.score: Optional[float] = None
         self.epoch = -1
         self.state: Optional[Dict[str, torch.Tensor]] = None
 
     def update(self, score: float, epoch: int, module: nn.Module) -> None:
         """Record ``module``'s weights if ``score`` beats the best so far."""
-        if self.score is None or (score > self.score if self.higher else score < self.score):
+        if self.score is None or score > self.score:
             self.score, self.epoch = score, epoch
             self.state = copy.deepcopy(module.state_dict())
 
@@ -176,8 +176,9 @@ class FusionProbe:
         or a configured GeoReg module.
     val_fraction : float
         Share of the training data held out when ``fit`` gets no validation split.
-    random_state : int, optional
-        Seeds initialisation, shuffling and dropout (a private generator).
+    random_state : None, int, numpy or torch generator
+        Seeds initialisation, shuffling and dropout (a private generator;
+        :func:`loes._rng.seed_of`: None means fresh randomness).
     show_progress : bool or str
 
     Attributes
@@ -221,7 +222,7 @@ class FusionProbe:
         self.show_progress = show_progress
 
     def _prepare(self, embeddings: Any) -> List[torch.Tensor]:
-        return [x.float() for x in select_layers(embeddings, self.layers)]
+        return [x.float() for x in take_layers(embeddings, self.layers)]
 
     def _targets(self, targets: Any, n: int, fit: bool) -> torch.Tensor:
         if self.task_ == "classification":
@@ -282,7 +283,7 @@ class FusionProbe:
             loss_fn = nn.MSELoss()
             y_train = (y - self.y_mean_) / self.y_std_
 
-        seed = 0 if self.random_state is None else int(self.random_state)
+        seed = seed_of(self.random_state)
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # initialisation and dropout, restored on exit
@@ -294,7 +295,7 @@ class FusionProbe:
             steps_per_epoch = max(1, math.ceil(n / self.batch_size))
             opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             sched = cosine_schedule(opt, self.epochs * steps_per_epoch, warmup=min(steps_per_epoch, 10))
-            best = BestEpoch(self.task_)
+            best = BestEpoch()
             self.history_: List[Dict[str, float]] = []
             for epoch in progress(range(self.epochs), self.show_progress, desc="fusion head",
                                   total=self.epochs, unit="epoch"):
@@ -359,7 +360,7 @@ class FusionProbe:
         return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
 
     def score(self, embeddings: Any, targets: Any) -> float:
-        """Accuracy (classification) or RMSE (regression)."""
+        """Accuracy (classification) or R² (regression): higher is better."""
         out = self.decision_function(embeddings)
         y = self._targets(targets, out.shape[0], fit=False)
         if self.task_ == "classification":

@@ -11,20 +11,23 @@ training data with a seeded split), never on test data.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from loes._deps import require
 from loes._exceptions import LOESError
+from loes._rng import seed_of
 from loes._validation import check_embeddings, normalize_task
 
 __all__ = [
     "LayerStandardizer",
     "LinearProbe",
     "encode_labels",
-    "select_layers",
     "split_indices",
+    "take_layers",
     "task_score",
 ]
 
@@ -38,8 +41,8 @@ LOGISTIC_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 # ------------------------------------------------------------------ helpers
-def select_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
-    """Validate ``embeddings`` and return the chosen layers as float64 tensors.
+def take_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """Validate ``embeddings`` and take the given layers (columns) as float64 tensors.
 
     Parameters
     ----------
@@ -63,6 +66,13 @@ def select_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> Li
             f"layer indices {bad} are out of range for embeddings with {len(all_layers)} layers"
         )
     return [all_layers[i].detach().to("cpu", torch.float64) for i in layers]
+
+
+def select_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """Deprecated alias of :func:`take_layers` (it selects nothing: it takes the given layers)."""
+    warnings.warn("loes.transfer.select_layers is deprecated; use loes.transfer.take_layers",
+                  DeprecationWarning, stacklevel=2)
+    return take_layers(embeddings, layers)
 
 
 def encode_labels(labels: Any, classes: Optional[Sequence[Any]] = None):
@@ -92,13 +102,35 @@ def _regression_targets(targets: Any, n: int) -> torch.Tensor:
 
 
 def task_score(pred: Any, truth: Any, task: str) -> float:
-    """Accuracy (classification: predicted vs true label ids) or RMSE (regression)."""
+    """The score of predictions, higher is better (scikit-learn's convention).
+
+    Classification: accuracy of predicted vs true label ids. Regression: the
+    coefficient of determination ``R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)²``, the sums
+    running over samples and target columns (scikit-learn's
+    ``r2_score(multioutput="variance_weighted")``; for one column its plain
+    ``r2_score``). Constant truth: 1.0 for a perfect prediction, else 0.0
+    (scikit-learn's ``force_finite``).
+
+    Parameters
+    ----------
+    pred, truth : array of shape (n_samples,) or (n_samples, m)
+    task : {"classification", "regression"}
+
+    Examples
+    --------
+    >>> task_score([1.0, 2.0, 3.0], [1.0, 2.0, 4.0], "regression")
+    0.7857142857142857
+    """
     pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred)
     truth = torch.as_tensor(np.asarray(truth) if not isinstance(truth, torch.Tensor) else truth)
     if normalize_task(task) == "classification":
         return float((pred.reshape(-1) == truth.reshape(-1)).double().mean())
-    diff = pred.double().reshape(truth.shape[0], -1) - truth.double().reshape(truth.shape[0], -1)
-    return float(torch.sqrt((diff**2).mean()))
+    y = truth.double().reshape(truth.shape[0], -1)
+    sse = float(((pred.double().reshape(y.shape[0], -1) - y) ** 2).sum())
+    sst = float(((y - y.mean(0, keepdim=True)) ** 2).sum())
+    if sst == 0.0:
+        return 1.0 if sse == 0.0 else 0.0
+    return 1.0 - sse / sst
 
 
 class LayerStandardizer:
@@ -221,7 +253,7 @@ class LinearProbe:
     best_param_ : float
         The regularisation value chosen on validation.
     val_scores_ : dict of float to float
-        Validation accuracy (classification) or RMSE (regression) of each value.
+        Validation accuracy (classification) or R² (regression) of each value.
     classes_ : list
         Class labels (classification).
 
@@ -278,7 +310,7 @@ class LinearProbe:
         if self.kind == "logistic" and task != "classification":
             raise LOESError("the logistic probe is for classification; use kind='ridge' for regression")
         self.task_ = task
-        layers = select_layers(embeddings, self.layers)
+        layers = take_layers(embeddings, self.layers)
         n = layers[0].shape[0]
         y = self._encode(targets, n, fit=True)
         if val_embeddings is None:
@@ -293,11 +325,10 @@ class LinearProbe:
             if val_targets is None:
                 raise LOESError("val_embeddings was given without val_targets")
             tr_layers, y_tr = layers, y
-            va_layers = select_layers(val_embeddings, self.layers)
+            va_layers = take_layers(val_embeddings, self.layers)
             y_va = self._encode(val_targets, va_layers[0].shape[0], fit=False)
         self.val_scores_ = self._search(tr_layers, y_tr, va_layers, y_va)
-        better = max if task == "classification" else min
-        best_score = better(self.val_scores_.values())
+        best_score = max(self.val_scores_.values())
         # ties: the strongest regularisation that reaches the best score
         candidates = [p for p, s in self.val_scores_.items() if s == best_score]
         self.best_param_ = max(candidates) if self.kind == "ridge" else min(candidates)
@@ -366,7 +397,7 @@ class LinearProbe:
     def _logistic(self, c: float):
         linear_model = _sklearn_linear_model()
         return linear_model.LogisticRegression(
-            C=c, max_iter=500, random_state=self.random_state, tol=1e-4
+            C=c, max_iter=500, random_state=seed_of(self.random_state), tol=1e-4
         )
 
     def _fit_one(self, layers, y, param):
@@ -392,7 +423,7 @@ class LinearProbe:
     def decision_function(self, embeddings: Any) -> torch.Tensor:
         """Raw outputs (n_samples, n_outputs): ridge fits or logistic logits."""
         self._check_fitted()
-        x = self.standardizer_.transform(select_layers(embeddings, self.layers))
+        x = self.standardizer_.transform(take_layers(embeddings, self.layers))
         if self.kind == "ridge":
             return x @ self.coef_ + self.intercept_
         return torch.from_numpy(np.asarray(self.model_.decision_function(x.numpy()), dtype=np.float64))
@@ -409,7 +440,7 @@ class LinearProbe:
         return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
 
     def score(self, embeddings: Any, targets: Any) -> float:
-        """Accuracy (classification) or RMSE (regression) on the given data."""
+        """Accuracy (classification) or R² (regression) on the given data: higher is better."""
         self._check_fitted()
         pred = self.predict(embeddings)
         if self.task_ == "classification":
@@ -425,6 +456,4 @@ class LinearProbe:
 
 
 def _sklearn_linear_model():
-    from loes._deps import require
-
     return require("sklearn.linear_model", extra="sklearn", package="scikit-learn")
