@@ -17,7 +17,7 @@ from loes.core import (
     ridge_loo_residuals,
     triangle_geometry,
 )
-from loes.core._numerics import triplets
+from loes._linalg import triplets
 from loes.core._robust import (
     LayerFactor,
     _gcv_residual,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loes import LOESError
-from loes.core._numerics import linear_cka
+from loes._linalg import linear_cka
 from loes.metrics import (
     cka_matrix,
     curvature,

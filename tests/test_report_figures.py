@@ -9,7 +9,7 @@ pytest.importorskip("matplotlib")
 
 from loes import LOESError, select_layers_from_custom_embeddings  # noqa: E402
 from loes.baselines import select_baseline  # noqa: E402
-from loes.core._numerics import linear_cka  # noqa: E402
+from loes._linalg import linear_cka  # noqa: E402
 from loes.evaluate import evaluate  # noqa: E402
 from loes.report import cka_heatmap_matrix, plot_cka, plot_result, plot_trace, write_report  # noqa: E402
 

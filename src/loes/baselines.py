@@ -42,7 +42,7 @@ import torch
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
-from loes.core._numerics import ridge_loo_residuals
+from loes._linalg import ridge_loo_residuals
 from loes.result import LOESResult, StepTable
 
 __all__ = [

@@ -9,7 +9,7 @@ import torch
 
 from loes._exceptions import LOESError
 from loes._validation import check_embeddings
-from loes.core._numerics import as_float, center
+from loes._linalg import as_float, center
 from loes.metrics._common import as_matrix, as_tokens
 from loes.metrics._entropy import _reduce
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from loes._exceptions import LOESError
-from loes.core._numerics import as_float
+from loes._linalg import as_float
 from loes.metrics._entropy import prompt_entropy
 from loes.metrics._geometry import curvature
 
