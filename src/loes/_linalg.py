@@ -20,7 +20,7 @@ they define the paper's numbers and are not duplicates of these.
 from __future__ import annotations
 
 import itertools
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -308,6 +308,7 @@ def cka_matrix(
     generator: Optional[torch.Generator] = None,
     *,
     method: str = "gram",
+    memory_limit: float = 4e8,
 ) -> torch.Tensor:
     """Layer × layer linear CKA on centred features, clamped to [0, 1].
 
@@ -334,7 +335,8 @@ def cka_matrix(
         of the flattened Grams (L·N² memory). ``"feature"``: ``‖XᵢᵀXⱼ‖²_F`` per
         pair, the diagonal terms from the rows' squared norms (no N × N
         matrices). ``"auto"``: ``"gram"`` when N <= 2 × the mean width and the
-        Grams take at most 4e8 bytes.
+        Grams take at most ``memory_limit`` bytes.
+    memory_limit : float
 
     Returns
     -------
@@ -349,7 +351,7 @@ def cka_matrix(
     n_layers = len(layers)
     if method == "auto":
         mean_dim = sum(x.shape[1] for x in layers) / n_layers
-        method = "gram" if 8.0 * n_layers * n * n <= 4e8 and n <= 2 * mean_dim else "feature"
+        method = "gram" if 8.0 * n_layers * n * n <= memory_limit and n <= 2 * mean_dim else "feature"
     xcs = []
     for x in layers:
         xs = (x if idx is None else x[idx]).to(cdt)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from loes._exceptions import LOESError
+from loes._linalg import triangle_areas
 
 __all__ = ["GeoReg", "eigenvalue_variance", "triangle_log_area"]
 
@@ -52,7 +53,8 @@ def eigenvalue_variance(features: torch.Tensor, eps: float = 1e-4) -> torch.Tens
 def triangle_log_area(
     features: torch.Tensor, labels: torch.Tensor, triple: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
-    """``log(area + eps)`` of the triangle of the centroids of the classes in ``triple``.
+    """``log(area + eps)`` of the triangle of the centroids of the classes in ``triple``
+    (:func:`loes._linalg.triangle_areas` with the same ``eps``: finite gradients).
 
     Parameters
     ----------
@@ -61,10 +63,7 @@ def triangle_log_area(
     triple : tensor of shape (3,), three distinct class ids present in ``labels``
     """
     cents = torch.stack([features[labels == c].mean(0) for c in triple.tolist()])
-    ab, ac = cents[1] - cents[0], cents[2] - cents[0]
-    gram = (ab * ab).sum() * (ac * ac).sum() - (ab * ac).sum() ** 2
-    area = 0.5 * torch.sqrt(gram.clamp(min=0.0) + eps**2)
-    return torch.log(area + eps)
+    return torch.log(triangle_areas(cents[0], cents[1], cents[2], eps=eps) + eps)
 
 
 class GeoReg(nn.Module):
