@@ -53,7 +53,7 @@ import torch
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import progress
 from loes._validation import Targets
-from loes._linalg import cka_matrix, triplets
+from loes._linalg import cka_matrix, sym_gram, triplets
 from loes.core.select import EngineOutput, compute_dtype
 from loes.result import StepTable
 
@@ -192,29 +192,6 @@ def _inverse_std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     tol = 100 * torch.finfo(var.dtype).eps
     const = std <= tol * mean.abs()
     return torch.where(const | (std <= 0), torch.zeros_like(std), 1.0 / std.clamp(min=1e-30))
-
-
-def sym_gram(x: torch.Tensor, rows: bool = False, base: int = 256) -> torch.Tensor:
-    """``XᵀX`` (or ``XXᵀ`` with ``rows``) by recursive 2 × 2 blocking.
-
-    Only the diagonal blocks and one off-diagonal block are multiplied (the
-    other is its transpose), so about half the flops of one general product:
-    a symmetric rank-k update that torch does not expose directly.
-    """
-    if rows:
-        x = x.T
-    d = x.shape[1]
-    if d <= base:
-        return x.T @ x
-    h = d // 2
-    a, b = x[:, :h], x[:, h:]
-    g = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    g[:h, :h] = sym_gram(a, base=base)
-    g[h:, h:] = sym_gram(b, base=base)
-    off = b.T @ a
-    g[h:, :h] = off
-    g[:h, h:] = off.T
-    return g
 
 
 def tri_inverse(l: torch.Tensor, base: int = 128) -> torch.Tensor:
