@@ -196,19 +196,23 @@ def relative_penalty(reg: float, trace: float, n: int, d: int) -> float:
 class RidgePath:
     """Ridge regression with an unpenalised intercept for many strengths, from one decomposition.
 
-    With ``Xc = U diag(s) Vᵀ`` (thin SVD of the centred features, or the
-    eigen-decomposition ``K = U diag(s²) Uᵀ`` of their centred kernel
-    ``K = XcXcᵀ``) and a strength λ (:func:`relative_penalty` of ``reg`` when
-    ``relative``, else ``reg`` itself):
+    With ``Xc = U diag(s) Vᵀ`` (thin SVD of the centred features) and a strength
+    λ (:func:`relative_penalty` of ``reg`` when ``relative``, else ``reg``):
 
     - shrinkage ``f_k = s_k² / (s_k² + λ)``;
     - weights ``W = V diag(s / (s² + λ)) UᵀYc``, intercept ``b = ȳ − x̄W``;
-    - hat matrix ``H = 11ᵀ/N + U diag(f) Uᵀ`` (the intercept counted);
-    - in-sample residuals ``e = Yc − U diag(f) UᵀYc``;
+    - hat matrix ``H = 11ᵀ/N + H_c`` with ``H_c = U diag(f) Uᵀ`` (the intercept
+      counted);
+    - in-sample residuals ``e = Yc − H_c Yc``;
     - leave-one-out residuals ``e_i / (1 − H_ii)``, exact for ridge with an
       unpenalised intercept;
     - GCV residuals ``e / (1 − tr H / N)`` with ``tr H = 1 + Σ f_k`` (Golub, Heath
       and Wahba, 1979): every residual over the mean of ``1 − H_ii``.
+
+    From the centred kernel ``K = XcXcᵀ`` alone (``kernel=``, residuals only)
+    each strength costs one Cholesky factorisation of ``A = K + λI`` instead:
+    ``H_c = I − λA⁻¹``, so ``e = λA⁻¹Yc``, ``H_ii = 1/N + 1 − λ(A⁻¹)_ii`` and
+    ``tr H = 1 + N − λ tr(A⁻¹)`` (the same quantities; cheaper for one strength).
 
     Directions with ``s_k² <= max(s²)·max(N, D)·eps`` are rounding noise of exact
     zeros and are dropped. A constant layer has none: it predicts the mean.
@@ -219,7 +223,7 @@ class RidgePath:
         Features (any float dtype; computed in float64).
     y : tensor of shape (N,) or (N, m)
     kernel : tensor of shape (N, N), optional
-        The centred kernel ``XcXcᵀ`` instead of ``x`` (residuals only, no weights).
+        The centred kernel ``XcXcᵀ`` instead of ``x``.
     dim : int, optional
         D, with ``kernel``.
     relative : bool
@@ -233,42 +237,53 @@ class RidgePath:
         self.yc = y.reshape(y.shape[0], -1) - self.y_mean
         self.relative = relative
         self.n = self.yc.shape[0]
+        self.kernel = None if kernel is None else as_float(kernel)
         if kernel is None:
             x = as_float(x)
             self.x_mean = x.mean(0, keepdim=True)
             u, s, vt = torch.linalg.svd(x - self.x_mean, full_matrices=False)
             s2, self.d = s * s, x.shape[1]
+            self.trace = float(s2.sum())
+            keep = s2 > float(s2.max()) * max(self.n, self.d) * torch.finfo(s2.dtype).eps if s2.numel() else s2 > 0
+            self.u, self.s2, self.vt = u[:, keep], s2[keep], vt[keep]
+            self.uty = self.u.T @ self.yc
         else:
-            evals, u = torch.linalg.eigh(as_float(kernel))
-            s2, vt, self.d = evals.clamp(min=0), None, int(dim)
-        self.trace = float(s2.sum())
-        keep = s2 > float(s2.max()) * max(self.n, self.d) * torch.finfo(s2.dtype).eps if s2.numel() else s2 > 0
-        self.u, self.s2 = u[:, keep], s2[keep]
-        self.vt = None if vt is None else vt[keep]
-        self.uty = self.u.T @ self.yc
+            self.d = int(dim)
+            self.trace = float(torch.diagonal(self.kernel).sum())
 
     def penalty(self, reg: float) -> float:
         """The absolute λ for ``reg``."""
         return relative_penalty(reg, self.trace, self.n, self.d) if self.relative else float(reg)
 
-    def _shrink(self, reg: float) -> torch.Tensor:
-        return self.s2 / (self.s2 + self.penalty(reg))
+    def _hat(self, reg: float) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """In-sample residuals ``e`` (N, m), ``diag(H_c)`` (N,) and ``tr H_c``."""
+        lam = self.penalty(reg)
+        if self.kernel is not None:
+            a = self.kernel + lam * torch.eye(self.n, dtype=self.kernel.dtype, device=self.kernel.device)
+            a_inv = torch.cholesky_inverse(torch.linalg.cholesky(a))
+            diag = torch.diagonal(a_inv)
+            return lam * (a_inv @ self.yc), 1.0 - lam * diag, float(self.n - lam * diag.sum())
+        f = self.s2 / (self.s2 + lam)
+        return self.yc - self.u @ (f[:, None] * self.uty), (self.u * self.u) @ f, float(f.sum())
 
     def residuals(self, reg: float) -> torch.Tensor:
         """In-sample residuals ``e`` (N, m)."""
-        return self.yc - self.u @ (self._shrink(reg)[:, None] * self.uty)
+        return self._hat(reg)[0]
 
     def loo_residuals(self, reg: float) -> torch.Tensor:
         """Exact leave-one-out residuals ``e_i / (1 − H_ii)`` (N, m)."""
-        h = 1.0 / self.n + (self.u * self.u) @ self._shrink(reg)
-        return self.residuals(reg) / (1.0 - h)[:, None]
+        e, h, _ = self._hat(reg)
+        return e / (1.0 - 1.0 / self.n - h)[:, None]
 
     def gcv_residuals(self, reg: float) -> torch.Tensor:
-        """GCV residuals ``e / (1 − (1 + Σf)/N)`` (N, m)."""
-        return self.residuals(reg) / (1.0 - (1.0 + float(self._shrink(reg).sum())) / self.n)
+        """GCV residuals ``e / (1 − (1 + tr H_c)/N)`` (N, m)."""
+        e, _, tr = self._hat(reg)
+        return e / (1.0 - (1.0 + tr) / self.n)
 
     def coef(self, reg: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Weights (D, m) and intercept (m,)."""
+        """Weights (D, m) and intercept (m,) (from features only)."""
+        if self.kernel is not None:
+            raise LOESError("a RidgePath built from a kernel has no weights: pass the features")
         s = self.s2.sqrt()
         w = self.vt.T @ ((s / (self.s2 + self.penalty(reg)))[:, None] * self.uty)
         return w, (self.y_mean - self.x_mean @ w).squeeze(0)
