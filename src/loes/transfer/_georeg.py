@@ -16,13 +16,14 @@ unchanged), so its gradient is smooth even when eigenvalues repeat.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from loes._exceptions import LOESError
 from loes._linalg import triangle_areas
+from loes._rng import RandomState, torch_generator
 
 __all__ = ["GeoReg", "eigenvalue_variance", "triangle_log_area"]
 
@@ -83,8 +84,9 @@ class GeoReg(nn.Module):
         ``"random"``: one triple of present classes drawn per call with the
         module's seeded generator (the paper's choice); ``"all"``: the mean of
         ``log area`` over every triple of present classes (deterministic).
-    random_state : int, optional
-        Seed of the generator used for ``triplets="random"``.
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        The generator used for ``triplets="random"`` (:func:`loes._rng.torch_generator`;
+        None is fresh randomness).
 
     Examples
     --------
@@ -111,7 +113,7 @@ class GeoReg(nn.Module):
         triangle_weight: float = 1.0,
         eps: float = 1e-4,
         triplets: str = "random",
-        random_state: Optional[int] = 0,
+        random_state: RandomState = 0,
     ):
         super().__init__()
         if triplets not in ("random", "all"):
@@ -125,7 +127,7 @@ class GeoReg(nn.Module):
         self.triangle_weight = float(triangle_weight)
         self.eps = float(eps)
         self.triplets = triplets
-        self.generator = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+        self.generator = torch_generator(random_state)
         self.last_terms: dict = {}
 
     def forward(self, features: torch.Tensor, labels: Any = None) -> torch.Tensor:
