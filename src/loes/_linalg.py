@@ -228,6 +228,18 @@ class RidgePath:
         D, with ``kernel``.
     relative : bool
         Whether the ``reg`` passed to the methods is relative.
+
+    Examples
+    --------
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    >>> y = x @ torch.tensor([1.0, -2.0, 0.0, 0.5], dtype=torch.float64) + 3.0
+    >>> path = RidgePath(x, y)
+    >>> w, b = path.coef(1e-8)
+    >>> [round(v, 4) for v in w[:, 0].tolist()], round(float(b), 4)
+    ([1.0, -2.0, 0.0, 0.5], 3.0)
+    >>> bool(path.loo_residuals(1.0).abs().mean() > path.loo_residuals(1e-4).abs().mean())
+    True
     """
 
     def __init__(self, x: Any = None, y: Any = None, *, kernel: Optional[torch.Tensor] = None,
@@ -356,6 +368,16 @@ def cka_matrix(
     Returns
     -------
     tensor of shape (n_layers, n_layers), float64, on the CPU
+
+    Examples
+    --------
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = torch.randn(40, 100, generator=g, dtype=torch.float64)
+    >>> b = torch.randn(40, 100, generator=g, dtype=torch.float64)
+    >>> biased = cka_matrix([a, b], debiased=False)[0, 1]
+    >>> debiased = cka_matrix([a, b])[0, 1]
+    >>> bool(biased > 0.5), bool(debiased < 0.05)  # independent noise at N < D
+    (True, True)
     """
     n = layers[0].shape[0]
     idx = None
