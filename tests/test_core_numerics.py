@@ -17,7 +17,7 @@ from loes.core import (
     ridge_loo_residuals,
     triangle_geometry,
 )
-from loes.core._numerics import triplets
+from loes._linalg import cka_matrix, sym_gram, triplets
 from loes.core._robust import (
     LayerFactor,
     _gcv_residual,
@@ -25,8 +25,6 @@ from loes.core._robust import (
     _geometry,
     _loo_residual,
     _Projection,
-    cka_matrix,
-    sym_gram,
     tri_inverse,
 )
 

@@ -364,7 +364,7 @@ def test_step1_geometry_equals_the_plain_twin(cv, n, d):
     """Class geometry at step 1: the scale-free triangle term of the centroids of
     the standardised layer, as computed by the plain function."""
     from loes.core import triangle_geometry
-    from loes.core._numerics import triplets
+    from loes._linalg import triplets
 
     x, y = planted(n, d, informative=(3,), n_layers=5, n_classes=6, seed=4)
     res = select(x.astype(np.float64), y, k=1, cv=cv)

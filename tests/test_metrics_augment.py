@@ -66,8 +66,9 @@ def test_text_augmenter_is_reproducible_and_varies():
         TextAugmenter(methods=("shout",))
     with pytest.raises(LOESError, match=r"\[0, 1\]"):
         split_words(TEXT, p=1.5)
-    with pytest.raises(LOESError, match="random_state"):
-        keyboard_typos(TEXT, random_state=None)
+    with pytest.raises(LOESError, match="random_state must be None, an int seed"):
+        keyboard_typos(TEXT, random_state=1.5)
+    assert isinstance(keyboard_typos(TEXT, random_state=None), str)  # None: fresh randomness (sklearn)
 
 
 def test_make_views_align_rows():

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loes import LOESError
-from loes.core._numerics import linear_cka
+from loes._linalg import linear_cka
 from loes.metrics import (
     cka_matrix,
     curvature,
@@ -313,8 +313,10 @@ def test_dime_known_answers(rng):
     # N > D: permuting samples (not features) keeps identical views maximally dependent
     assert dime(a, a) >= dependent
     assert dime(a, a, random_state=3) == pytest.approx(dime(a, a, random_state=3))
-    with pytest.raises(LOESError, match="random_state"):
-        dime(a, a, random_state=None)
+    with pytest.raises(LOESError, match="random_state must be None, an int seed"):
+        dime(a, a, random_state="3")
+    g = torch.Generator().manual_seed(3)  # a torch.Generator is used as it is
+    assert dime(a, a, random_state=g) == pytest.approx(dime(a, a, random_state=3))
 
 
 def test_view_metrics_check_shapes(rng):

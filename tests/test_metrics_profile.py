@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loes import LOESError, LOESResult, select_layers_from_custom_embeddings
-from loes.core._numerics import isotropy
+from loes._linalg import isotropy
 import loes.metrics as lm
 from loes.metrics import (METRICS, TokenMetricAccumulator, best_layer_by_metric, effective_rank, profile,
                           select_layers_label_free)

@@ -9,7 +9,7 @@ pytest.importorskip("matplotlib")
 
 from loes import LOESError, select_layers_from_custom_embeddings  # noqa: E402
 from loes.baselines import select_baseline  # noqa: E402
-from loes.core._numerics import linear_cka  # noqa: E402
+from loes._linalg import linear_cka  # noqa: E402
 from loes.evaluate import evaluate  # noqa: E402
 from loes.report import cka_heatmap_matrix, plot_cka, plot_result, plot_trace, write_report  # noqa: E402
 
@@ -55,12 +55,13 @@ def test_plot_result_refuses_results_without_steps(planted):
         plot_result(select_baseline("last_k", x, k=2))
 
 
-def test_cka_heatmap_matches_pairwise_linear_cka(planted):
+def test_cka_heatmap_matches_pairwise_debiased_cka(planted):
+    """The heatmap shows the selector's quantity: debiased CKA (issue 10)."""
     x, _ = planted
     m = cka_heatmap_matrix(x)
     for i in range(5):
         for j in range(5):
-            assert m[i, j] == pytest.approx(linear_cka(x[:, i], x[:, j]), abs=1e-9)
+            assert m[i, j] == pytest.approx(linear_cka(x[:, i], x[:, j], debiased=True), abs=1e-9)
     fig = plot_cka(cka=m, selected=[1])
     shown = fig.axes[0].images[0].get_array()
     np.testing.assert_allclose(np.asarray(shown), m)

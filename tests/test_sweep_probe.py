@@ -14,7 +14,10 @@ def rng():
 
 
 def slow_gcv_ridge(x, y, alphas):
-    """Explicit hat matrix for every λ, primal solve for the winner."""
+    """Explicit hat matrix for every λ, primal solve for the winner.
+
+    GCV counts the intercept in the hat matrix's trace, ``1 + tr(H_c)`` (the
+    core's definition; before issue 10 the sweep left it out)."""
     n, d = x.shape
     xm, ym = x.mean(0), y.mean(0)
     xc, yc = x - xm, y - ym
@@ -24,7 +27,7 @@ def slow_gcv_ridge(x, y, alphas):
         lam = a * scale
         h = xc @ np.linalg.solve(xc.T @ xc + lam * np.eye(d), xc.T)
         err = ((yc - h @ yc) ** 2).sum()
-        scores.append(err / (n * (1 - np.trace(h) / n) ** 2))
+        scores.append(err / (n * (1 - (1 + np.trace(h)) / n) ** 2))
     lam = alphas[int(np.argmin(scores))] * scale
     w = np.linalg.solve(xc.T @ xc + lam * np.eye(d), xc.T @ yc)
     return w, ym - xm @ w

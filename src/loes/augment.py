@@ -4,18 +4,19 @@ Text augmentations follow the perturbations of the "Layer by Layer" study:
 words split in two, random character changes and keyboard typos. Image
 augmentations are simple tensor operations (crop-and-resize, flip, noise,
 brightness/contrast). Every function draws from an explicit
-``numpy.random.Generator`` (or a seed); the global RNG is never used.
+``random_state`` (:func:`loes._rng.check_random_state`); the global RNG is never used.
 """
 
 from __future__ import annotations
 
 import string
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from loes._exceptions import LOESError
+from loes._rng import RandomState, check_random_state, torch_generator
 
 __all__ = [
     "ImageAugmenter",
@@ -30,7 +31,6 @@ __all__ = [
     "split_words",
 ]
 
-RandomState = Union[int, np.random.Generator, None]
 
 _QWERTY = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
 _OFFSETS = [0.0, 0.25, 0.75]  # horizontal stagger of the three rows
@@ -51,14 +51,6 @@ def _keyboard_neighbours() -> dict:
 
 #: Keys next to each letter on a QWERTY keyboard (same row and the rows above/below).
 KEYBOARD_NEIGHBOURS = _keyboard_neighbours()
-
-
-def _rng(random_state: RandomState) -> np.random.Generator:
-    if isinstance(random_state, np.random.Generator):
-        return random_state
-    if random_state is None:
-        raise LOESError("random_state must be an int or a numpy Generator (None would use global randomness)")
-    return np.random.default_rng(random_state)
 
 
 def _check_p(p: float) -> float:
@@ -85,7 +77,7 @@ def split_words(text: str, p: float = 0.1, random_state: RandomState = 0) -> str
     >>> out.count(" "), out.replace(" ", "")
     (1, 'representation')
     """
-    return _map_words(text, p, _rng(random_state), lambda w, r: w[: (k := int(r.integers(1, len(w))))] + " " + w[k:])
+    return _map_words(text, p, check_random_state(random_state), lambda w, r: w[: (k := int(r.integers(1, len(w))))] + " " + w[k:])
 
 
 def random_char_changes(
@@ -117,7 +109,7 @@ def random_char_changes(
         i = min(i, len(word) - 2)
         return word[:i] + word[i + 1] + word[i] + word[i + 2:]
 
-    return _map_words(text, p, _rng(random_state), change)
+    return _map_words(text, p, check_random_state(random_state), change)
 
 
 def keyboard_typos(text: str, p: float = 0.05, random_state: RandomState = 0) -> str:
@@ -129,7 +121,7 @@ def keyboard_typos(text: str, p: float = 0.05, random_state: RandomState = 0) ->
     (True, True)
     """
     _check_p(p)
-    rng = _rng(random_state)
+    rng = check_random_state(random_state)
     out = []
     for ch in text:
         low = ch.lower()
@@ -169,7 +161,7 @@ class TextAugmenter:
         self.methods = tuple(methods)
         self.p = _check_p(p)
         self.char_action = char_action
-        self.rng = _rng(random_state)
+        self.rng = check_random_state(random_state)
 
     def __call__(self, text: str) -> str:
         for m in self.methods:
@@ -192,15 +184,11 @@ def _as_images(x: Any) -> Tuple[torch.Tensor, bool]:
     return t, False
 
 
-def _torch_gen(rng: np.random.Generator) -> torch.Generator:
-    return torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-
-
 def random_resized_crop(images: Any, scale: Tuple[float, float] = (0.6, 1.0), random_state: RandomState = 0):
     """Crop a random box covering a ``scale`` fraction of the area (aspect kept)
     from each image and resize it back (bilinear)."""
     x, single = _as_images(images)
-    rng = _rng(random_state)
+    rng = check_random_state(random_state)
     b, c, h, w = x.shape
     out = torch.empty_like(x, dtype=torch.float32 if not x.is_floating_point() else x.dtype)
     for i in range(b):
@@ -215,7 +203,7 @@ def random_resized_crop(images: Any, scale: Tuple[float, float] = (0.6, 1.0), ra
 def horizontal_flip(images: Any, p: float = 0.5, random_state: RandomState = 0):
     """Mirror each image left-right with probability ``p``."""
     x, single = _as_images(images)
-    rng = _rng(random_state)
+    rng = check_random_state(random_state)
     flip = torch.from_numpy(rng.random(x.shape[0]) < _check_p(p))
     out = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return out[0] if single else out
@@ -226,7 +214,7 @@ def gaussian_noise(images: Any, std: float = 0.05, random_state: RandomState = 0
     x, single = _as_images(images)
     x = x.float() if not x.is_floating_point() else x
     scale = x.flatten(1).std(1).clamp(min=1e-12)[:, None, None, None]
-    noise = torch.randn(x.shape, generator=_torch_gen(_rng(random_state)), dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=torch_generator(check_random_state(random_state)), dtype=x.dtype)
     out = x + std * scale * noise
     return out[0] if single else out
 
@@ -236,7 +224,7 @@ def color_jitter(images: Any, brightness: float = 0.2, contrast: float = 0.2, ra
     brightness by ``± brightness`` times its standard deviation (uniform draws)."""
     x, single = _as_images(images)
     x = x.float() if not x.is_floating_point() else x
-    rng = _rng(random_state)
+    rng = check_random_state(random_state)
     b = x.shape[0]
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     std = x.flatten(1).std(1)[:, None, None, None]
@@ -258,7 +246,7 @@ class ImageAugmenter:
     def __init__(self, scale: Tuple[float, float] = (0.6, 1.0), flip: float = 0.5, brightness: float = 0.2,
                  contrast: float = 0.2, noise: float = 0.05, random_state: RandomState = 0):
         self.scale, self.flip, self.brightness, self.contrast, self.noise = scale, flip, brightness, contrast, noise
-        self.rng = _rng(random_state)
+        self.rng = check_random_state(random_state)
 
     def __call__(self, images: Any):
         x = random_resized_crop(images, self.scale, self.rng)

@@ -44,7 +44,7 @@ from loes._exceptions import LOESError
 from loes._progress import ProgressSetting, progress
 from loes._rng import check_random_state
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
-from loes.core._numerics import ridge_loo_residuals
+from loes._linalg import LayerStandardizer, RidgePath, ridge_loo_residuals
 from loes.metrics import LABEL_FREE_METHODS, select_layers_label_free
 from loes.result import LOESResult, StepTable
 
@@ -79,10 +79,7 @@ MAX_COMBINATIONS = 5000
 
 def _standardize(layer: torch.Tensor) -> torch.Tensor:
     x = layer.detach().to("cpu", torch.float64)
-    x = x - x.mean(0, keepdim=True)
-    std = x.std(0, unbiased=False, keepdim=True)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return x / (std * math.sqrt(x.shape[1]))
+    return LayerStandardizer().fit([x]).transform([x])
 
 
 def loo_probe_error(
@@ -109,36 +106,24 @@ def loo_probe_error(
         ``mse`` is the LOO mean squared error (a tie-breaker).
     """
     x = torch.cat(list(layers), dim=1)
-    resid = ridge_loo_residuals(x, y, reg=reg, relative=True)
+    return _loo_error(ridge_loo_residuals(x, y, reg=reg, relative=True), y, labels)
+
+
+def _loo_error(resid: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor]) -> Tuple[float, float]:
+    """(misclassification rate or relative MSE, MSE) of the LOO residuals ``resid`` (N, m)."""
     mse = float((resid**2).mean())
     if labels is None:
         var = float(((y - y.mean(0, keepdim=True)) ** 2).mean())
         return mse / var if var > 0 else 0.0, mse
-    pred = y - resid
-    return float((pred.argmax(1) != labels).double().mean()), mse
+    return float(((y - resid).argmax(1) != labels).double().mean()), mse
 
 
 def _kernel_loo_error(kernel: torch.Tensor, dim: int, y: torch.Tensor, labels: Optional[torch.Tensor],
                       reg: float) -> Tuple[float, float]:
-    """:func:`loo_probe_error` from the summed centred kernel of the layers (dual form).
-
-    With ``A = K + λI`` the hat matrix is ``K A⁻¹ = I − λA⁻¹``, so the LOO
-    residuals are ``λ(A⁻¹ yc)_i / (λ(A⁻¹)_ii − 1/n)·(−1)``; one Cholesky per subset
-    instead of forming the concatenated features. Same λ as the primal form:
-    ``reg · tr(K) / min(n − 1, dim)``.
-    """
-    n = kernel.shape[0]
-    lam = reg * float(torch.diagonal(kernel).sum()) / min(n - 1, dim)
-    a_inv = torch.cholesky_inverse(torch.linalg.cholesky(
-        kernel + lam * torch.eye(n, dtype=kernel.dtype)))
-    yc = y - y.mean(0, keepdim=True)
-    e = lam * (a_inv @ yc)
-    resid = e / (lam * torch.diagonal(a_inv) - 1.0 / n)[:, None]
-    mse = float((resid**2).mean())
-    if labels is None:
-        var = float((yc**2).mean())
-        return mse / var if var > 0 else 0.0, mse
-    return float(((y - resid).argmax(1) != labels).double().mean()), mse
+    """:func:`loo_probe_error` from the summed centred kernel of the layers (dual form,
+    :class:`~loes._linalg.RidgePath` with ``kernel``): no concatenated features."""
+    resid = RidgePath(y=y, kernel=kernel, dim=dim).loo_residuals(reg)
+    return _loo_error(resid, y, labels)
 
 
 def _result(name: str, selected: List[int], scores: List[float], n_layers: int, n: int, task: str,

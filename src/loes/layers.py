@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
+from loes._linalg import LayerStandardizer, column_stats
+from loes._splits import split_indices
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
 from loes.core import select_layers_from_custom_embeddings
 
@@ -347,8 +349,6 @@ class GroupLassoLayers:
 
     # ------------------------------------------------------------ helpers
     def _prepare(self, embeddings, targets):
-        from loes.transfer._probes import LayerStandardizer
-
         layers = [t.detach().cpu().double() for t in check_embeddings(embeddings)]
         task = normalize_task(self.task) if self.task is not None else infer_task(targets)
         if task == "label_free":
@@ -358,8 +358,8 @@ class GroupLassoLayers:
         self.classes_ = tgt.classes
         y = tgt.y.double()
         if task == "regression":
-            scale = y.std(0, unbiased=False, keepdim=True)
-            y = (y - y.mean(0, keepdim=True)) / torch.where(scale > 0, scale, torch.ones_like(scale))
+            mean, inv_std = column_stats(y)
+            y = (y - mean) * inv_std
         self._labels = tgt.labels
         self.standardizer_ = LayerStandardizer().fit(layers)
         x = self.standardizer_.transform(layers).numpy()
@@ -446,8 +446,6 @@ class GroupLassoLayers:
         return coefs
 
     def _cross_validate(self, embeddings, targets, lambdas) -> np.ndarray:
-        from loes.transfer._probes import split_indices
-
         layers = check_embeddings(embeddings)
         n = layers[0].shape[0]
         if not 2 <= int(self.cv) <= n:
@@ -480,8 +478,8 @@ class GroupLassoLayers:
             return out.numpy()
         yt = torch.as_tensor(np.asarray(y_train, dtype=np.float64)).reshape(len(y_train), -1)
         yh = torch.as_tensor(np.asarray(y_held, dtype=np.float64)).reshape(len(y_held), -1)
-        scale = yt.std(0, unbiased=False, keepdim=True)
-        return ((yh - yt.mean(0, keepdim=True)) / torch.where(scale > 0, scale, torch.ones_like(scale))).numpy()
+        mean, inv_std = column_stats(yt)
+        return ((yh - mean) * inv_std).numpy()
 
     def _finish(self, lambdas, coefs, best, groups, n_layers) -> None:
         self.lambdas_ = np.asarray(lambdas)

@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError
+from loes._linalg import cka_matrix
+from loes._rng import torch_generator
+from loes._validation import check_embeddings
 from loes.evaluate import METRIC_LABELS
 from loes.result import LOESResult, format_number
 
@@ -164,17 +168,24 @@ def _rect(x: float, y: float):
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=2)
 
 
-def cka_heatmap_matrix(embeddings: Any) -> np.ndarray:
-    """Layer-by-layer linear CKA (L, L) of ``embeddings`` (:func:`loes.metrics.cka_matrix`)."""
-    from loes.metrics import cka_matrix
+def cka_heatmap_matrix(embeddings: Any, *, debiased: bool = True, max_samples: Optional[int] = 512,
+                       random_state: Any = 0) -> np.ndarray:
+    """Layer-by-layer linear CKA (L, L): the quantity the robust selector's redundancy term uses.
 
-    return np.asarray(cka_matrix(embeddings), dtype=float)
+    :func:`loes._linalg.cka_matrix` with the selector's defaults: the debiased
+    estimator, on a subsample of ``max_samples`` rows drawn with
+    ``random_state`` (the selector's ``cka_samples``, ``cka_debiased`` and
+    ``random_state``), so the figure shows the redundancy the selector saw.
+    """
+    layers = [x.to(torch.float64) for x in check_embeddings(embeddings)]
+    gen = torch_generator(random_state)
+    return cka_matrix(layers, debiased=debiased, max_samples=max_samples, generator=gen).numpy()
 
 
 def plot_cka(embeddings: Any = None, path: Optional[Union[str, os.PathLike]] = None, *,
              cka: Optional[np.ndarray] = None, selected: Optional[Sequence[int]] = None,
              figsize: Optional[Sequence[float]] = None):
-    """Heatmap of linear CKA between every pair of layers.
+    """Heatmap of linear CKA between every pair of layers (:func:`cka_heatmap_matrix`).
 
     Parameters
     ----------

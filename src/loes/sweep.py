@@ -15,8 +15,11 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from loes._exceptions import LOESError
+from loes._linalg import RidgePath
 from loes._progress import ProgressSetting, progress
+from loes._splits import kfold
 from loes._validation import check_embeddings, check_targets, normalize_task
+from loes.layers import infer_task, resolve_layers
 
 __all__ = ["LayerSweep", "ridge_gcv_fit", "sweep_layers"]
 
@@ -33,36 +36,24 @@ def ridge_gcv_fit(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAUL
     ----------
     x : ndarray of shape (n, d)
     y : ndarray of shape (n, m)
-    alphas : relative strengths; the penalty is ``alpha · tr(XcᵀXc) / r`` with
-        ``r = min(n − 1, d)``.
+    alphas : relative strengths (:func:`loes._linalg.relative_penalty`: the
+        penalty is ``alpha · tr(XcᵀXc) / min(n − 1, d)``).
 
     Returns
     -------
     (w, b, lam) : (d, m) weights, (m,) intercept and the absolute penalty chosen.
-        GCV(λ) = ``‖Yc − Ŷ‖² / (n (1 − df/n)²)`` with ``df = Σ s²/(s² + λ)``,
-        from one thin SVD of the centred features.
+        The first alpha with the smallest ``GCV = ‖Yc − Ŷ‖² / (1 − tr H / n)²``,
+        ``tr H = 1 + Σ s²/(s² + λ)`` counting the intercept
+        (:class:`loes._linalg.RidgePath`, one SVD). A constant layer predicts
+        the mean (``lam = inf``).
     """
-    xm, ym = x.mean(0), y.mean(0)
-    xc, yc = x - xm, y - ym
-    n, d = xc.shape
-    u, s, vt = np.linalg.svd(xc, full_matrices=False)
-    s2 = s * s
-    scale = s2.sum() / max(min(n - 1, d), 1)
-    if scale <= 0:  # constant layer: predict the mean
-        return np.zeros((d, y.shape[1])), ym, float("inf")
-    uty = u.T @ yc
-    resid_out = (yc * yc).sum() - (uty * uty).sum()  # energy outside the column space
-    best = None
-    for a in alphas:
-        lam = a * scale
-        shrink = s2 / (s2 + lam)
-        fit_err = resid_out + (((1 - shrink)[:, None] * uty) ** 2).sum()
-        gcv = fit_err / (n * (1 - shrink.sum() / n) ** 2)
-        if best is None or gcv < best[0]:
-            best = (gcv, lam)
-    lam = best[1]
-    w = vt.T @ ((s / (s2 + lam))[:, None] * uty)
-    return w, ym - xm @ w, float(lam)
+    path = RidgePath(x, y)
+    if path.trace <= 0:  # constant layer: predict the mean
+        return np.zeros((x.shape[1], path.yc.shape[1])), path.y_mean[0].numpy(), float("inf")
+    gcv = [float((path.gcv_residuals(a) ** 2).sum()) for a in alphas]
+    best = alphas[int(np.argmin(np.nan_to_num(gcv, nan=np.inf)))]
+    w, b = path.coef(best)
+    return w.numpy(), b.numpy(), path.penalty(best)
 
 
 class LayerSweep:
@@ -123,9 +114,6 @@ class LayerSweep:
 
     def fit(self, embeddings: Any, targets: Any) -> "LayerSweep":
         """Cross-validate one probe per layer, then refit each on all samples."""
-        from loes.layers import infer_task, resolve_layers
-        from loes.transfer._probes import split_indices
-
         all_layers = check_embeddings(embeddings)
         n = all_layers[0].shape[0]
         task = normalize_task(self.task) if self.task is not None else infer_task(targets)
@@ -141,9 +129,7 @@ class LayerSweep:
             raise LOESError(f"cv must be an integer between 2 and n_samples ({n}); got {self.cv!r}")
         self.task_ = task
         self.layers_ = resolve_layers(self.layers, len(all_layers))
-        folds = split_indices(n, [1.0] * int(self.cv), self.random_state, labels)
-        if any(len(f) == 0 for f in folds):
-            raise LOESError(f"cv={self.cv} leaves an empty fold with {n} samples; use fewer folds")
+        folds = kfold(n, int(self.cv), self.random_state, labels)
         truth = labels if task == "classification" and labels is not None else y.argmax(1)
         if task == "classification":
             self.baseline_ = float(np.bincount(truth).max() / n)
@@ -153,8 +139,7 @@ class LayerSweep:
         self.coefs_ = []
         for row, layer in enumerate(progress(self.layers_, self.show_progress, desc="layer sweep", unit="layer")):
             x = all_layers[layer].detach().cpu().double().numpy()
-            for f, held in enumerate(folds):
-                train = np.setdiff1d(np.arange(n), held)
+            for f, (train, held) in enumerate(folds):
                 w, b, _ = ridge_gcv_fit(x[train], y[train], self.alphas)
                 pred = x[held] @ w + b
                 self.fold_scores_[row, f] = _score(pred, y[held], truth[held], task)

@@ -1,6 +1,6 @@
 """The LOES selection engine. Imports only numpy and torch."""
 
-from loes.core._numerics import (
+from loes._linalg import (
     isotropy,
     linear_cka,
     reference_isotropy,

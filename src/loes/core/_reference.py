@@ -21,7 +21,7 @@ import torch
 
 from loes._progress import progress
 from loes._validation import Targets
-from loes.core._numerics import center, gram
+from loes._linalg import center, gram
 from loes.core.select import EngineOutput
 from loes.result import StepTable
 

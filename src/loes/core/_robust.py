@@ -53,7 +53,7 @@ import torch
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import progress
 from loes._validation import Targets
-from loes.core._numerics import triplets
+from loes._linalg import cka_matrix, sym_gram, triplets
 from loes.core.select import EngineOutput, compute_dtype
 from loes.result import StepTable
 
@@ -194,29 +194,6 @@ def _inverse_std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return torch.where(const | (std <= 0), torch.zeros_like(std), 1.0 / std.clamp(min=1e-30))
 
 
-def sym_gram(x: torch.Tensor, rows: bool = False, base: int = 256) -> torch.Tensor:
-    """``XᵀX`` (or ``XXᵀ`` with ``rows``) by recursive 2 × 2 blocking.
-
-    Only the diagonal blocks and one off-diagonal block are multiplied (the
-    other is its transpose), so about half the flops of one general product:
-    a symmetric rank-k update that torch does not expose directly.
-    """
-    if rows:
-        x = x.T
-    d = x.shape[1]
-    if d <= base:
-        return x.T @ x
-    h = d // 2
-    a, b = x[:, :h], x[:, h:]
-    g = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    g[:h, :h] = sym_gram(a, base=base)
-    g[h:, h:] = sym_gram(b, base=base)
-    off = b.T @ a
-    g[h:, :h] = off
-    g[:h, h:] = off.T
-    return g
-
-
 def tri_inverse(l: torch.Tensor, base: int = 128) -> torch.Tensor:
     """Inverse of a lower-triangular matrix by recursive 2 × 2 blocking.
 
@@ -248,49 +225,6 @@ def _choose_dual(n: int, d: int, m: int, q: int, k: int, cv: str = "loo") -> boo
     dual = 2 * n * n * d + 1.3 * n**3 + fits * 2 * n * n * (q + m)
     primal = 2 * n * d * d + d**3 / 3 + fits * 4 * n * d * (q + m)
     return dual < primal
-
-
-def cka_matrix(
-    layers: List[torch.Tensor],
-    cdt: torch.dtype,
-    debiased: bool = True,
-    max_samples: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Layer × layer linear CKA on centred features, clamped to [0, 1].
-
-    One Gram matrix per layer, flattened into a row of one (L, N²) matrix whose
-    product with itself gives every pair's inner product at once. ``debiased``
-    uses the unbiased HSIC estimator (Song et al., 2012), which removes linear
-    CKA's upward bias when N is not much larger than D (two independent noise
-    layers score near 0, not near 1). With ``max_samples`` a seeded subsample of
-    that many samples is used when N is larger.
-    """
-    n = layers[0].shape[0]
-    idx = None
-    if max_samples is not None and n > max_samples:
-        idx = torch.randperm(n, generator=generator)[:max_samples].to(layers[0].device)
-        n = max_samples
-    debiased = debiased and n >= 4
-    n_layers = len(layers)
-    flat = torch.empty(n_layers, n * n, dtype=cdt, device=layers[0].device)
-    rows = torch.empty(n_layers, n, dtype=torch.float64, device=layers[0].device)
-    for i, x in enumerate(layers):
-        xs = (x if idx is None else x[idx]).to(cdt)
-        xc = xs - xs.mean(0, keepdim=True)
-        kx = flat[i].view(n, n)
-        kx.copy_(sym_gram(xc, rows=True))
-        if debiased:
-            kx.diagonal().zero_()
-        rows[i] = kx.sum(1, dtype=torch.float64)
-    inner = (flat @ flat.T).to(torch.float64)  # Σ K_i ⊙ K_j for every pair
-    if debiased:  # tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1, up to a common factor
-        tot = rows.sum(1)
-        inner = inner + torch.outer(tot, tot) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)
-    norms = torch.diagonal(inner).clamp(min=0).sqrt()
-    den = torch.outer(norms, norms)
-    cka = torch.where(den > 0, inner / den.clamp(min=1e-300), torch.zeros_like(inner)).clamp(0.0, 1.0)
-    return cka.cpu()
 
 
 def _top_directions(

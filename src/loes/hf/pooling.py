@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from loes._exceptions import LOESError
+from loes._linalg import masked_mean
 
 __all__ = ["POOLINGS", "pool", "resolve_pooling"]
 
@@ -92,13 +93,8 @@ def pool(state: torch.Tensor, mask: Optional[torch.Tensor], pooling: str) -> tor
         raise LOESError(f"hidden states must be 2-, 3- or 4-D; got shape {tuple(state.shape)}")
     if pooling == "cls":
         return state[:, 0].float()
-    if pooling == "mean" or (mask is None and pooling == "masked_mean"):
-        return state.mean(dim=1, dtype=torch.float32)
-    if pooling == "masked_mean":
-        m = mask.to(device=state.device, dtype=torch.bool)
-        # where() rather than a product: padded positions may hold NaN (fully masked rows)
-        total = torch.where(m.unsqueeze(-1), state, state.new_zeros(())).sum(dim=1, dtype=torch.float32)
-        return total / m.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+    if pooling in ("mean", "masked_mean"):
+        return masked_mean(state, mask if pooling == "masked_mean" else None, dtype=torch.float32)
     if pooling == "last_token":
         if mask is None:
             return state[:, -1].float()

@@ -8,26 +8,19 @@ for classification, and a missing class is reported with a warning.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from loes._exceptions import LOESError, LOESWarning
+from loes._rng import RandomState, check_random_state
+from loes._splits import allocate
 
 __all__ = ["DEFAULT_MAX_SAMPLES", "calibration_indices"]
 
 #: Default cap on calibration samples: enough for stable ridge fits at widths
 #: up to ~1k, small enough to extract in minutes on a CPU.
 DEFAULT_MAX_SAMPLES = 1024
-
-RandomState = Union[int, np.random.Generator, None]
-
-
-def _rng(random_state: RandomState) -> np.random.Generator:
-    if isinstance(random_state, np.random.Generator):
-        return random_state
-    return np.random.default_rng(random_state)
-
 
 def _label_keys(labels: np.ndarray) -> np.ndarray:
     """One hashable, sortable key per row (rows of a 2-D label matrix become tuples)."""
@@ -61,8 +54,8 @@ def calibration_indices(
     all_classes : sequence, optional
         Every class the task has (e.g. a ``ClassLabel``'s ids); a class absent
         from the sample is reported with a :class:`~loes.LOESWarning`.
-    random_state : int or numpy.random.Generator
-        Seed; the global RNG is never touched.
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        See :func:`loes._rng.check_random_state`; the global RNG is never touched.
 
     Returns
     -------
@@ -79,7 +72,7 @@ def calibration_indices(
         raise LOESError("the dataset has no rows to sample calibration data from")
     if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
         raise LOESError(f"max_calibration_samples must be a positive integer or None; got {max_samples!r}")
-    rng = _rng(random_state)
+    rng = check_random_state(random_state)
     take_all = max_samples is None or int(max_samples) >= n_rows
     keys = None
     if labels is not None:
@@ -99,27 +92,12 @@ def calibration_indices(
 
 
 def _stratified(keys: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
-    classes, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    n = len(keys)
-    share = budget * counts / n
-    quota = np.floor(share).astype(np.int64)
-    if budget >= len(classes):  # every class at least once
-        quota = np.maximum(quota, 1)
-    quota = np.minimum(quota, counts)
-    # hand out what is left by largest remainder (ties broken at random), then
-    # take back from the largest quotas if the minimum-one rule overshot
-    while quota.sum() < budget:
-        room = quota < counts
-        score = np.where(room, share - quota, -np.inf) + rng.random(len(classes)) * 1e-9
-        quota[int(np.argmax(score))] += 1
-    while quota.sum() > budget:
-        score = np.where(quota > 1, quota - share, -np.inf)
-        quota[int(np.argmax(score))] -= 1
-    chosen = []
-    for c, q in enumerate(quota):
-        if q:
-            members = np.flatnonzero(inverse == c)
-            chosen.append(rng.choice(members, size=int(q), replace=False))
+    """Each class's quota by :func:`loes._splits.allocate` (capped by its size), drawn with ``rng``."""
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    quota = allocate(budget, counts, capacity=counts)
+    chosen = [rng.choice(np.flatnonzero(inverse == c), size=int(q), replace=False)
+              for c, q in enumerate(quota) if q]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 

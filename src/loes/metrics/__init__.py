@@ -16,7 +16,7 @@ batches with bounded memory; :func:`select_layers_label_free` turns a metric
 (or LOES label-free) into a :class:`~loes.LOESResult`.
 """
 
-from loes.core._numerics import isotropy
+from loes._linalg import isotropy
 from loes.metrics._entropy import dataset_entropy, effective_rank, matrix_entropy, prompt_entropy, rankme
 from loes.metrics._geometry import cka_matrix, curvature, twonn_dimension
 from loes.metrics._profile import METRICS, MetricProfile, MetricSpec, layer_metrics, profile

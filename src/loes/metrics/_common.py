@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError
-from loes.core._numerics import as_float
+from loes._linalg import as_float
 
 __all__ = ["as_matrix", "as_tokens", "entropy_of_spectrum", "gram_spectrum"]
 

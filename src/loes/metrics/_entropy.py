@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
-from loes.core._numerics import center as _center
+from loes._linalg import center as _center
 from loes.metrics._common import as_matrix, as_tokens, entropy_of_spectrum, gram_spectrum
 
 __all__ = [

@@ -9,7 +9,8 @@ import torch
 
 from loes._exceptions import LOESError
 from loes._validation import check_embeddings
-from loes.core._numerics import as_float, center
+from loes._linalg import as_float
+from loes._linalg import cka_matrix as _cka_matrix
 from loes.metrics._common import as_matrix, as_tokens
 from loes.metrics._entropy import _reduce
 
@@ -138,55 +139,32 @@ def twonn_dimension(
     return float((xs * ys).sum() / (xs * xs).sum())
 
 
-def cka_matrix(layers: Any, *, method: str = "auto", memory_limit: float = 4e8) -> torch.Tensor:
+def cka_matrix(layers: Any, *, method: str = "auto", memory_limit: float = 4e8,
+               debiased: bool = False) -> torch.Tensor:
     """Linear CKA between every pair of layers, as an (L, L) matrix.
 
-    Each entry equals :func:`loes.core._numerics.linear_cka` of the two layers.
-    Work per layer is done once: when the sample count is small compared with
-    the widths (or the centred Gram matrices fit in ``memory_limit`` bytes),
-    each layer's centred Gram matrix is formed once and normalised, and the
-    matrix is one product of the stacked Gram vectors; otherwise the
-    feature-space form ``‖XᵢᵀXⱼ‖²_F`` is used with each ``‖XᵢᵀXᵢ‖_F``
-    computed once.
+    The one implementation, :func:`loes._linalg.cka_matrix`, on all samples:
+    each entry equals :func:`loes.core.linear_cka` of the two layers (biased
+    estimator), or with ``debiased=True`` the unbiased-HSIC CKA the selector
+    uses for its redundancy term.
 
     Parameters
     ----------
     layers : array of shape (n_samples, n_layers, dim), or a list of
         (n_samples, dim_l) arrays
     method : {"auto", "gram", "feature"}
-        Force one of the two forms (``"auto"`` picks the cheaper one).
+        ``"gram"``: stacked N × N Gram matrices (L·N² memory); ``"feature"``:
+        ``‖XᵢᵀXⱼ‖²_F`` per pair; ``"auto"`` picks the cheaper one.
     memory_limit : float
         Bytes allowed for the stacked Gram matrices under ``"auto"``.
+    debiased : bool
 
     Returns
     -------
     torch.Tensor of shape (n_layers, n_layers), float64
         Symmetric, ones on the diagonal (zero rows/columns for constant layers).
     """
-    xs = [center(as_float(x)) for x in check_embeddings(layers)]
-    n = xs[0].shape[0]
-    n_layers = len(xs)
-    mean_dim = sum(x.shape[1] for x in xs) / n_layers
     if method not in ("auto", "gram", "feature"):
         raise LOESError(f"method must be 'auto', 'gram' or 'feature'; got {method!r}")
-    if method == "auto":
-        fits = 8.0 * n_layers * n * n <= memory_limit
-        method = "gram" if fits and n <= 2 * mean_dim else "feature"
-    if method == "gram":
-        vecs = []
-        for x in xs:
-            k = (x @ x.T).reshape(-1)
-            norm = torch.linalg.norm(k)
-            vecs.append(k / norm if float(norm) > 0 else k)
-        g = torch.stack(vecs)
-        out = g @ g.T
-    else:
-        self_norm = [torch.linalg.norm(x.T @ x) for x in xs]
-        out = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=xs[0].device)
-        for i in range(n_layers):
-            for j in range(i, n_layers):
-                den = self_norm[i] * self_norm[j]
-                val = (torch.linalg.norm(xs[i].T @ xs[j]) ** 2 / den) if float(den) > 0 else 0.0
-                out[i, j] = out[j, i] = val
-    return out.clamp(min=0.0, max=1.0)
-
+    return _cka_matrix([as_float(x) for x in check_embeddings(layers)], debiased=debiased, method=method,
+                       memory_limit=memory_limit)

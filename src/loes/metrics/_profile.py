@@ -14,7 +14,7 @@ from loes._exceptions import LOESError
 from loes._json import to_jsonable
 from loes._progress import ProgressSetting, progress
 from loes._validation import check_embeddings
-from loes.core._numerics import isotropy
+from loes._linalg import isotropy
 from loes.metrics._entropy import dataset_entropy, effective_rank, rankme
 from loes.metrics._geometry import cka_matrix, twonn_dimension
 from loes.metrics._tokens import TokenMetricAccumulator

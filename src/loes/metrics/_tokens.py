@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from loes._exceptions import LOESError
-from loes.core._numerics import as_float
+from loes._linalg import as_float, masked_mean
 from loes.metrics._entropy import prompt_entropy
 from loes.metrics._geometry import curvature
 
@@ -115,8 +115,7 @@ class TokenMetricAccumulator:
                 self._sums[name][i] += float(v[ok].sum())
                 self._counts[name][i] += int(ok.sum())
             if self.keep_pooled:
-                w = torch.ones(z.shape[:2], dtype=z.dtype) if m is None else m.to(z.dtype)
-                pooled.append((z * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0))
+                pooled.append(masked_mean(z, m))
         if self.keep_pooled:
             self._pooled.append(torch.stack(pooled, 1).float())
         self.n_samples += layers[0].shape[0]

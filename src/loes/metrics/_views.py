@@ -8,12 +8,13 @@ coming from input i.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Union
+from typing import Any, List
 
 import numpy as np
 import torch
 
 from loes._exceptions import LOESError
+from loes._rng import RandomState, torch_generator
 from loes.metrics._common import as_matrix, entropy_of_spectrum, gram_spectrum
 
 __all__ = ["as_views", "dime", "infonce", "lidar"]
@@ -142,7 +143,7 @@ def dime(
     *,
     alpha: float = 1.0,
     n_permutations: int = 5,
-    random_state: Union[int, torch.Generator, None] = 0,
+    random_state: RandomState = 0,
 ) -> float:
     """DiME (Skean et al., 2023): a difference of matrix-based entropies that
     estimates the mutual information between two views.
@@ -159,9 +160,10 @@ def dime(
     alpha : float > 0
     n_permutations : int
         Sample permutations averaged over.
-    random_state : int, torch.Generator or None
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
         The permutations are ``torch.randperm(n, generator=g)`` drawn in turn
-        from ``g = torch.Generator().manual_seed(random_state)``.
+        from ``g = loes._rng.torch_generator(random_state)`` (an int seeds
+        ``torch.Generator().manual_seed``; None is fresh randomness).
 
     Returns
     -------
@@ -175,7 +177,7 @@ def dime(
     b = as_matrix(view_b, "view_b")
     if a.shape[0] != b.shape[0]:
         raise LOESError(f"views must have the same number of samples; got {a.shape[0]} and {b.shape[0]}")
-    gen = _generator(random_state)
+    gen = torch_generator(random_state)
     ua, ub = _unit_rows(a), _unit_rows(b)
     ka, kb = ua @ ua.T, ub @ ub.T
     n = ka.shape[0]
@@ -185,11 +187,3 @@ def dime(
         perm = torch.randperm(n, generator=gen).to(kb.device)
         shuffled.append(_joint_entropy(ka, kb[perm][:, perm], alpha))
     return float(torch.stack(shuffled).mean() - joint)
-
-
-def _generator(random_state: Union[int, torch.Generator, None]) -> torch.Generator:
-    if isinstance(random_state, torch.Generator):
-        return random_state
-    if random_state is None:
-        raise LOESError("random_state must be an int or a torch.Generator (None would use the global RNG)")
-    return torch.Generator().manual_seed(int(random_state))

@@ -19,6 +19,7 @@ from torch import nn
 
 from loes._deps import require
 from loes._exceptions import LOESError
+from loes._linalg import masked_mean
 from loes._progress import ProgressSetting, progress
 from loes._rng import seed_of
 from loes._validation import normalize_task
@@ -29,11 +30,6 @@ from loes.transfer._probes import encode_labels, task_score
 __all__ = ["FineTunedModel", "finetune"]
 
 logger = logging.getLogger(__name__)
-
-
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class FineTunedModel(nn.Module):
@@ -71,7 +67,7 @@ class FineTunedModel(nn.Module):
             raise LOESError(f"layer {max(self.layers)} does not exist: the backbone has "
                             f"{len(states) - 1} layers")
         mask = enc.get("attention_mask", torch.ones(enc["input_ids"].shape, device=states[0].device))
-        pooled = [_mean_pool(states[i + 1], mask).float() for i in self.layers]
+        pooled = [masked_mean(states[i + 1], mask).float() for i in self.layers]
         return self.head.features(pooled)
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:

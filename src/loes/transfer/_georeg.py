@@ -16,12 +16,14 @@ unchanged), so its gradient is smooth even when eigenvalues repeat.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from loes._exceptions import LOESError
+from loes._linalg import triangle_areas
+from loes._rng import RandomState, torch_generator
 
 __all__ = ["GeoReg", "eigenvalue_variance", "triangle_log_area"]
 
@@ -52,7 +54,8 @@ def eigenvalue_variance(features: torch.Tensor, eps: float = 1e-4) -> torch.Tens
 def triangle_log_area(
     features: torch.Tensor, labels: torch.Tensor, triple: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
-    """``log(area + eps)`` of the triangle of the centroids of the classes in ``triple``.
+    """``log(area + eps)`` of the triangle of the centroids of the classes in ``triple``
+    (:func:`loes._linalg.triangle_areas` with the same ``eps``: finite gradients).
 
     Parameters
     ----------
@@ -61,10 +64,7 @@ def triangle_log_area(
     triple : tensor of shape (3,), three distinct class ids present in ``labels``
     """
     cents = torch.stack([features[labels == c].mean(0) for c in triple.tolist()])
-    ab, ac = cents[1] - cents[0], cents[2] - cents[0]
-    gram = (ab * ab).sum() * (ac * ac).sum() - (ab * ac).sum() ** 2
-    area = 0.5 * torch.sqrt(gram.clamp(min=0.0) + eps**2)
-    return torch.log(area + eps)
+    return torch.log(triangle_areas(cents[0], cents[1], cents[2], eps=eps) + eps)
 
 
 class GeoReg(nn.Module):
@@ -84,8 +84,9 @@ class GeoReg(nn.Module):
         ``"random"``: one triple of present classes drawn per call with the
         module's seeded generator (the paper's choice); ``"all"``: the mean of
         ``log area`` over every triple of present classes (deterministic).
-    random_state : int, optional
-        Seed of the generator used for ``triplets="random"``.
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        The generator used for ``triplets="random"`` (:func:`loes._rng.torch_generator`;
+        None is fresh randomness).
 
     Examples
     --------
@@ -112,7 +113,7 @@ class GeoReg(nn.Module):
         triangle_weight: float = 1.0,
         eps: float = 1e-4,
         triplets: str = "random",
-        random_state: Optional[int] = 0,
+        random_state: RandomState = 0,
     ):
         super().__init__()
         if triplets not in ("random", "all"):
@@ -126,7 +127,7 @@ class GeoReg(nn.Module):
         self.triangle_weight = float(triangle_weight)
         self.eps = float(eps)
         self.triplets = triplets
-        self.generator = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+        self.generator = torch_generator(random_state)
         self.last_terms: dict = {}
 
     def forward(self, features: torch.Tensor, labels: Any = None) -> torch.Tensor:

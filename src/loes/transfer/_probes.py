@@ -19,7 +19,10 @@ import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError
+from loes._linalg import LayerStandardizer, RidgePath
 from loes._rng import seed_of
+from loes._splits import holdout_split as _holdout_split
+from loes._splits import split_indices
 from loes._validation import check_embeddings, normalize_task
 
 __all__ = [
@@ -131,98 +134,6 @@ def task_score(pred: Any, truth: Any, task: str) -> float:
     if sst == 0.0:
         return 1.0 if sse == 0.0 else 0.0
     return 1.0 - sse / sst
-
-
-class LayerStandardizer:
-    """Per-layer standardisation fitted on training data.
-
-    Each feature is centred and divided by its standard deviation, then each
-    layer block is divided by ``sqrt(dim_l)`` so that every layer carries the
-    same total variance whatever its width or scale. Constant features stay 0.
-    """
-
-    def fit(self, layers: List[torch.Tensor]) -> "LayerStandardizer":
-        self.means_ = [x.mean(0, keepdim=True) for x in layers]
-        self.scales_ = []
-        for x in layers:
-            std = x.std(0, unbiased=False, keepdim=True)
-            std = torch.where(std > 1e-12 * (std.max() + 1e-300), std, torch.ones_like(std))
-            self.scales_.append(std * np.sqrt(x.shape[1]))
-        return self
-
-    def transform(self, layers: List[torch.Tensor]) -> torch.Tensor:
-        """Standardise and concatenate: (n_samples, sum of dim_l)."""
-        if len(layers) != len(self.means_):
-            raise LOESError(f"expected {len(self.means_)} layers; got {len(layers)}")
-        return torch.cat([(x - m) / s for x, m, s in zip(layers, self.means_, self.scales_)], dim=1)
-
-
-def split_indices(
-    n: int, fractions: Sequence[float], random_state: Any = 0, labels: Any = None
-) -> List[np.ndarray]:
-    """Seeded split of ``range(n)`` into parts of the given fractions.
-
-    With ``labels`` the split is stratified: each class is shuffled and cut in
-    the same proportions (largest-remainder rounding), so every part keeps the
-    class balance. Every class with at least ``len(fractions)`` samples has a
-    sample in every part.
-
-    Parameters
-    ----------
-    n : int
-    fractions : sequence of float
-        Positive shares, normalised to sum to 1.
-    random_state : int or numpy.random.Generator
-    labels : array of shape (n,), optional
-
-    Returns
-    -------
-    list of int arrays, one per part, each sorted
-    """
-    fr = np.asarray(fractions, dtype=float)
-    if fr.ndim != 1 or len(fr) == 0 or (fr <= 0).any():
-        raise LOESError(f"fractions must be positive numbers; got {list(fractions)}")
-    fr = fr / fr.sum()
-    rng = random_state if isinstance(random_state, np.random.Generator) else np.random.default_rng(random_state)
-    if labels is None:
-        groups = [np.arange(n)]
-    else:
-        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-        if lab.shape[0] != n:
-            raise LOESError(f"labels must have {n} entries for stratification; got {lab.shape[0]}")
-        _, inv = np.unique(lab, return_inverse=True)
-        groups = [np.flatnonzero(inv == c) for c in range(inv.max() + 1)]
-    parts: List[List[int]] = [[] for _ in fr]
-    for g in groups:
-        g = rng.permutation(g)
-        counts = _allocate(len(g), fr)
-        start = 0
-        for part, c in zip(parts, counts):
-            part.extend(g[start:start + c].tolist())
-            start += c
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def _allocate(m: int, fr: np.ndarray) -> List[int]:
-    """Split m items by shares fr: at least one per part when m allows, rest by largest remainder."""
-    if m >= len(fr):
-        base = np.ones(len(fr), dtype=int)
-        rest = m - len(fr)
-    else:
-        base = np.zeros(len(fr), dtype=int)
-        rest = m
-    raw = fr * rest
-    counts = base + np.floor(raw).astype(int)
-    left = m - counts.sum()
-    for i in np.argsort(-(raw - np.floor(raw)), kind="stable")[:left]:
-        counts[i] += 1
-    return counts.tolist()
-
-
-def _holdout_split(n: int, frac: float, random_state: Any, labels: Optional[torch.Tensor] = None):
-    """Seeded (stratified when labels are given) split of ``range(n)`` into fit/held-out."""
-    fit, held = split_indices(n, (1.0 - frac, frac), random_state, labels)
-    return fit, held
 
 
 # -------------------------------------------------------------------- probe
@@ -375,19 +286,10 @@ class LinearProbe:
         return y
 
     def _ridge_path(self, x_tr, y_tr, x_va, y_va):
-        """Validation score of every grid value from one SVD of the training design."""
-        ymat = self._targets_matrix(y_tr)
-        xm, ym = x_tr.mean(0, keepdim=True), ymat.mean(0, keepdim=True)
-        u, s, vt = torch.linalg.svd(x_tr - xm, full_matrices=False)
-        uty = u.T @ (ymat - ym)
-        scale = float((s**2).sum()) / max(int((s > s.max() * 1e-10).sum()), 1)
-        scores = {}
-        for rel in self.grid or RIDGE_GRID:
-            lam = float(rel) * scale
-            w = vt.T @ ((s / (s**2 + lam))[:, None] * uty)
-            pred = (x_va - xm) @ w + ym
-            scores[float(rel)] = self._score_matrix(pred, y_va)
-        return scores
+        """Validation score of every grid value from one :class:`~loes._linalg.RidgePath`."""
+        path = RidgePath(x_tr, self._targets_matrix(y_tr))
+        return {float(rel): self._score_matrix(path.predict(float(rel), x_va), y_va)
+                for rel in self.grid or RIDGE_GRID}
 
     def _score_matrix(self, pred: torch.Tensor, y: torch.Tensor) -> float:
         if self.task_ == "classification":
@@ -403,19 +305,7 @@ class LinearProbe:
     def _fit_one(self, layers, y, param):
         x = self._design(layers, fit=True)
         if self.kind == "ridge":
-            ymat = self._targets_matrix(y)
-            xm, ym = x.mean(0, keepdim=True), ymat.mean(0, keepdim=True)
-            xc = x - xm
-            n, d = xc.shape
-            g = xc.T @ xc if d <= n else xc @ xc.T
-            rank = int(torch.linalg.matrix_rank(g))
-            lam = param * float(torch.diagonal(g).sum()) / max(rank, 1)
-            if d <= n:
-                w = torch.linalg.solve(g + lam * torch.eye(d, dtype=g.dtype), xc.T @ (ymat - ym))
-            else:
-                w = xc.T @ torch.linalg.solve(g + lam * torch.eye(n, dtype=g.dtype), ymat - ym)
-            self.coef_ = w
-            self.intercept_ = (ym - xm @ w).squeeze(0)
+            self.coef_, self.intercept_ = RidgePath(x, self._targets_matrix(y)).coef(param)
         else:
             self.model_ = self._logistic(param).fit(x.numpy(), y.numpy())
 
