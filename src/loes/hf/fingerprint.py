@@ -33,12 +33,15 @@ def _version(package: str) -> str:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer: name, shape, dtype and every byte.
+    """SHA-256 of every parameter and buffer (name, shape, dtype, every byte) and of each
+    module's settings (``extra_repr``: LayerNorm eps, dropout rate, ...).
 
-    Hashes the tensors in memory (a model passed in may differ from its files);
+    Hashes the model in memory (a model passed in may differ from its files);
     all-MiniLM-L6-v2 (22.7M parameters) takes about 0.2 s on one CPU core.
     """
     h = hashlib.sha256()
+    for name, module in model.named_modules():
+        h.update(f"{name}|{type(module).__qualname__}|{module.extra_repr()}\n".encode())
     named = list(model.named_parameters()) + list(model.named_buffers())
     with torch.no_grad():
         for name, t in named:
