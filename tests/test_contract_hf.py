@@ -23,11 +23,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from loes import LOESError, LOESWarning  # noqa: E402
-from loes.datasets import minilm_path  # noqa: E402
-from loes.hf import ExtractionConfig, extract_embeddings, iter_hidden_states  # noqa: E402
-from loes.hf import select_layers_from_hf, select_layers_from_hf_id  # noqa: E402
-from loes.hf import cache as C  # noqa: E402
+from loes import LOESError, LOESWarning
+from loes.datasets import minilm_path
+from loes.hf import (
+    ExtractionConfig,
+    extract_embeddings,
+    iter_hidden_states,
+    select_layers_from_hf,
+    select_layers_from_hf_id,
+)
+from loes.hf import cache as C
 
 N_POS = 64
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=37,

@@ -21,7 +21,12 @@ from loes._progress import ProgressSetting
 from loes._validation import normalize_task
 from loes.core import DEFAULTS, select_layers_from_custom_embeddings
 from loes.core._robust import run_robust
-from loes.hf.config import ExtractionConfig, check_random_state_kind, split_random_state, unknown_keywords
+from loes.hf.config import (
+    ExtractionConfig,
+    check_random_state_kind,
+    split_random_state,
+    unknown_keywords,
+)
 from loes.hf.extract import Embeddings, _extract
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 from loes.result import LOESResult

@@ -187,6 +187,9 @@ def _mismatch(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], n_samples:
         return f"{sorted(rows)} rows, expected {n_samples}"
     if len(rows) != 1:
         return f"layers disagree on the number of rows {sorted(rows)}"
+    for name in ("targets", "indices"):
+        if name in tensors and (tensors[name].ndim == 0 or tensors[name].shape[0] not in rows):
+            return f"{name} of shape {tuple(tensors[name].shape)} for {sorted(rows)} rows"
     return None
 
 

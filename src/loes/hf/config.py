@@ -14,7 +14,7 @@ import functools
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from loes.hf.cache import resolve_cache_dir, resolve_max_bytes
 from loes.hf.pooling import POOLINGS
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
-__all__ = ["DEFAULT_MAX_LENGTH", "ExtractionConfig", "check_keywords", "split_random_state"]
+__all__ = ["DEFAULT_MAX_LENGTH", "ExtractionConfig", "check_keywords", "sampling_random_state", "split_random_state"]
 
 #: Token budget when ``max_length`` is not given (capped at the model's positions).
 DEFAULT_MAX_LENGTH = 512
@@ -148,6 +148,16 @@ def check_device(device: Any) -> torch.device:
     return dev
 
 
+def _is_seed(random_state: Any) -> bool:
+    return isinstance(random_state, (int, np.integer)) and not isinstance(random_state, (bool, np.bool_))
+
+
+def sampling_random_state(random_state: Any) -> Union[int, np.random.Generator]:
+    """What the calibration draw gets: an int seed as a Python int, anything else as a
+    numpy Generator (:func:`loes._rng.check_random_state`)."""
+    return seed_of(random_state) if _is_seed(random_state) else check_random_state(random_state)
+
+
 def split_random_state(random_state: Any) -> Tuple[Any, Any]:
     """(for sampling, for the selector): the same semantics on both paths.
 
@@ -155,11 +165,8 @@ def split_random_state(random_state: Any) -> Tuple[Any, Any]:
     kind (``None``, a numpy Generator/RandomState, a torch.Generator) becomes one
     numpy Generator for sampling and an int seed drawn from it for the selector.
     """
-    if isinstance(random_state, (int, np.integer)) and not isinstance(random_state, (bool, np.bool_)):
-        seed = seed_of(random_state)
-        return seed, seed
-    rng = check_random_state(random_state)
-    return rng, seed_of(rng)
+    sample = sampling_random_state(random_state)
+    return sample, (sample if isinstance(sample, int) else seed_of(sample))
 
 
 def check_random_state_kind(random_state: Any) -> None:
@@ -199,9 +206,3 @@ def check_keywords(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
-
-
-def explicit(config_fields: Dict[str, Any]) -> Dict[str, Any]:
-    """The entries of an entry point's arguments that :class:`ExtractionConfig` has."""
-    names = {f.name for f in dataclasses.fields(ExtractionConfig)}
-    return {k: v for k, v in config_fields.items() if k in names}

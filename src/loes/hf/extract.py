@@ -24,9 +24,15 @@ from loes._validation import normalize_task
 from loes.hf import _models as M
 from loes.hf import cache as C
 from loes.hf import fingerprint as F
-from loes.hf.config import ExtractionConfig, check_keywords, check_random_state_kind
-from loes.hf.data import (CalibrationData, from_dataloader, from_dataset, group_norm_audio, is_dataloader,
-                          warn_dataloader_sample)
+from loes.hf.config import ExtractionConfig, check_keywords, sampling_random_state
+from loes.hf.data import (
+    CalibrationData,
+    from_dataloader,
+    from_dataset,
+    group_norm_audio,
+    is_dataloader,
+    warn_dataloader_sample,
+)
 from loes.hf.pooling import pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
@@ -139,7 +145,7 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
     model's forward signature, so it is wrapped after the model is loaded.
     """
     task = normalize_task(task)
-    check_random_state_kind(random_state)
+    random_state = sampling_random_state(random_state)
     if processor is not None and tokenizer is not None and processor is not tokenizer:
         raise LOESError("pass either processor=... or tokenizer=..., not both")
     processor = processor if processor is not None else tokenizer
