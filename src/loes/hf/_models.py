@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
 
@@ -24,10 +25,10 @@ DECODER_TYPES = frozenset({
     "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
     "smollm3", "stablelm", "starcoder2",
 })
-AUDIO_TYPES = frozenset({
-    "audio-spectrogram-transformer", "data2vec-audio", "hubert", "sew", "sew-d",
-    "unispeech", "unispeech-sat", "wav2vec2", "wav2vec2-bert", "wav2vec2-conformer",
-    "wavlm", "whisper",
+#: Text encoders whose position ids start after the padding index (usable = max - pad - 1).
+_OFFSET_POSITIONS = frozenset({
+    "camembert", "data2vec-text", "longformer", "mpnet", "roberta", "roberta-prelayernorm",
+    "xlm-roberta", "xlm-roberta-xl",
 })
 #: Keys a collated batch may hand to a model's forward.
 MODEL_INPUT_KEYS = (
@@ -99,6 +100,97 @@ def default_device(device: Any = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id ("org/name")."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or "\\" in name or name.endswith("/") or os.path.exists(name))
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host (``$HF_ENDPOINT``) accepts a connection within ``timeout`` seconds."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str, revision: Optional[str], repo_type: str = "model") -> bool:
+    try:
+        hub = require("huggingface_hub", extra="hf")
+        found = hub.try_to_load_from_cache(repo_id, "config.json", revision=revision, repo_type=repo_type)
+        return isinstance(found, str)
+    except Exception:  # an invalid repo id, an old huggingface_hub
+        return False
+
+
+def check_source(source: str, *, what: str = "model", revision: Optional[str] = None) -> None:
+    """Fail fast with a loes message when ``source`` cannot be loaded.
+
+    A local path must exist. A hub id must be in the local cache, or the Hub
+    must answer within a few seconds (with ``HF_HUB_OFFLINE`` set, only the
+    cache is tried, by the loader itself).
+    """
+    if looks_like_path(source):
+        if not os.path.exists(os.path.expanduser(source)):
+            raise LOESError(
+                f"{what} path {source!r} does not exist: check the folder or file name "
+                f"(a hub id has the form 'org/name')"
+            )
+        return
+    if _offline() or (what == "model" and _in_hub_cache(source, revision)):
+        return
+    if not hub_reachable():
+        raise LOESError(
+            f"could not reach the Hugging Face Hub for the {what} id {source!r} (no network, and it "
+            "is not in the local cache): download it where there is network and pass the local "
+            f"folder or file instead (e.g. huggingface-cli download {source} --local-dir ./{source.split('/')[-1]}),"
+            " or set HF_HUB_OFFLINE=1 to use the local cache only"
+        )
+
+
+def load_config(source: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
+                gguf_file: Optional[str] = None) -> Any:
+    """The model config of ``source`` (cheap: no weights), or None when it cannot be read."""
+    transformers = require("transformers", extra="hf")
+    kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return transformers.AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as e:  # the model load itself reports the problem
+        logger.debug("could not read the config of %s before loading: %s", source, e)
+        return None
+
+
+def n_hidden_layers(config: Any) -> Optional[int]:
+    """Blocks of the model that is run (hidden states minus the embedding output), if the config says."""
+    if config is None or any(hasattr(config, a) for a in ("text_config", "vision_config")):
+        return None
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def position_limit(config: Any) -> Optional[int]:
+    """Longest token sequence the model's position embeddings cover, if the config says."""
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if str(getattr(config, "model_type", "")) in _OFFSET_POSITIONS:
+        n -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
 def load_model(
     model_id_or_path: Union[str, os.PathLike],
     *,
@@ -112,9 +204,12 @@ def load_model(
     """``AutoModel.from_pretrained`` in eval mode on ``device`` (a hub id or a local folder).
 
     Decoders load as their base model (no LM head is run). ``gguf_file`` and any
-    other keyword pass through to ``from_pretrained``.
+    other keyword pass through to ``from_pretrained``. A missing folder or an
+    unreachable hub id is a :class:`~loes.LOESError` before any download is tried.
     """
     transformers = require("transformers", extra="hf")
+    source = os.fspath(model_id_or_path)
+    check_source(source, revision=revision)
     dev = default_device(device)
     kwargs = dict(model_kwargs)
     if revision is not None:
@@ -122,11 +217,11 @@ def load_model(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     kwargs.setdefault("dtype", parse_dtype(dtype, dev))
-    logger.info("loading %s (revision=%s, dtype=%s) on %s", model_id_or_path, revision,
-                kwargs["dtype"], dev)
-    model = transformers.AutoModel.from_pretrained(
-        os.fspath(model_id_or_path), trust_remote_code=trust_remote_code, **kwargs
-    )
+    logger.info("loading %s (revision=%s, dtype=%s) on %s", source, revision, kwargs["dtype"], dev)
+    try:
+        model = transformers.AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise LOESError(f"could not load a model from {source!r}: {e}") from e
     return model.to(dev).eval()
 
 
@@ -245,15 +340,3 @@ def frame_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], n_frames: 
         return None
     lengths = torch.as_tensor(lengths_fn(mask.sum(-1))).to(mask.device).long()
     return torch.arange(n_frames, device=mask.device)[None, :] < lengths[:, None]
-
-
-def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 16) -> str:
-    """A cheap hash of every parameter's name, shape, dtype and a strided sample of values."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // per_tensor)
-            h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -1,4 +1,9 @@
-"""The published entry points: ``select_layers_from_hf`` and ``select_layers_from_hf_id``."""
+"""The published entry points: ``select_layers_from_hf`` and ``select_layers_from_hf_id``.
+
+Both check every argument (extraction settings, ``k``, ``task``,
+``random_state``, selector options and misspelt keywords) before a model or a
+dataset is loaded, then extract features and run the core selector on them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,23 @@ import inspect
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Set, Union
 
+import numpy as np
 import torch
 
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting
-from loes.core import select_layers_from_custom_embeddings
-from loes.hf.extract import Embeddings, extract_embeddings
+from loes._validation import normalize_task
+from loes.core import DEFAULTS, select_layers_from_custom_embeddings
+from loes.core._robust import run_robust
+from loes.hf.config import (
+    ExtractionConfig,
+    check_random_state_kind,
+    split_random_state,
+    unknown_keywords,
+)
+from loes.hf.extract import Embeddings, _extract
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 from loes.result import LOESResult
 
@@ -21,26 +35,51 @@ __all__ = ["select_from_embeddings", "select_layers_from_hf", "select_layers_fro
 
 logger = logging.getLogger(__name__)
 
+#: Keywords of the core selector that the HF entry points fill in themselves.
 _RESERVED = ("layer_names", "pooling", "dataset", "model_name", "embeddings", "targets")
+#: Names a user may reach for, mapped to the entry points' own.
+_ALIASES = {"max_samples": "max_calibration_samples", "model_id": "model_id_or_path"}
 
 
-def _extraction_args(args: Dict[str, Any]) -> Dict[str, Any]:
-    """The arguments of an entry point that :func:`extract_embeddings` takes."""
-    args = dict(args, max_samples=args.get("max_calibration_samples"))
-    wanted = set(inspect.signature(extract_embeddings).parameters) - {"model_or_id"}
-    return {k: v for k, v in args.items() if k in wanted}
+def _selector_keywords(preset: Any) -> Set[str]:
+    """Keywords ``**select_kwargs`` may hold for ``preset`` (the core's and its engine's options)."""
+    if preset not in DEFAULTS:
+        raise LOESError(f"preset must be one of {sorted(DEFAULTS)}; got {preset!r}")
+    core = inspect.signature(select_layers_from_custom_embeddings).parameters
+    names = {n for n, p in core.items() if p.kind == p.KEYWORD_ONLY} | {"beta"}
+    if preset == "robust":
+        engine = inspect.signature(run_robust).parameters
+        names |= {n for n, p in engine.items() if p.kind == p.KEYWORD_ONLY and p.default is not p.empty}
+        names |= {"orth_reg"}
+    return names - {"task", "random_state", "show_progress", "verbose", "logger"}
+
+
+def _check_request(where: Callable, *, k: Any, task: str, random_state: Any,
+                   select_kwargs: Dict[str, Any]) -> None:
+    """The checks of an entry point that need no model and no data."""
+    if k is None:
+        raise LOESError("k (the number of layers to select) must be given, e.g. k=4")
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise LOESError(f"k must be an integer >= 1; got {k!r}")
+    normalize_task(task)
+    check_random_state_kind(random_state)
+    clash = [name for name in _RESERVED if name in select_kwargs]
+    if clash:
+        raise LOESError(f"{clash} are set from the extracted model and data; do not pass them")
+    known = _selector_keywords(select_kwargs.get("preset", "robust"))
+    own = [n for n in inspect.signature(where).parameters if n != "select_kwargs"]
+    bad = [n for n in select_kwargs if n not in known]
+    if bad:
+        unknown_keywords(where.__name__, bad, set(own) | known, _ALIASES)
 
 
 def select_from_embeddings(emb: Embeddings, *, k: Optional[int], task: str, random_state: Any,
                            show_progress: ProgressSetting, verbose: bool, logger: Optional[logging.Logger],
                            **select_kwargs: Any) -> LOESResult:
     """Run the core selector on extracted features, carrying their provenance."""
-    clash = [name for name in _RESERVED if name in select_kwargs]
-    if clash:
-        raise LOESError(f"{clash} are set from the extracted model and data; do not pass them")
     result = select_layers_from_custom_embeddings(
         emb.embeddings, emb.targets if task != "label_free" else None, k,
-        task=task, random_state=random_state if isinstance(random_state, int) or random_state is None else 0,
+        task=task, random_state=random_state,
         show_progress=show_progress, verbose=verbose, logger=logger,
         layer_names=emb.layer_names, pooling=emb.pooling, dataset=emb.dataset,
         model_name=emb.model_name, **select_kwargs,
@@ -75,12 +114,14 @@ def select_layers_from_hf(
     processor: Any = None,
     tokenizer: Any = None,
     collate_fn: Optional[Callable] = None,
-    max_length: int = 512,
+    max_length: Optional[int] = None,
     num_workers: int = 0,
     dtype: Any = None,
     include_embeddings: bool = False,
     cache_dir: Union[None, bool, str, os.PathLike] = None,
     cache_key: Optional[str] = None,
+    cache_max_bytes: Optional[int] = None,
+    config: Optional[ExtractionConfig] = None,
     random_state: Any = 0,
     show_progress: ProgressSetting = "auto",
     verbose: bool = False,
@@ -93,21 +134,28 @@ def select_layers_from_hf(
     ``dataset``/``dataloader``, sampling, pooling, caching) and runs
     :func:`loes.select_layers_from_custom_embeddings` on them. Every keyword of
     that function (``preset``, ``reg``, ``alpha``, ``gamma``/``beta``, ``eta``,
-    ``ignore_index``, ...) passes through.
+    ``ignore_index``, ...) passes through; any other keyword is a
+    :class:`~loes.LOESError` with a "did you mean" hint. Every argument is
+    checked before the data is loaded and the model is run; the model is given
+    back as it came (device, dtype, training mode).
 
     Parameters
     ----------
     model : torch.nn.Module
         A Hugging Face model (any head: the base model/encoder/tower is run).
     dataset, dataloader
-        Calibration data: a hub id, path, ``Dataset``/``DatasetDict``, or a
-        dataloader yielding ``(inputs, targets)`` or dicts with a target key.
+        Calibration data: a hub id, path, ``Dataset``/``DatasetDict``/DataFrame,
+        or a dataloader yielding ``(inputs, targets)`` or dicts with a target key.
     task : {"classification", "regression", "label_free"}
     k : int
         Number of layers to select.
     max_calibration_samples : int or None
         Cap on calibration samples (default 1024), drawn with ``random_state``
         and stratified by class.
+    config : ExtractionConfig, optional
+        The extraction settings as one object instead of their keywords.
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        Drives the calibration draw and the selector alike (an int seeds both).
 
     Returns
     -------
@@ -116,9 +164,20 @@ def select_layers_from_hf(
         ``dataset`` and ``model_name`` filled in, and the extraction settings in
         ``config["extraction"]``.
     """
-    args = dict(locals())
-    emb = extract_embeddings(model, **_extraction_args(args))
-    return select_from_embeddings(emb, k=k, task=task, random_state=random_state,
+    _check_request(select_layers_from_hf, k=k, task=task, random_state=random_state,
+                   select_kwargs=select_kwargs)
+    cfg = ExtractionConfig.from_keywords(
+        config, pooling=pooling, batch_size=batch_size, max_length=max_length,
+        max_samples=max_calibration_samples, device=device, dtype=dtype,
+        include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
+        cache_max_bytes=cache_max_bytes, num_workers=num_workers)
+    sample_rs, select_rs = split_random_state(random_state)
+    emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
+                   dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                   random_state=sample_rs, revision=None, trust_remote_code=False, processor=processor,
+                   tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=None, model_kwargs=None,
+                   show_progress=show_progress, verbose=verbose)
+    return select_from_embeddings(emb, k=k, task=task, random_state=select_rs,
                                   show_progress=show_progress, verbose=verbose, logger=logger,
                                   **select_kwargs)
 
@@ -147,11 +206,13 @@ def select_layers_from_hf_id(
     processor: Any = None,
     tokenizer: Any = None,
     collate_fn: Optional[Callable] = None,
-    max_length: int = 512,
+    max_length: Optional[int] = None,
     num_workers: int = 0,
     include_embeddings: bool = False,
     cache_dir: Union[None, bool, str, os.PathLike] = None,
     cache_key: Optional[str] = None,
+    cache_max_bytes: Optional[int] = None,
+    config: Optional[ExtractionConfig] = None,
     random_state: Any = 0,
     show_progress: ProgressSetting = "auto",
     verbose: bool = False,
@@ -164,8 +225,9 @@ def select_layers_from_hf_id(
     revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)``
     (``trust_remote_code`` is off by default; ``model_loader`` replaces the
     loader). Its tokenizer / image processor / feature extractor is loaded from
-    the same place when the data needs one. Everything else is as in
-    :func:`select_layers_from_hf`.
+    the same place when the data needs one. A missing folder, or a hub id that
+    cannot be reached, is a :class:`~loes.LOESError` within seconds. Everything
+    else is as in :func:`select_layers_from_hf`.
 
     Examples
     --------
@@ -175,21 +237,34 @@ def select_layers_from_hf_id(
     ...                                   max_calibration_samples=256)
     >>> print(result.summary())
     """
-    args = dict(locals())
+    _check_request(select_layers_from_hf_id, k=k, task=task, random_state=random_state,
+                   select_kwargs=select_kwargs)
+    if not isinstance(model_id_or_path, (str, os.PathLike)):
+        raise LOESError(f"model_id_or_path must be a hub id or a local folder; got "
+                        f"{type(model_id_or_path).__name__} (for a loaded model use select_layers_from_hf)")
+    cfg = ExtractionConfig.from_keywords(
+        config, pooling=pooling, batch_size=batch_size, max_length=max_length,
+        max_samples=max_calibration_samples, device=device, dtype=dtype,
+        include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
+        cache_max_bytes=cache_max_bytes, num_workers=num_workers)
+    sample_rs, select_rs = split_random_state(random_state)
     source = os.fspath(model_id_or_path)
+    t0 = time.perf_counter()
+    model: Any = source
     if model_loader is not None:
-        model: Any = model_loader(source)
+        model = model_loader(source)
         if processor is None and tokenizer is None:
             try:
                 model.config._name_or_path = model.config._name_or_path or source
             except AttributeError:
                 pass
-    else:
-        model = source
-    t0 = time.perf_counter()
-    emb = extract_embeddings(model, **_extraction_args(args))
+    emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
+                   dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                   random_state=sample_rs, revision=revision, trust_remote_code=trust_remote_code,
+                   processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
+                   model_kwargs=model_kwargs, show_progress=show_progress, verbose=verbose)
     emb.model_name = source
     emb.info.setdefault("timings", {})["load_and_extract"] = time.perf_counter() - t0
-    return select_from_embeddings(emb, k=k, task=task, random_state=random_state,
+    return select_from_embeddings(emb, k=k, task=task, random_state=select_rs,
                                   show_progress=show_progress, verbose=verbose, logger=logger,
                                   **select_kwargs)

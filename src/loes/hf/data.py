@@ -19,7 +19,8 @@ import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError, LOESWarning
-from loes.hf._models import MODEL_INPUT_KEYS, modality_of
+from loes.datasets import load_bbc_news, load_drugreview
+from loes.hf._models import MODEL_INPUT_KEYS, check_source, looks_like_path, modality_of
 from loes.hf.sampling import calibration_indices
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ TEXT_PAIR_KEYS = (
 )
 IMAGE_KEYS = ("image", "img", "images", "picture", "photo")
 AUDIO_KEYS = ("audio", "speech", "waveform")
-_PAD_ZERO = ("attention_mask", "token_type_ids", "position_ids", "special_tokens_mask")
+#: Local data files the loader reads, by extension.
+DATA_FILE_BUILDERS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 
 
 @dataclass
@@ -77,11 +79,17 @@ def is_dataloader(obj: Any) -> bool:
         return True
     if isinstance(obj, (str, bytes, os.PathLike, dict)) or _is_hf_dataset(obj) or _is_dataset_dict(obj):
         return False
+    if _is_dataframe(obj):
+        return False
     return hasattr(obj, "__iter__") and not hasattr(obj, "column_names")
 
 
 def _is_hf_dataset(obj: Any) -> bool:
     return type(obj).__name__ == "Dataset" and hasattr(obj, "column_names") and hasattr(obj, "select")
+
+
+def _is_dataframe(obj: Any) -> bool:
+    return type(obj).__name__ == "DataFrame" and type(obj).__module__.startswith("pandas")
 
 
 def _is_dataset_dict(obj: Any) -> bool:
@@ -95,8 +103,13 @@ def load_dataset_any(dataset: Any, *, split: str = "train", config_name: Optiona
 
     Strings: ``"loes:drugreview"`` / ``"loes:bbc_news"`` (packaged data), a folder
     written by ``save_to_disk``, a csv/tsv/json/jsonl/parquet file, or a hub id.
+    A pandas DataFrame becomes a ``Dataset`` (``Dataset.from_pandas``).
     """
     name = None
+    if _is_dataframe(dataset):
+        datasets = require("datasets", extra="hf")
+        dataset = datasets.Dataset.from_pandas(dataset, preserve_index=False)
+        name = "DataFrame"
     if isinstance(dataset, (str, os.PathLike)):
         name = os.fspath(dataset)
         dataset = _load_by_name(name, split=split, config_name=config_name)
@@ -121,15 +134,17 @@ def load_dataset_any(dataset: Any, *, split: str = "train", config_name: Optiona
 
 def _load_by_name(name: str, *, split: str, config_name: Optional[str]):
     if name.startswith("loes:"):
-        from loes import datasets as packaged
-
         key = name[5:].replace("-", "_")
         if key == "drugreview":
-            return packaged.load_drugreview(split if split in ("train", "test", "all") else "train")
+            return load_drugreview(split if split in ("train", "test", "all") else "train")
         if key in ("bbc_news", "bbc"):
-            return packaged.load_bbc_news()
+            return load_bbc_news()
         raise LOESError(f"unknown packaged dataset {name!r}: use 'loes:drugreview' or 'loes:bbc_news'")
     datasets = require("datasets", extra="hf")
+    ext = name.rsplit(".", 1)[-1].lower() if "." in os.path.basename(name) else ""
+    if not os.path.exists(name) and (ext in DATA_FILE_BUILDERS or looks_like_path(name)):
+        raise LOESError(f"dataset file not found: {name!r} does not exist (check the path; a hub "
+                        "dataset id has the form 'org/name')")
     if os.path.isdir(name):
         if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(
             os.path.join(name, "dataset_dict.json")
@@ -137,12 +152,12 @@ def _load_by_name(name: str, *, split: str, config_name: Optional[str]):
             return datasets.load_from_disk(name)
         return datasets.load_dataset(name, config_name, split=split)
     if os.path.isfile(name):
-        ext = name.rsplit(".", 1)[-1].lower()
-        builder = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
+        builder = DATA_FILE_BUILDERS.get(ext)
         if builder is None:
             raise LOESError(f"cannot read {name!r}: use a .csv, .tsv, .json, .jsonl or .parquet file")
         extra = {"delimiter": "\t"} if ext == "tsv" else {}
         return datasets.load_dataset(builder, data_files=name, split="train", **extra)
+    check_source(name, what="dataset")
     return datasets.load_dataset(name, config_name, split=split)
 
 
@@ -266,7 +281,7 @@ def pad_rows(rows: Sequence[Dict[str, Any]], *, pad_token_id: int = 0, padding_s
     return out
 
 
-def tokenizer_padding(tokenizer: Any, model: Optional[torch.nn.Module]) -> Tuple[int, str]:
+def tokenizer_padding(tokenizer: Any, config: Any) -> Tuple[int, str]:
     """(pad id, side). Decoders without a pad token fall back to eos, then unk, bos, 0."""
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -278,8 +293,8 @@ def tokenizer_padding(tokenizer: Any, model: Optional[torch.nn.Module]) -> Tuple
                 logger.info("tokenizer has no pad token; padding with %s (%d): padded positions are masked",
                             attr.replace("_id", ""), pad)
                 break
-    if pad is None and model is not None:
-        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if pad is None and config is not None:
+        pad = getattr(config, "pad_token_id", None)
     side = getattr(tokenizer, "padding_side", "right") or "right"
     return int(pad or 0), side
 
@@ -374,7 +389,7 @@ def from_dataset(
     dataset: Any,
     *,
     get_processor: Callable[[str], Any],
-    model: Optional[torch.nn.Module],
+    config: Any,
     task: str,
     split: str = "train",
     config_name: Optional[str] = None,
@@ -387,7 +402,11 @@ def from_dataset(
     collate_fn: Optional[Callable] = None,
     num_workers: int = 0,
 ) -> CalibrationData:
-    """Calibration data from a hub id, path, ``Dataset`` or ``DatasetDict``."""
+    """Calibration data from a hub id, path, ``Dataset``, ``DatasetDict`` or DataFrame.
+
+    ``config`` is the model's config (padding fallback; group-norm audio models
+    get pad-free batches of equal-length clips).
+    """
     ds, name = load_dataset_any(dataset, split=split, config_name=config_name)
     if len(ds) == 0:
         raise LOESError(f"dataset {name} has no rows")
@@ -395,7 +414,14 @@ def from_dataset(
     tkey = find_target_key(columns, target_key, required=task != "label_free")
     labels = None
     if tkey is not None:
-        labels = _as_target_array(column_values(ds, tkey))
+        raw = column_values(ds, tkey)
+        missing = [i for i, v in enumerate(raw) if v is None]
+        if missing and task != "label_free":
+            raise LOESError(
+                f"target column {tkey!r} has {len(missing)} missing value(s) (None), first at rows "
+                f"{missing[:5]}: drop them first, e.g. dataset.filter(lambda r: r[{tkey!r}] is not None)"
+            )
+        labels = _as_target_array(raw) if not missing else None
     all_classes = None
     feat = ds.features.get(tkey) if tkey is not None else None
     if type(feat).__name__ == "ClassLabel":
@@ -411,7 +437,7 @@ def from_dataset(
     if collate_fn is not None:
         loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, collate_fn=collate_fn,
                                              num_workers=num_workers, shuffle=False)
-        data = from_dataloader(loader, get_processor=get_processor, model=model, task=task,
+        data = from_dataloader(loader, get_processor=get_processor, config=config, task=task,
                                target_key=target_key, max_samples=None, text_key=text_key,
                                max_length=max_length, random_state=random_state)
         data.indices, data.name = indices, name
@@ -424,6 +450,10 @@ def from_dataset(
     modality = {"tokenized": "text", "text": "text", "text_pair": "text"}.get(kind, kind)
     if kind == "tokenized":
         modality = modality_of({k: None for k in in_cols})
+    pad_free = kind == "audio" and group_norm_audio(config)
+    if pad_free:
+        logger.info("%s normalises over time (feat_extract_norm='group'): clips are batched only with "
+                    "clips of equal length, never padded", getattr(config, "model_type", "the model"))
     fingerprint = content_fingerprint(ds, list(in_cols) + ([tkey] if tkey else []), indices,
                                       extra=f"{name}|{kind}|{max_length}")
     logger.info("calibration rows: %d of %d from %s (input %s %s, target %s)",
@@ -440,10 +470,13 @@ def from_dataset(
                 texts = _check_texts(column_values(sub, in_cols[0]), in_cols[0])
                 pairs = _check_texts(column_values(sub, in_cols[1]), in_cols[1]) if kind == "text_pair" else None
                 rows = tokenize(tok, texts, pairs, max_length)
-            pad_id, side = tokenizer_padding(tok, model) if tok is not None else (0, "right")
+            pad_id, side = tokenizer_padding(tok, config) if tok is not None else (0, "right")
             yield from batches_from_rows(rows, targets, batch_size, pad_token_id=pad_id, padding_side=side)
             return
         proc = get_processor(modality)
+        if kind == "audio" and pad_free:
+            yield from _equal_length_batches(proc, list(sub[in_cols[0]]), targets, batch_size)
+            return
         for start in range(0, len(sub), batch_size):
             pos = np.arange(start, min(start + batch_size, len(sub)))
             values = list(sub[int(pos[0]):int(pos[-1]) + 1][in_cols[0]])
@@ -458,6 +491,30 @@ def from_dataset(
     return CalibrationData(batches=make_batches, modality=modality, n_samples=len(indices),
                            targets=targets, indices=indices, name=name, fingerprint=fingerprint,
                            info=info)
+
+
+def group_norm_audio(config: Any) -> bool:
+    """Audio models whose feature encoder normalises over time (wav2vec2-base style): padding
+    changes their outputs, and transformers advises running them without an attention mask."""
+    return getattr(config, "feat_extract_norm", None) == "group"
+
+
+def _equal_length_batches(proc: Any, values: List[Any], targets: Optional[np.ndarray],
+                          batch_size: int) -> Iterator[Batch]:
+    """Batches of clips of equal length only (no padding), at most ``batch_size`` each."""
+    decoded = [_audio_array(v) for v in values]
+    lengths = np.array([len(a) for a, _ in decoded])
+    order = np.argsort(lengths, kind="stable")
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < batch_size and lengths[order[stop]] == lengths[order[start]]:
+            stop += 1
+        pos = order[start:stop]
+        inputs, _ = audio_batch(proc, [{"array": decoded[i][0], "sampling_rate": decoded[i][1]} for i in pos])
+        inputs.pop("attention_mask", None)
+        yield Batch(inputs=inputs, mask=None, positions=pos, targets=None if targets is None else targets[pos])
+        start = stop
 
 
 def split_batch(batch: Any, *, target_key: Optional[str], require_targets: bool) -> Tuple[Any, Any]:
@@ -531,7 +588,7 @@ def from_dataloader(
     loader: Any,
     *,
     get_processor: Callable[[str], Any],
-    model: Optional[torch.nn.Module],
+    config: Any,
     task: str,
     target_key: Optional[str] = None,
     text_key: Any = None,
@@ -548,11 +605,11 @@ def from_dataloader(
 
     def make_batches() -> Iterator[Batch]:
         seen = 0
-        iterator = iter(loader)
-        for raw in iterator:
+        row_shape = None
+        for b, raw in enumerate(loader):
             inputs, targets = split_batch(raw, target_key=target_key, require_targets=require_targets)
             inputs = _inputs_dict(inputs, main_input_name, positional_names)
-            inputs = _tokenize_raw(inputs, text_key, get_processor, model, max_length)
+            inputs = _tokenize_raw(inputs, text_key, get_processor, config, max_length)
             n = _batch_size_of(inputs)
             if max_samples is not None and seen + n > max_samples:
                 n = max_samples - seen
@@ -563,6 +620,13 @@ def from_dataloader(
             if targets is not None:
                 tgt = targets.detach().cpu().numpy() if torch.is_tensor(targets) else _as_target_array(targets)
                 tgt = tgt.reshape(1) if tgt.ndim == 0 else tgt
+                row_shape = tgt.shape[1:] if row_shape is None else row_shape
+                if tgt.shape[1:] != row_shape or len(tgt) != n:
+                    raise LOESError(
+                        f"dataloader batch {b}: targets of shape {tuple(tgt.shape)} for {n} rows, but earlier "
+                        f"batches had one target of shape {tuple(row_shape)} per row: yield targets of the "
+                        "same shape in every batch"
+                    )
             pos = np.arange(seen, seen + n)
             seen += n
             yield Batch(inputs=inputs, mask=inputs.get("attention_mask"), positions=pos, targets=tgt)
@@ -590,13 +654,13 @@ def _inputs_dict(inputs: Any, main_input_name: str, positional: Sequence[str]) -
     raise LOESError(f"unsupported batch inputs of type {type(inputs).__name__}: yield tensors or dicts of tensors")
 
 
-def _tokenize_raw(inputs: Dict[str, Any], text_key: Any, get_processor, model, max_length: int) -> Dict[str, Any]:
+def _tokenize_raw(inputs: Dict[str, Any], text_key: Any, get_processor, config, max_length: int) -> Dict[str, Any]:
     """Dict batches of raw strings (no input_ids) go through the tokenizer; ragged lists are padded."""
     if any(k in inputs for k in ("input_ids", "pixel_values", "input_values", "input_features")):
         ragged = {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS and isinstance(v, (list, tuple))}
         if ragged:
             tok = get_processor("text") if "input_ids" in ragged else None
-            pad_id, side = tokenizer_padding(tok, model) if tok is not None else (0, "right")
+            pad_id, side = tokenizer_padding(tok, config) if tok is not None else (0, "right")
             rows = [{k: v[i] for k, v in ragged.items()} for i in range(len(next(iter(ragged.values()))))]
             inputs = {**inputs, **pad_rows(rows, pad_token_id=pad_id, padding_side=side)}
         return inputs
@@ -613,7 +677,7 @@ def _tokenize_raw(inputs: Dict[str, Any], text_key: Any, get_processor, model, m
     texts = _check_texts(list(inputs[keys[0]]), keys[0])
     pairs = _check_texts(list(inputs[keys[1]]), keys[1]) if len(keys) == 2 else None
     rows = tokenize(tok, texts, pairs, max_length)
-    pad_id, side = tokenizer_padding(tok, model)
+    pad_id, side = tokenizer_padding(tok, config)
     return pad_rows(rows, pad_token_id=pad_id, padding_side=side)
 
 

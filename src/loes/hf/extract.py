@@ -8,22 +8,31 @@ batch at a time for token-level metrics (prompt entropy, curvature).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from loes._exceptions import LOESError
+from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, progress, verbose_logger
 from loes._validation import normalize_task
 from loes.hf import _models as M
 from loes.hf import cache as C
-from loes.hf.data import CalibrationData, from_dataloader, from_dataset, is_dataloader, warn_dataloader_sample
+from loes.hf import fingerprint as F
+from loes.hf.config import ExtractionConfig, check_keywords, sampling_random_state
+from loes.hf.data import (
+    CalibrationData,
+    from_dataloader,
+    from_dataset,
+    group_norm_audio,
+    is_dataloader,
+    warn_dataloader_sample,
+)
 from loes.hf.pooling import pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
@@ -108,56 +117,64 @@ class TokenStates:
 
 @dataclass
 class _Plan:
+    """A checked request: the model (loaded or the caller's), its config, the calibration data."""
+
     model: torch.nn.Module
     name: str
+    config: Any
     data: CalibrationData
-    device: torch.device
-    dtype: Optional[torch.dtype]
-    autocast: Optional[torch.dtype]
-    revision: Optional[str]
+    settings: ExtractionConfig
+    max_length: int
     source: Optional[str]
+    borrowed: bool
+    get_processor: Callable[[str], Any]
+    device: torch.device = torch.device("cpu")
+    dtype: Optional[torch.dtype] = None
+    autocast: Optional[torch.dtype] = None
 
 
-def _prepare(model_or_id, dataset, dataloader, *, split, dataset_config_name, text_key, target_key,
-             task, max_samples, batch_size, device, dtype, revision, random_state,
-             trust_remote_code, processor, collate_fn, max_length, num_workers, gguf_file,
-             model_kwargs) -> _Plan:
-    source = None
+def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionConfig, *, task: str,
+             split: str, dataset_config_name: Optional[str], text_key: Any, target_key: Optional[str],
+             random_state: Any, revision: Optional[str], trust_remote_code: bool, processor: Any,
+             tokenizer: Any, collate_fn: Optional[Callable], gguf_file: Optional[str],
+             model_kwargs: Optional[Dict[str, Any]], k: Optional[int] = None) -> _Plan:
+    """Check everything cheap, read the model's config, load the data, then the model.
+
+    Order: arguments (no I/O) -> the model's config (a small file) -> the dataset
+    (labels checked, sample drawn) -> the model weights. A dataloader needs the
+    model's forward signature, so it is wrapped after the model is loaded.
+    """
+    task = normalize_task(task)
+    random_state = sampling_random_state(random_state)
+    if processor is not None and tokenizer is not None and processor is not tokenizer:
+        raise LOESError("pass either processor=... or tokenizer=..., not both")
+    processor = processor if processor is not None else tokenizer
+    if dataloader is None and dataset is not None and is_dataloader(dataset):
+        dataloader, dataset = dataset, None
+    if dataloader is None and dataset is None:
+        raise LOESError("pass dataset=... (a hub id, path, Dataset, DatasetDict or DataFrame) or dataloader=...")
+    if dataloader is not None and dataset is not None:
+        raise LOESError("pass either dataset=... or dataloader=..., not both")
     if isinstance(model_or_id, (str, os.PathLike)):
-        source = os.fspath(model_or_id)
-        model = M.load_model(source, revision=revision, trust_remote_code=trust_remote_code,
-                             device=device, dtype=dtype, gguf_file=gguf_file, **(model_kwargs or {}))
-        name = source
-        autocast = None
+        source: Optional[str] = os.fspath(model_or_id)
+        M.check_source(source, revision=revision)
+        config = M.load_config(source, revision=revision, trust_remote_code=trust_remote_code,
+                               gguf_file=gguf_file)
+        model: Optional[torch.nn.Module] = None
     elif isinstance(model_or_id, torch.nn.Module):
         model = model_or_id
-        name = M.model_name(model)
-        try:
-            current = next(model.parameters())
-        except StopIteration:
-            current = None
-        if device is not None:
-            model.to(M.default_device(device))
-        if dtype is not None:
-            model.to(M.parse_dtype(dtype, M.default_device(device)))
-        model.eval()
-        dev = current.device if current is not None and device is None else M.default_device(device)
-        autocast = None
-        if dev.type == "cuda" and dtype is None and current is not None and current.dtype == torch.float32:
-            autocast = M.parse_dtype(None, dev)  # bf16/fp16 compute without touching the weights
-        source_guess = getattr(getattr(model, "config", None), "_name_or_path", None)
-        source = source_guess or None
+        config = getattr(model, "config", None)
+        source = getattr(config, "_name_or_path", None) or None
     else:
         raise LOESError(
             f"model must be a Hugging Face model (torch.nn.Module), a hub id or a local folder; "
             f"got {type(model_or_id).__name__}"
         )
-    try:
-        param = next(model.parameters())
-        dev, pdtype = param.device, param.dtype
-    except StopIteration:
-        dev, pdtype = M.default_device(device), None
-
+    n_blocks = M.n_hidden_layers(config)
+    if k is not None and n_blocks is not None and k > n_blocks + int(cfg.include_embeddings):
+        raise LOESError(f"k={k} but the model has {n_blocks + int(cfg.include_embeddings)} layers to "
+                        f"select from (config.num_hidden_layers={n_blocks}): pass k<={n_blocks}")
+    max_length = cfg.resolved_max_length(M.position_limit(config))
     cache: Dict[str, Any] = {}
 
     def get_processor(modality: str) -> Any:
@@ -174,45 +191,79 @@ def _prepare(model_or_id, dataset, dataloader, *, split, dataset_config_name, te
                 )
         return cache[modality]
 
-    task = normalize_task(task)
-    if dataloader is None and dataset is not None and is_dataloader(dataset):
-        dataloader, dataset = dataset, None
-    if dataloader is not None:
-        bb = M.backbone(model, "unknown")
-        main = getattr(model, "main_input_name", "input_ids")
-        data = from_dataloader(dataloader, get_processor=get_processor, model=model, task=task,
-                               target_key=target_key, text_key=text_key, max_samples=max_samples,
-                               max_length=max_length, random_state=random_state,
-                               main_input_name=main, positional_names=bb.positional)
-    elif dataset is not None:
-        data = from_dataset(dataset, get_processor=get_processor, model=model, task=task, split=split,
+    data = None
+    if dataset is not None:
+        data = from_dataset(dataset, get_processor=get_processor, config=config, task=task, split=split,
                             config_name=dataset_config_name, text_key=text_key, target_key=target_key,
-                            max_samples=max_samples, batch_size=batch_size, max_length=max_length,
-                            random_state=random_state, collate_fn=collate_fn, num_workers=num_workers)
-    else:
-        raise LOESError("pass dataset=... (a hub id, path, Dataset or DatasetDict) or dataloader=...")
-    return _Plan(model=model, name=name, data=data, device=dev, dtype=pdtype, autocast=autocast,
-                 revision=revision, source=source)
+                            max_samples=cfg.max_samples, batch_size=cfg.batch_size, max_length=max_length,
+                            random_state=random_state, collate_fn=collate_fn, num_workers=cfg.num_workers)
+    if model is None:
+        model = M.load_model(source, revision=revision, trust_remote_code=trust_remote_code,
+                             device=cfg.device, dtype=cfg.dtype, gguf_file=gguf_file, **(model_kwargs or {}))
+        config = getattr(model, "config", config)
+    if data is None:
+        bb = M.backbone(model, "unknown")
+        data = from_dataloader(dataloader, get_processor=get_processor, config=config, task=task,
+                               target_key=target_key, text_key=text_key, max_samples=cfg.max_samples,
+                               max_length=max_length, random_state=random_state,
+                               main_input_name=getattr(model, "main_input_name", "input_ids"),
+                               positional_names=bb.positional)
+    name = os.fspath(model_or_id) if model_or_id is not model else M.model_name(model)
+    return _Plan(model=model, name=name, config=config, data=data, settings=cfg, max_length=max_length,
+                 source=source, borrowed=model is model_or_id, get_processor=get_processor)
 
 
-def _plan_from(args: Dict[str, Any]) -> _Plan:
-    """Call :func:`_prepare` with the matching entries of a public function's arguments."""
-    if args.get("processor") is None:
-        args["processor"] = args.get("tokenizer")
-    wanted = inspect.signature(_prepare).parameters
-    return _prepare(**{k: v for k, v in args.items() if k in wanted})
+def _run_settings(model: torch.nn.Module, cfg: ExtractionConfig) -> Tuple[torch.device, Optional[torch.dtype],
+                                                                          Optional[torch.dtype]]:
+    """(device, parameter dtype, autocast dtype) the model will run with."""
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return M.default_device(cfg.device), None, None
+    dev = param.device if cfg.device is None else M.default_device(cfg.device)
+    dtype = M.parse_dtype(cfg.dtype, dev) if cfg.dtype is not None else param.dtype
+    autocast = None
+    if dev.type == "cuda" and cfg.dtype is None and param.dtype == torch.float32:
+        autocast = M.parse_dtype(None, dev)  # bf16/fp16 compute without touching the weights
+    return dev, dtype, autocast
 
 
-def _stream(plan: _Plan, *, include_embeddings: bool, show_progress: ProgressSetting,
-            info: Dict[str, Any]) -> Iterator[TokenStates]:
+@contextlib.contextmanager
+def _running(plan: _Plan) -> Iterator[None]:
+    """Put the model on the run's device and dtype in eval mode; give the caller's model back
+    as it came (every parameter, gradient and buffer tensor, and each module's training flag)."""
+    model = plan.model
+    plan.device, plan.dtype, plan.autocast = _run_settings(model, plan.settings)
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.data, None if p.grad is None else p.grad.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        if plan.settings.device is not None or plan.settings.dtype is not None:
+            model.to(device=plan.device, dtype=plan.dtype)
+        model.eval()
+        yield
+    finally:
+        if plan.borrowed:
+            for p, data, grad in params:
+                p.data = data
+                if grad is not None:
+                    p.grad.data = grad
+            for m, name, b in buffers:
+                m._buffers[name] = b
+            for m, flag in modes:
+                m.training = flag
+
+
+def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]) -> Iterator[TokenStates]:
     """Run the model batch by batch; only one batch's states are alive at a time."""
+    include_embeddings = plan.settings.include_embeddings
     names: Optional[List[str]] = None
     bb = None
     decoder = False
     total = None
+    warned_padding = False
     if plan.data.n_samples is not None:
-        info_bs = info.get("batch_size") or 1
-        total = -(-plan.data.n_samples // info_bs)
+        total = -(-plan.data.n_samples // plan.settings.batch_size)
     for batch in progress(plan.data.batches(), show_progress, desc="loes: extract", total=total, unit="batch"):
         if bb is None:
             modality = plan.data.modality if plan.data.modality != "unknown" else M.modality_of(batch.inputs)
@@ -221,6 +272,15 @@ def _stream(plan: _Plan, *, include_embeddings: bool, show_progress: ProgressSet
             info.update(modality=modality, family=M.family(plan.model, modality),
                         module=type(bb.module).__name__,
                         model_type=M.model_type(bb.module) or M.model_type(plan.model))
+        if (not warned_padding and batch.mask is not None and group_norm_audio(plan.config)
+                and not bool(batch.mask.bool().all())):
+            warned_padding = True
+            warnings.warn(
+                "this audio model normalises over time (feat_extract_norm='group'): a padded clip's "
+                "features depend on the clips it is batched with; pass a dataset (loes then batches "
+                "only equal-length clips) or a dataloader with batch_size=1",
+                LOESWarning, stacklevel=4,
+            )
         inputs = {k: (v.to(plan.device, non_blocking=True) if torch.is_tensor(v) else v)
                   for k, v in batch.inputs.items()}
         if plan.dtype is not None and plan.dtype.is_floating_point:
@@ -252,6 +312,7 @@ def _stream(plan: _Plan, *, include_embeddings: bool, show_progress: ProgressSet
         item.hidden_states, item.mask = (), None  # release before the next forward
 
 
+@check_keywords
 def iter_hidden_states(
     model: Any,
     dataset: Any = None,
@@ -274,10 +335,11 @@ def iter_hidden_states(
     processor: Any = None,
     tokenizer: Any = None,
     collate_fn: Optional[Callable] = None,
-    max_length: int = 512,
+    max_length: Optional[int] = None,
     num_workers: int = 0,
     gguf_file: Optional[str] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    config: Optional[ExtractionConfig] = None,
 ) -> Iterator[TokenStates]:
     """Stream the per-layer token states of the calibration data, one batch at a time.
 
@@ -286,7 +348,9 @@ def iter_hidden_states(
     states (batch, tokens, dim) on the model's device and the token/frame mask;
     its tensors are released when the next batch is requested, so at most one
     batch of token states is alive. Pool or copy what you need inside the loop.
-    ``task="label_free"`` (the default here) does not require targets.
+    ``task="label_free"`` (the default here) does not require targets. The
+    arguments are checked when the function is called, before the first batch;
+    a caller's model is restored when the stream is exhausted or closed.
 
     Examples
     --------
@@ -294,13 +358,23 @@ def iter_hidden_states(
     ...     lengths = b.mask.sum(1)                          # real tokens per row
     ...     last = b.hidden_states[-1]                        # (batch, tokens, dim)
     """
-    args = dict(locals())
-    args["model_or_id"] = args.pop("model")
-    plan = _plan_from(args)
-    yield from _stream(plan, include_embeddings=include_embeddings, show_progress=show_progress,
-                       info={"batch_size": batch_size})
+    cfg = ExtractionConfig.from_keywords(config, max_samples=max_samples, batch_size=batch_size, device=device,
+                                         dtype=dtype, include_embeddings=include_embeddings,
+                                         max_length=max_length, num_workers=num_workers)
+    plan = _prepare(model, dataset, dataloader, cfg, task=task, split=split,
+                    dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                    random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
+                    processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
+                    model_kwargs=model_kwargs)
+    return _borrowed_stream(plan, show_progress)
 
 
+def _borrowed_stream(plan: _Plan, show_progress: ProgressSetting) -> Iterator[TokenStates]:
+    with _running(plan):
+        yield from _stream(plan, show_progress=show_progress, info={})
+
+
+@check_keywords
 def extract_embeddings(
     model_or_id: Any,
     dataset: Any = None,
@@ -319,6 +393,7 @@ def extract_embeddings(
     include_embeddings: bool = False,
     cache_dir: Union[None, bool, str, os.PathLike] = None,
     cache_key: Optional[str] = None,
+    cache_max_bytes: Optional[int] = None,
     revision: Optional[str] = None,
     random_state: Any = 0,
     show_progress: ProgressSetting = "auto",
@@ -327,10 +402,11 @@ def extract_embeddings(
     processor: Any = None,
     tokenizer: Any = None,
     collate_fn: Optional[Callable] = None,
-    max_length: int = 512,
+    max_length: Optional[int] = None,
     num_workers: int = 0,
     gguf_file: Optional[str] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    config: Optional[ExtractionConfig] = None,
 ) -> Embeddings:
     """Pooled features of every layer of a Hugging Face model on calibration data.
 
@@ -339,14 +415,16 @@ def extract_embeddings(
     model_or_id : torch.nn.Module, or str
         A loaded model, a hub id or a local folder (loaded with
         ``AutoModel.from_pretrained(..., revision=, trust_remote_code=)``; bf16/fp16
-        on CUDA, fp32 on CPU unless ``dtype`` says otherwise).
-    dataset : str, datasets.Dataset or datasets.DatasetDict, optional
+        on CUDA, fp32 on CPU unless ``dtype`` says otherwise). A model passed in
+        is given back as it came (device, dtype, training mode, values).
+    dataset : str, datasets.Dataset, datasets.DatasetDict or pandas.DataFrame, optional
         Hub id, local file/folder, ``"loes:drugreview"``/``"loes:bbc_news"``, or a
         loaded dataset (``split`` picks from a ``DatasetDict``). Raw text is
         tokenized with the model's tokenizer from a text column (text, sentence,
         query, document, ...; sentence pairs as pairs); tokenized columns are
         padded per batch; images go through the image processor, audio through
-        the feature extractor.
+        the feature extractor (group-norm audio models get pad-free batches of
+        equal-length clips).
     dataloader : iterable, optional
         Yields ``(inputs, targets)`` or dicts with a target key (labels, label,
         targets, target, y). A sequential map-style DataLoader longer than
@@ -358,7 +436,7 @@ def extract_embeddings(
         Classification samples are stratified by class; label-free needs no targets.
     max_samples : int or None
         Calibration sample cap (default 1024); a seeded draw, never the first rows.
-    batch_size : int
+    batch_size : int >= 1
     pooling : {"auto", "cls", "mean", "masked_mean", "last_token"}
         ``"auto"``: cls for text encoders and ViTs, last token for decoders,
         masked mean for audio frames and other encoders; spatial mean for 4-D states.
@@ -368,14 +446,22 @@ def extract_embeddings(
     include_embeddings : bool
         Keep the embedding output as layer 0 (default: index 0 = first block).
     cache_dir : str, path or bool, optional
-        Cache folder (``True``: ``~/.cache/loes``); reused when model, revision,
-        weights, data, pooling and sample count match. Dataloaders are cached
-        only with an explicit ``cache_key``.
-    random_state : int or numpy.random.Generator
-        Seed of the calibration draw.
+        Cache folder (``True``: ``~/.cache/loes``). A hit needs the same model
+        class, config, weights and buffers (every byte), tokenizer/processor,
+        transformers and loes versions, data rows, pooling, max_length, layers
+        and dtype. Dataloaders are cached only with an explicit ``cache_key``.
+    cache_max_bytes : int, optional
+        Size cap of the cache folder (default ``$LOES_CACHE_MAX_BYTES``, else none).
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        Seed of the calibration draw (:func:`loes._rng.check_random_state`).
     processor, tokenizer : optional
         Tokenizer / image processor / feature extractor to use instead of the
         model's saved one (required for models built from a config).
+    max_length : int >= 2, optional
+        Token budget per text (default 512, capped at the model's positions; a
+        larger explicit value is an error).
+    config : ExtractionConfig, optional
+        The extraction settings as one object (instead of their keywords).
 
     Returns
     -------
@@ -390,60 +476,87 @@ def extract_embeddings(
     >>> emb.embeddings.shape, emb.layer_names[0]
     (torch.Size([64, 6, 384]), 'hidden_states[1]')
     """
+    cfg = ExtractionConfig.from_keywords(
+        config, pooling=pooling, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
+        device=device, dtype=dtype, include_embeddings=include_embeddings, cache_dir=cache_dir,
+        cache_key=cache_key, cache_max_bytes=cache_max_bytes, num_workers=num_workers)
+    return _extract(model_or_id, dataset, dataloader, cfg, task=task, split=split,
+                    dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                    random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
+                    processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
+                    model_kwargs=model_kwargs, show_progress=show_progress, verbose=verbose)
+
+
+def _cache_payload(plan: _Plan, fingerprint: str, task: str) -> Dict[str, Any]:
+    """Everything that determines the features (see :mod:`loes.hf.fingerprint`)."""
+    modality = plan.data.modality
+    try:
+        proc = plan.get_processor(modality) if modality in ("text", "image", "audio") else None
+    except LOESError:
+        proc = None
+    cfg = plan.settings
+    device, dtype, autocast = _run_settings(plan.model, cfg)
+    return {
+        "model": plan.name, "code": F.code_version(plan.model), "config": F.config_fingerprint(plan.config),
+        "weights": F.weights_fingerprint(plan.model), "processor": F.processor_fingerprint(proc),
+        "data": fingerprint, "n": plan.data.n_samples, "task": task, "pooling": str(cfg.pooling).lower(),
+        "max_length": plan.max_length, "include_embeddings": bool(cfg.include_embeddings),
+        "device": device.type, "dtype": str(dtype), "autocast": str(autocast),
+    }
+
+
+def _extract(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionConfig, *, task: str,
+             show_progress: ProgressSetting, verbose: bool, k: Optional[int] = None, **prepare_args: Any
+             ) -> Embeddings:
+    """:func:`extract_embeddings` with checked settings (``k``: checked against the config's layers)."""
     log = verbose_logger(logging.getLogger("loes.hf"), verbose)  # covers loes.hf.* modules
     t0 = time.perf_counter()
-    plan = _plan_from(dict(locals()))
+    plan = _prepare(model_or_id, dataset, dataloader, cfg, task=task, k=k, **prepare_args)
     t_prep = time.perf_counter()
     data = plan.data
-    folder = C.resolve_cache_dir(cache_dir)
+    task = normalize_task(task)
+    folder = C.resolve_cache_dir(cfg.cache_dir)
     key = None
-    fingerprint = cache_key if cache_key is not None else data.fingerprint
+    fingerprint = cfg.cache_key if cfg.cache_key is not None else data.fingerprint
     if folder is not None and fingerprint is None:
         log.info("cache skipped: a dataloader has no content fingerprint; pass cache_key=... to cache it")
     elif folder is not None:
-        config = getattr(plan.model, "config", None)
-        key = C.cache_key({
-            "model": plan.name, "revision": revision, "commit": getattr(config, "_commit_hash", None),
-            "weights": M.weights_fingerprint(plan.model), "data": fingerprint, "pooling": pooling,
-            "max_samples": max_samples, "n": data.n_samples, "task": normalize_task(task),
-            "include_embeddings": include_embeddings, "max_length": max_length,
-            "dtype": str(plan.autocast or plan.dtype), "random_state": random_state if isinstance(random_state, int) else None,
-        })
-        hit = C.load_entry(folder, key)
+        key = C.cache_key(_cache_payload(plan, fingerprint, task))
+        hit = C.load_entry(folder, key, n_samples=data.n_samples)
         if hit is not None:
-            return _from_cache(hit, plan, key, folder)
+            return _from_cache(hit, plan, key)
 
-    info: Dict[str, Any] = {"batch_size": batch_size, "device": str(plan.device),
-                            "dtype": str(plan.autocast or plan.dtype), "max_length": max_length,
-                            **data.info}
+    info: Dict[str, Any] = {"batch_size": cfg.batch_size, "max_length": plan.max_length, **data.info}
     info.pop("state", None)
     chunks: List[Tuple[np.ndarray, List[torch.Tensor]]] = []
     target_chunks: List[np.ndarray] = []
     resolved = None
     names: List[str] = []
-    for item in _stream(plan, include_embeddings=include_embeddings, show_progress=show_progress, info=info):
-        if resolved is None:
-            resolved = resolve_pooling(pooling, info.get("family", "unknown"), info.get("model_type", ""),
-                                       item.hidden_states[0].ndim)
-            names = item.layer_names
-        with torch.inference_mode():
-            pooled = [pool(h, item.mask, resolved) for h in item.hidden_states]
-            if len({p.shape[1] for p in pooled}) == 1:
-                moved = [torch.stack(pooled, dim=1).to("cpu", torch.float32)]
-            else:
-                moved = [p.to("cpu", torch.float32) for p in pooled]
-        del pooled
-        chunks.append((item.positions, moved))
-        if data.targets is None and item.targets is not None:
-            target_chunks.append(np.asarray(item.targets))
-        del item
+    with _running(plan):
+        info.update(device=str(plan.device), dtype=str(plan.autocast or plan.dtype))
+        for item in _stream(plan, show_progress=show_progress, info=info):
+            if resolved is None:
+                resolved = resolve_pooling(cfg.pooling, info.get("family", "unknown"),
+                                           info.get("model_type", ""), item.hidden_states[0].ndim)
+                names = item.layer_names
+            with torch.inference_mode():
+                pooled = [pool(h, item.mask, resolved) for h in item.hidden_states]
+                if len({p.shape[1] for p in pooled}) == 1:
+                    moved = [torch.stack(pooled, dim=1).to("cpu", torch.float32)]
+                else:
+                    moved = [p.to("cpu", torch.float32) for p in pooled]
+            del pooled
+            chunks.append((item.positions, moved))
+            if data.targets is None and item.targets is not None:
+                target_chunks.append(np.asarray(item.targets))
+            del item
     if not chunks:
         raise LOESError("no calibration samples were read: the dataset/dataloader is empty")
     stacked = _assemble(chunks)
     targets = data.targets if data.targets is not None else (
         np.concatenate(target_chunks) if target_chunks else None)
     if data.n_samples is None:
-        warn_dataloader_sample(data, targets, normalize_task(task))
+        warn_dataloader_sample(data, targets, task)
     t_end = time.perf_counter()
     info.update(timings={"prepare": t_prep - t0, "extract": t_end - t_prep}, cache_key=key)
     emb = Embeddings(embeddings=stacked, targets=targets, layer_names=names, pooling=resolved,
@@ -452,7 +565,7 @@ def extract_embeddings(
     log.info("extracted %d layers x %d samples (%s pooling) from %s in %.2fs", emb.n_layers, n,
              resolved, plan.name, t_end - t0)
     if folder is not None and key is not None:
-        _save(folder, key, emb)
+        _save(folder, key, emb, C.resolve_max_bytes(cfg.cache_max_bytes))
     return emb
 
 
@@ -465,7 +578,7 @@ def _assemble(chunks: List[Tuple[np.ndarray, List[torch.Tensor]]]) -> Union[torc
     return parts[0] if n_parts == 1 else parts
 
 
-def _save(folder, key: str, emb: Embeddings) -> None:
+def _save(folder, key: str, emb: Embeddings, max_bytes: Optional[int]) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     if torch.is_tensor(emb.embeddings):
         tensors["embeddings"] = emb.embeddings
@@ -482,12 +595,12 @@ def _save(folder, key: str, emb: Embeddings) -> None:
         else:
             meta["targets"] = t.tolist()
     try:
-        C.save_entry(folder, key, tensors, meta)
+        C.save_entry(folder, key, tensors, meta, max_bytes=max_bytes)
     except OSError as e:
         logger.warning("could not write the embedding cache in %s: %s", folder, e)
 
 
-def _from_cache(hit, plan: _Plan, key: str, folder) -> Embeddings:
+def _from_cache(hit, plan: _Plan, key: str) -> Embeddings:
     tensors, meta = hit
     if "embeddings" in tensors:
         emb: Union[torch.Tensor, List[torch.Tensor]] = tensors["embeddings"]
