@@ -25,9 +25,11 @@ _LAZY = {
     "select_layers_from_hf": "loes.hf",
     "select_layers_from_hf_id": "loes.hf",
     "extract_embeddings": "loes.hf",
+    "ExtractionConfig": "loes.hf",
 }
 
 __all__ = [
+    "ExtractionConfig",
     "LOESError",
     "LOESResult",
     "LOESSelector",
