@@ -62,6 +62,12 @@ def _existing_file(path: Any, what: str) -> Path:
 
 
 def _read_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic[:2] == b"PK":  # an .npz saved under a .npy name
+        raise LOESError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
+    if magic != b"\x93NUMPY":
+        raise LOESError(f"{path}: not a .npy file (no NumPy header); save the array with numpy.save")
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:
@@ -73,9 +79,6 @@ def _read_npy(path: Path) -> np.ndarray:
         raise LOESError(f"{path}: not a readable .npy file ({e}); save the array with numpy.save") from e
     except (OSError, EOFError) as e:
         raise LOESError(f"{path}: not a readable .npy file ({e}); save the array with numpy.save") from e
-    if isinstance(arr, np.lib.npyio.NpzFile):  # an .npz saved under a .npy name
-        arr.close()
-        raise LOESError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
     return arr
 
 

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress to stderr (and the traceback of an error)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
+    parser.commands = {}  # name -> subparser, so that its own prog reports stray arguments
     for module in COMMANDS:
         p = module.register(sub)
+        parser.commands[p.prog.split()[-1]] = p
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log progress to stderr (and the traceback of an error)")
         p.set_defaults(func=module.run)
@@ -48,7 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run ``loes`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help (0) or a usage error, already reported in one line (2)
         return int(e.code or 0)
     if args.command is None:

@@ -27,6 +27,7 @@ __all__ = [
     "ArgumentParser",
     "check_device",
     "check_input_path",
+    "check_model_folder",
     "check_output_dir",
     "check_output_file",
     "finite_float",
@@ -133,6 +134,18 @@ def check_input_path(value: str, option: str, *, remote: str = "", prefixes: Ite
     if looks_local:
         also = f" (nor {remote})" if remote else ""
         raise LOESError(f"{option} {value}: no such file or folder{also}; check the path")
+
+
+def check_model_folder(value: str, option: str, *, gguf_file: Optional[str] = None) -> None:
+    """A local model folder must hold ``config.json`` (or the ``gguf_file``), checked before any load."""
+    if not os.path.isdir(value):
+        return
+    needed = gguf_file or "config.json"
+    if not os.path.exists(os.path.join(value, needed)):
+        raise LOESError(
+            f"{option} {value}: the folder has no {needed}; give a folder written by save_pretrained "
+            "(or a hub id)"
+        )
 
 
 def _first_existing(path: Path) -> Path:

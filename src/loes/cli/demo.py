@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from loes import _json
-from loes.cli._common import check_input_path, check_output_dir, positive_int
+from loes.cli._common import check_input_path, check_model_folder, check_output_dir, positive_int
 from loes.demo import DEMO_TASKS, run_demo
 
 __all__ = ["register", "run"]
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments; returns the exit code."""
     if args.model is not None:
         check_input_path(args.model, "--model")
+        check_model_folder(args.model, "--model")
     check_output_dir(args.output, "--output")
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
     demo = run_demo(

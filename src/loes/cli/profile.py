@@ -13,6 +13,7 @@ from loes._io import load_embeddings_file
 from loes.cli._common import (
     check_device,
     check_input_path,
+    check_model_folder,
     check_output_file,
     nonnegative_int,
     positive_float,
@@ -100,9 +101,10 @@ def _check(args: argparse.Namespace) -> None:
             raise LOESError("--model needs --dataset, e.g. --dataset loes:drugreview")
         if args.view_files:
             raise LOESError("--view-files go with an embeddings file; with --model use --views N")
-        check_input_path(args.model, "--model", remote="a hub id")
-        check_input_path(args.dataset, "--dataset", remote="a hub id", prefixes=("loes:",))
         check_device(args.device)
+        check_input_path(args.model, "--model", remote="a hub id")
+        check_model_folder(args.model, "--model", gguf_file=args.gguf_file)
+        check_input_path(args.dataset, "--dataset", remote="a hub id", prefixes=("loes:",))
     else:
         stray = [f for f, v in (("--dataset", args.dataset), ("--views", args.views), ("--gguf-file", args.gguf_file),
                                 ("--device", args.device)) if v]

@@ -53,7 +53,7 @@ def _load(cls: Any, path: str) -> Any:
         return cls.from_dict(data)
     except (TypeError, KeyError, ValueError) as e:
         raise LOESError(
-            f"{path}: not a {cls.__name__} JSON file ({type(e).__name__}: {e}); write it with "
+            f"{path}: not {cls.__name__} JSON ({type(e).__name__}: {e}); write it with "
             f"{cls.__name__}.to_json(path)"
         ) from e
 

@@ -13,6 +13,7 @@ from loes._io import load_embeddings_file, load_targets_file
 from loes.cli._common import (
     check_device,
     check_input_path,
+    check_model_folder,
     check_output_dir,
     check_output_file,
     finite_float,
@@ -119,9 +120,10 @@ def _check_mode(args: argparse.Namespace) -> None:
     stray = [flag[n] for n in _EMBEDDINGS_ONLY if getattr(args, n) is not None]
     if stray:
         raise LOESError(f"{', '.join(stray)} apply to --embeddings only; the targets come from --dataset")
-    check_input_path(args.model, "--model", remote="a hub id")
-    check_input_path(args.dataset, "--dataset", remote="a hub id", prefixes=("loes:",))
     check_device(args.device)
+    check_input_path(args.model, "--model", remote="a hub id")
+    check_model_folder(args.model, "--model", gguf_file=args.gguf_file)
+    check_input_path(args.dataset, "--dataset", remote="a hub id", prefixes=("loes:",))
     if args.cache_dir not in (None, "default"):
         check_output_dir(args.cache_dir, "--cache-dir")
 
