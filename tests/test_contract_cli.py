@@ -25,11 +25,12 @@ from typing import Callable, Dict
 import numpy as np
 import pytest
 import torch
+from conftest import planted, run_python
 
 import loes.cli.profile as cli_profile
 import loes.cli.report as cli_report
 import loes.cli.select as cli_select
-from conftest import planted, run_python
+from loes import select_layers_from_custom_embeddings
 from loes.cli import main
 from loes.result import LOESResult
 
@@ -58,8 +59,6 @@ class _NotATensor:  # a pickled class: torch.load(weights_only=True) must refuse
 
 def _result_json(p: Path) -> None:
     x, y = _feats(), _labels()
-    from loes import select_layers_from_custom_embeddings
-
     p.write_text(select_layers_from_custom_embeddings(x, y, k=2, show_progress=False).to_json())
 
 
@@ -298,6 +297,8 @@ CASES = [
     ("demo-model-missing", ["demo", "--model", "./gone", "--output", "o"], (), 2, "no such file or folder"),
     # the top level
     ("top-unknown-command", ["selekt"], (), 2, "invalid choice: 'selekt'"),
+    ("top-no-command", [], (), 2, "no command given; choose one of select, profile, demo, report"),
+    ("top-verbose-only", ["-v"], (), 2, "no command given"),
 ]
 
 
@@ -328,7 +329,7 @@ def test_bad_invocation_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, f
     argv = _materialise(tmp_path, files, argv)
     got = main(argv)
     err = capsys.readouterr().err
-    command = argv[0] if argv[0] in ("select", "profile", "demo", "report") else ""
+    command = argv[0] if argv and argv[0] in ("select", "profile", "demo", "report") else ""
     assert got == code, err
     _one_error_line(err, command, fragment)
 
@@ -440,8 +441,6 @@ def test_every_targets_format_gives_the_same_selection(tmp_path, capsys, name, t
         argv += ["--targets-column", "rating"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
-    from loes import select_layers_from_custom_embeddings
-
     api = select_layers_from_custom_embeddings(_feats(), _labels(), k=2, show_progress=False)
     assert printed["selected_layers"] == api.selected_layers
 

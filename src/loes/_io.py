@@ -69,17 +69,11 @@ def _read_npy(path: Path) -> np.ndarray:
     if magic != b"\x93NUMPY":
         raise LOESError(f"{path}: not a .npy file (no NumPy header); save the array with numpy.save")
     try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e):
-            raise LOESError(
-                f"{path}: holds pickled Python objects, which loes does not load; "
-                "save a numeric array with numpy.save"
-            ) from e
-        raise LOESError(f"{path}: not a readable .npy file ({e}); save the array with numpy.save") from e
-    except (OSError, EOFError) as e:
-        raise LOESError(f"{path}: not a readable .npy file ({e}); save the array with numpy.save") from e
-    return arr
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        problem = "holds pickled Python objects, which loes does not load" if "pickle" in str(e) else (
+            f"not a readable .npy file ({e})")
+        raise LOESError(f"{path}: {problem}; save a numeric array with numpy.save") from e
 
 
 def _read_named(path: Path) -> Dict[str, Any]:

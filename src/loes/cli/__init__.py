@@ -57,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         parser.print_help()
+        sys.stderr.write(f"loes: error: no command given; choose one of {', '.join(parser.commands)}\n")
         return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
