@@ -337,7 +337,7 @@ def test_bad_invocation_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, f
 def test_case_table_is_large_and_unique():
     ids = [c[0] for c in CASES]
     assert len(ids) >= 60 and len(set(ids)) == len(ids)
-    assert {c[1][0] for c in CASES} >= {"select", "profile", "report", "demo"}
+    assert {c[1][0] for c in CASES if c[1]} >= {"select", "profile", "report", "demo"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
