@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from loes import LOESError
 from loes.cli import main
 from loes.metrics import curvature, isotropy, profile, prompt_entropy
 
@@ -52,14 +51,14 @@ def test_profile_table_and_png(saved, capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_profile_cli_errors(saved):
+def test_profile_cli_errors(saved, capsys):
     _, paths, _ = saved
-    with pytest.raises(LOESError, match="either an embeddings file"):
-        main(["profile"])
-    with pytest.raises(LOESError, match="cannot read"):
-        main(["profile", __file__])
-    with pytest.raises(LOESError, match="unknown metric"):
-        main(["profile", str(paths["npy"]), "--metrics", "vibes"])
+    for argv, message in ((["profile"], "either an embeddings file"),
+                          (["profile", __file__], "unsupported file type '.py'"),
+                          (["profile", str(paths["npy"]), "--metrics", "vibes"], "unknown metric 'vibes'")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("loes profile: error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_metrics_import_stays_light():
@@ -73,7 +72,7 @@ def test_metrics_import_stays_light():
 def test_profile_model_matches_direct_forward_on_minilm():
     transformers = pytest.importorskip("transformers")
     from loes.datasets import load_drugreview, minilm_path
-    from loes.metrics import profile_model
+    from loes.hf.profile import profile_model
 
     texts = list(load_drugreview("test")["text"][:12])
     ds = __import__("datasets").Dataset.from_dict({"text": texts})

@@ -11,23 +11,27 @@
 4. print the comparison table and write ``report.html`` (with PNG figures),
    ``result.json`` (LOES's selection) and ``evaluation.json``.
 
-Run ``loes demo`` or ``python -m loes.demo``; ``--quick`` uses a small subset.
+Run ``loes demo`` (:mod:`loes.cli.demo`); ``--quick`` uses a small subset.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
+
+import torch
 
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting
+from loes.datasets import load_bbc_news, load_drugreview, minilm_path
+from loes.evaluate import evaluate
+from loes.hf import extract_embeddings
+from loes.report import write_report
 
-__all__ = ["DEMO_TASKS", "DemoOutput", "run_demo", "main"]
+__all__ = ["DEMO_TASKS", "DemoOutput", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +64,11 @@ class DemoOutput:
 
 
 def _load_texts(task: str, n: int, seed: int):
-    from loes import datasets as loes_datasets
-
     if task == "drugreview":
-        ds = loes_datasets.load_drugreview("all")
+        ds = load_drugreview("all")
     elif task == "bbc":
         # a balanced draw: n / 5 articles per topic
-        ds = loes_datasets.load_bbc_news(max_per_class=max(2, n // 5), random_state=seed)
+        ds = load_bbc_news(max_per_class=max(2, n // 5), random_state=seed)
     else:
         raise LOESError(f"task must be one of {sorted(DEMO_TASKS)}; got {task!r}")
     return ds
@@ -112,13 +114,6 @@ def run_demo(
     -------
     DemoOutput
     """
-    import torch
-
-    from loes.datasets import minilm_path
-    from loes.evaluate import evaluate
-    from loes.hf import extract_embeddings
-    from loes.report import write_report
-
     if task not in DEMO_TASKS:
         raise LOESError(f"task must be one of {sorted(DEMO_TASKS)}; got {task!r}")
     if seeds < 1:
@@ -188,46 +183,3 @@ def run_demo(
          f"figures), {paths['result'].name}, {paths['evaluation'].name} in {out} "
          f"[{timings['total']:.0f} s]")
     return DemoOutput(evaluation=ev, result=result, paths=paths, timings=timings)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by ``loes demo`` and ``python -m loes.demo``)."""
-    parser.add_argument("--output", "-o", default="loes-demo-output", help="output folder (default: %(default)s)")
-    parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="drugreview",
-                        help="drugreview: 3-way rating of drug reviews; bbc: BBC News topics")
-    parser.add_argument("--k", type=int, default=3, help="layers to select (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds (default: %(default)s)")
-    parser.add_argument("--probe", choices=("ridge", "logistic", "fusion"), default="ridge",
-                        help="what is trained on the selected layers (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="small subset, short texts (under a minute)")
-    parser.add_argument("--max-samples", type=int, default=None, help="number of texts to use")
-    parser.add_argument("--model", default=None, help="a local model folder (default: packaged MiniLM-L6)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--json", action="store_true", help="print the evaluation as JSON on stdout")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the demo from parsed arguments; returns the exit code."""
-    json_mode = bool(getattr(args, "json", False))
-    echo = (lambda line: print(line, file=sys.stderr)) if json_mode else print
-    demo = run_demo(
-        args.output, task=args.task, k=args.k, seeds=args.seeds, quick=args.quick,
-        max_samples=args.max_samples, probe=args.probe, model=args.model,
-        show_progress=False if args.no_progress else "auto", echo=echo,
-    )
-    if json_mode:
-        print(demo.evaluation.to_json())
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m loes.demo [options]``."""
-    parser = argparse.ArgumentParser(prog="python -m loes.demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    return run_from_args(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -25,7 +25,6 @@ from loes.metrics._tokens import TokenMetricAccumulator
 from loes.metrics._views import dime, infonce, lidar
 
 __all__ = [
-    "profile_model",
     "LABEL_FREE_METHODS",
     "METRICS",
     "MetricProfile",
@@ -49,12 +48,3 @@ __all__ = [
     "rankme",
     "twonn_dimension",
 ]
-
-
-def __getattr__(name: str):
-    # profile_model needs transformers; load it only when asked for
-    if name == "profile_model":
-        from loes.metrics._hf import profile_model
-
-        return profile_model
-    raise AttributeError(f"module 'loes.metrics' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Profile a Hugging Face model: token metrics streamed, views from augmented text."""
+"""Profile a Hugging Face model with every metric of :mod:`loes.metrics`: token metrics
+streamed, views from augmented text."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 from loes._deps import require
 from loes._exceptions import LOESError
 from loes._progress import ProgressSetting
-from loes.metrics._profile import MetricProfile, profile
-from loes.metrics._tokens import TokenMetricAccumulator
+from loes.augment import TextAugmenter, make_views
+from loes.hf._models import load_model, load_processor
+from loes.hf.data import find_input, load_dataset_any
+from loes.hf.extract import extract_embeddings, iter_hidden_states
+from loes.metrics import MetricProfile, TokenMetricAccumulator, profile
 
 __all__ = ["profile_model"]
 
@@ -69,11 +73,6 @@ def profile_model(
     """
     require("transformers", extra="hf")
     datasets = require("datasets", extra="hf")
-    from loes.augment import TextAugmenter, make_views
-    from loes.hf import extract_embeddings, iter_hidden_states
-    from loes.hf._models import load_model, load_processor
-    from loes.hf.data import find_input, load_dataset_any
-
     if n_views == 1 or n_views < 0:
         raise LOESError(f"n_views must be 0 (no view metrics) or at least 2; got {n_views}")
     if isinstance(model, (str, os.PathLike)):
