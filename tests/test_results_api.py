@@ -173,7 +173,7 @@ def test_evaluation_table_shows_a_dash_for_a_missing_score():
 BAD_JSON = [
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "the JSON text holds a JSON list, not a JSON object (LOES result)"),
-    ("/no/such/result.json", "does not exist"),
+    ("/no/such/result.json", "LOES result file not found: /no/such/result.json"),
     ('{"selected_layers": [1]}', "missing field(s) ['layer_scores', 'num_calibration_samples'"),
     (('{"selected_layers": [1], "layer_scores": [0.1], "task": "classification", "num_layers_seen": 3,'
       ' "num_calibration_samples": 9, "pooling": "mean", "presett": "robust"}'), "unknown field(s) ['presett']"),
@@ -196,7 +196,7 @@ def test_bad_result_files_are_clear_errors(tmp_path):
         LOESResult.from_json(str(array))
     latin = tmp_path / "latin.json"
     latin.write_bytes(b"{\"a\": \"\xe9\"}")
-    with pytest.raises(LOESError, match="cannot read LOES result file"):
+    with pytest.raises(LOESError, match="latin.json: not UTF-8 text"):
         LOESResult.from_json(latin)
     with pytest.raises(LOESError, match=r"evaluation result dict with missing field\(s\) \['fractions'"):
         EvaluationResult.from_json('{"rows": []}')

@@ -194,7 +194,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise LOESError(
             f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-            "save the targets as UTF-8"
+            "save the file as UTF-8"
         ) from e
 
 

@@ -6,10 +6,10 @@ import json
 import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from loes._exceptions import LOESError
+from loes._io import load_json_file
 from loes._json import dumps, float_or_nan, to_jsonable
 
 __all__ = ["LOESResult", "StepTable"]
@@ -226,23 +226,17 @@ def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, An
         JSON is not an object; ``what`` names what was expected.
     """
     if isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
-        text, where = source, "the JSON text"
+        where = "the JSON text"
+        try:
+            value = json.loads(source)
+        except json.JSONDecodeError as e:
+            raise LOESError(f"{where} is not valid JSON ({e}); expected what to_json writes") from None
     elif isinstance(source, (str, os.PathLike)):
         where = f"{what} file {os.fspath(source)!r}"
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise LOESError(f"{where} does not exist: pass the path of a JSON file written by "
-                            "to_json, or the JSON text itself") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise LOESError(f"cannot read {where}: {e}") from None
+        value = load_json_file(source, what)
     else:
         raise LOESError(f"expected JSON text or the path of a JSON file ({what}); got {type(source).__name__}"
                         + ("; for a dict use from_dict" if isinstance(source, Mapping) else ""))
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LOESError(f"{where} is not valid JSON ({e}); expected what to_json writes") from None
     if not isinstance(value, dict):
         raise LOESError(f"{where} holds a JSON {type(value).__name__}, not a JSON object ({what})")
     return value
