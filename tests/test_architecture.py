@@ -44,7 +44,6 @@ RANKS: Dict[str, int] = {
     "loes.baselines": 7,
     "loes.hf": 8,
     "loes.evaluate": 9,
-    "loes.estimate": 9,
     "loes.report": 10,
     "loes.demo": 11,
     "loes.cli": 12,
