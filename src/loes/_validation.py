@@ -133,15 +133,21 @@ def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torc
     return layers
 
 
-def check_k(k: Optional[int], n_layers: int, *, allow_none: bool = False) -> Optional[int]:
-    """Check the layer budget: an integer with 1 <= k <= n_layers."""
+def check_k(k: Optional[int], n_layers: Optional[int] = None, *, allow_none: bool = False) -> Optional[int]:
+    """Check the layer budget: an integer with 1 <= k <= n_layers.
+
+    With ``n_layers=None`` (before the data are read) only ``k >= 1`` is checked.
+    """
     if k is None:
         if allow_none:
             return None
         raise LOESError("k (the number of layers to select) must be given")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise LOESError(f"k must be an integer; got {k!r}")
-    if not 1 <= int(k) <= n_layers:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise LOESError(f"k must be an integer; got {type(k).__name__} {k!r}")
+    if n_layers is None:
+        if int(k) < 1:
+            raise LOESError(f"k must be between 1 and the number of layers; got {k}")
+    elif not 1 <= int(k) <= n_layers:
         raise LOESError(f"k must be between 1 and the number of layers ({n_layers}); got {k}")
     return int(k)
 
