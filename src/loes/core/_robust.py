@@ -139,7 +139,9 @@ class LayerFactor:
         (``cv="loo"`` only).
     trace_h : float, its trace (``cv="gcv"`` only).
     xt_extra : ``Xcᵀ extra`` (D × e), or None.
-    dead : bool, True when every feature is constant (never selected).
+    dead : bool, True when every feature is constant (never selected). A layer
+        whose features all vary, but only at the rounding level of their
+        means (a huge offset), raises :class:`LOESError` instead.
     """
 
     dual = False
@@ -164,12 +166,18 @@ class LayerFactor:
         xf = x.to(cdt)
         self.mean = xf.mean(0, keepdim=True)
         xc = xf - self.mean
-        const = constant_features(xc, self.mean)
-        self.dead = bool(const.all())
         xt_extra = None if extra is None else (extra.T @ xc).T
         self.unit = power_of_two_unit(xc)
         if self.unit != 1.0:
             xc = xc * self.unit
+        const = constant_features(xc, self.mean * self.unit)
+        self.dead = bool(const.all())
+        if self.dead and not bool((xf.amax(0) == xf.amin(0)).all()):
+            raise LOESError(
+                f"its features vary only at the rounding level of their means (|mean| up to "
+                f"{float(self.mean.abs().max()):.3g} in {cdt}): an offset has swallowed the signal; "
+                "centre the layer before casting it, or pass float64"
+            )
         g, xc, scale = self._normal_matrix(xc, const, standardize, cv)
         self.scale = scale * self.unit
         self.xt_extra = None if xt_extra is None else xt_extra * self.scale.T
