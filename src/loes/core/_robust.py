@@ -83,7 +83,9 @@ def constant_features(xc: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     constant, a column at offset 1e5 with unit spread does not. Scaling or
     shifting a feature leaves the verdict unchanged.
     """
-    spread = (xc - xc.mean(0, keepdim=True)).pow(2).mean(0, keepdim=True).sqrt()
+    d = xc - xc.mean(0, keepdim=True)
+    size = d.abs().amax(0, keepdim=True)  # squares of d / size neither overflow nor underflow
+    spread = size * (d / size.clamp(min=torch.finfo(d.dtype).tiny)).pow(2).mean(0, keepdim=True).sqrt()
     return spread <= _CONSTANT_EPS * torch.finfo(xc.dtype).eps * mean.abs()
 
 
