@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import planted
+
 from loes import LOESError, LOESSelector, LOESWarning, select_layers_from_custom_embeddings
 
 RNG = np.random.default_rng(0)

@@ -10,13 +10,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import planted
+
 from loes import LOESError, select_layers_from_custom_embeddings
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 FEW = settings(max_examples=25, deadline=None, derandomize=True)
 N_LAYERS = 6

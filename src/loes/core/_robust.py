@@ -149,9 +149,8 @@ class LayerFactor:
     dual = False
 
     def __new__(cls, x: torch.Tensor, reg: float, cdt: torch.dtype, dual: bool, **kwargs: Any):
-        if cls is LayerFactor:
-            cls = DualFactor if dual else PrimalFactor
-        return super().__new__(cls)
+        form = (DualFactor if dual else PrimalFactor) if cls is LayerFactor else cls
+        return super().__new__(form)
 
     def __init__(
         self,
