@@ -115,7 +115,10 @@ class LayerFactor:
 
     ``LayerFactor(x, reg, cdt, dual, ...)`` builds a :class:`DualFactor`
     (N × N kernel form) or a :class:`PrimalFactor` (D × D form); the two
-    differ only in how the normal matrix is formed and applied.
+    differ only in how the normal matrix is formed (``_normal_matrix``,
+    ``_hat_diagonal``) and applied (``apply``), and in the form-specific parts
+    of the GCV fit (``gcv_unprojected``, ``gcv_extra``, ``gcv_grow``,
+    ``gcv_small``, ``gcv_projected``; see :func:`_gcv_residual`).
 
     Parameters
     ----------
@@ -596,7 +599,7 @@ def run_robust(
             "(every out-of-sample fit fraction >= 1): those picks rest on the isotropy, redundancy and "
             "geometry terms alone; more calibration samples would let the data decide them.",
             LOESWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
     config = {
         "form": sorted({"dual" if f.dual else "primal" for f in run.factors}),
@@ -638,7 +641,7 @@ class _Selection:
                 f"layer(s) {self.excluded} are constant (every feature at the rounding level of its mean) "
                 "and cannot be selected",
                 LOESWarning,
-                stacklevel=5,
+                stacklevel=4,
             )
         self.alive = [i for i in range(len(layers)) if i not in self.excluded]
         if len(self.alive) < k:
