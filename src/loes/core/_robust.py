@@ -633,6 +633,9 @@ class _Selection:
         self.k, self.task, self.opts, self.show_progress = k, task, opts, show_progress
         self.cdt = cdt = compute_dtype(layers)
         self.n = layers[0].shape[0]
+        with_cka = k > 1 and (opts.gamma > 0 or task == "label_free")
+        if with_cka:  # before any work
+            opts.check_cka_memory(self.n, len(layers), torch.finfo(cdt).bits // 8)
         self.dims = [layer.shape[1] for layer in layers]
         device = layers[0].device
         self.generator = torch_generator(seed)
@@ -659,7 +662,7 @@ class _Selection:
                 f"(constant layers: {self.excluded})"
             )
         self.cka = None
-        if k > 1 and (opts.gamma > 0 or task == "label_free"):
+        if with_cka:
             unit_layers = [x if f.unit == 1.0 else x * f.unit for x, f in zip(layers, self.factors)]
             self.cka = cka_matrix(unit_layers, cdt, debiased=opts.cka_debiased, max_samples=opts.cka_samples,
                                   generator=self.generator)

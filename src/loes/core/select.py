@@ -14,14 +14,7 @@ from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, verbose_logger
 from loes._rng import RandomState, seed_of
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
-from loes.core._engine import (
-    DEFAULTS,
-    RobustOptions,
-    check_finite_output,
-    compute_dtype,
-    make_options,
-    seed_is_given,
-)
+from loes.core._engine import DEFAULTS, check_finite_output, make_options, seed_is_given
 from loes.core._reference import run_reference
 from loes.core._robust import run_robust
 from loes.result import LOESResult
@@ -145,8 +138,6 @@ def select_layers_from_custom_embeddings(
         n = layers[0].shape[0]
         if n < 3:
             raise LOESError(f"LOES needs at least 3 labelled calibration samples; got {n}")
-        if isinstance(opts, RobustOptions) and k > 1 and (opts.gamma > 0 or task == "label_free"):
-            opts.check_cka_memory(n, n_layers, torch.finfo(compute_dtype(layers)).bits // 8)
         dims = [layer.shape[1] for layer in layers]
         if n <= max(dims):
             warnings.warn(
