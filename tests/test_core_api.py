@@ -132,3 +132,13 @@ def test_import_loes_stays_light():
         "print(','.join(heavy))"
     )
     assert run_python(code).stdout.strip() == ""
+
+
+def test_warnings_point_at_the_callers_line():
+    x, y = planted(200, 32, informative=(2,), n_layers=6, seed=3, dead=(0,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        select_layers_from_custom_embeddings(x, y, k=3, show_progress=False)
+    found = {str(w.message): w.filename for w in caught if issubclass(w.category, LOESWarning)}
+    assert any("constant" in m for m in found) and any("no remaining" in m for m in found), found
+    assert set(found.values()) == {__file__}

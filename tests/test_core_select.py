@@ -276,17 +276,12 @@ def test_steps_where_nothing_explains_the_target_are_reported():
     assert signal.config["uninformative_steps"] == []
 
 
-def test_marginal_fallback_ranks_uninformative_steps_by_each_layers_own_fit():
-    x, y = planted(200, 32, informative=(2, 4), n_layers=6, seed=3, strength=0.6)
-    x[:, 5] = x[:, 4] + 0.05 * np.random.default_rng(0).normal(size=x[:, 4].shape).astype(np.float32)
-    res = select(x, y, k=4, fallback="marginal")
-    first = dict(zip(res.steps[0].candidates, res.steps[0].terms["fit"]))
-    assert res.config["uninformative_steps"], "the planted data should leave nothing to explain by step 4"
-    for t in res.config["uninformative_steps"]:
-        table = res.steps[t - 1]
-        assert table.terms["fit"] == [first[l] for l in table.candidates]
-    with pytest.raises(Exception, match="fallback must be"):
-        select(x, y, k=2, fallback="best")
+def test_removed_fallback_option_is_an_unknown_option():
+    """fallback="marginal" was measured as no gain and removed; the uninformative-step
+    warning (above) stays."""
+    x, y = _planted_small()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['fallback'\] for preset='robust'"):
+        select(x, y, k=2, fallback="marginal")
 
 
 # ---------------------------------------------------------- GCV and exact LOO
@@ -373,3 +368,47 @@ def test_step1_geometry_equals_the_plain_twin(cv, n, d):
         feats = torch.from_numpy(x[:, layer] / x[:, layer].std(0))
         cent = torch.stack([feats[torch.from_numpy(y == c)].mean(0) for c in range(6)])
         assert res.steps[0].row(layer)["geometry"] == pytest.approx(triangle_geometry(cent, index), rel=1e-8)
+
+
+def test_constant_feature_test_equals_the_plain_twin():
+    """The engine's rounding-level test against a per-feature loop in float64:
+    a feature is constant when its spread is at most 10 eps of its mean's size."""
+    from loes.core._robust import constant_features
+
+    g = np.random.default_rng(0)
+    x = g.normal(size=(200, 6)).astype(np.float32)
+    x[:, 0] = 0.1                      # constant, centres to rounding noise
+    x[:, 1] += 1e5                     # offset 1e5, unit spread: informative
+    x[:, 2] = 0.0                      # zeros
+    x[:, 3] = np.float32(3.0) + np.float32(3.0) * np.finfo(np.float32).eps * g.integers(-1, 2, 200)  # ±1 ulp
+    x[:, 4] *= 1e-30                   # tiny but varying
+    xt = torch.from_numpy(x)
+    mean = xt.mean(0, keepdim=True)
+    fast = constant_features(xt - mean, mean)[0].tolist()
+    eps = np.finfo(np.float32).eps
+    slow = [bool(np.std(x[:, j].astype(np.float64)) <= 10 * eps * abs(np.mean(x[:, j].astype(np.float64))))
+            for j in range(6)]
+    assert fast == slow == [True, False, True, True, False, False]
+
+
+@pytest.mark.parametrize("cv", ["gcv", "loo"])
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("power", [-90, 90])
+def test_power_of_two_rescale_of_extreme_layers_is_exact(cv, dual, power):
+    """A float32 layer beyond 2**±16 is rescaled by a power of two: its factor gives the
+    same isotropy and step-1 fit as the unscaled layer (the slow twin: no rescale)."""
+    from loes.core._robust import LayerFactor, _gcv_residual, _loo_residual
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 20, generator=g)
+    y = torch.randn(60, 2, generator=g)
+    y = y - y.mean(0)
+    fit = _gcv_residual if cv == "gcv" else _loo_residual
+    for standardize in (False, True):
+        plain = LayerFactor(x, 1.0, torch.float32, dual=dual, standardize=standardize, cv=cv)
+        big = LayerFactor(x * 2.0**power, 1.0, torch.float32, dual=dual, standardize=standardize, cv=cv)
+        assert plain.unit == 1.0 and big.unit in (2.0 ** -(power + 2), 2.0 ** -(power + 3))
+        assert big.iso == pytest.approx(plain.iso, rel=1e-6)
+        a = fit(plain, y, y, None, torch.float32, want_xt=False).residual()
+        b = fit(big, y, y, None, torch.float32, want_xt=False).residual()
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

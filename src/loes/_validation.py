@@ -47,8 +47,23 @@ def normalize_task(task: str) -> str:
 
 
 def _as_tensor(x: Any, what: str) -> torch.Tensor:
+    """A real, dense, detached tensor (no copy for tensors and contiguous arrays)."""
     if isinstance(x, torch.Tensor):
-        return x
+        if x.layout != torch.strided:
+            raise LOESError(f"{what} is a sparse tensor ({x.layout}); pass a dense one: x.to_dense()")
+        if x.device.type == "meta":
+            raise LOESError(f"{what} is on the meta device (a shape without values): materialise it first")
+        if x.is_complex():
+            raise LOESError(f"{what} is complex ({x.dtype}); pass real features, e.g. x.real or x.abs()")
+        return x.detach()  # a view without the autograd graph: no gradient memory
+    if isinstance(x, np.ma.MaskedArray):
+        masked = int(np.ma.getmaskarray(x).sum())
+        if masked:
+            raise LOESError(
+                f"{what} is a masked array with {masked} masked entries: drop those samples or fill "
+                "them (x.filled(value)) first"
+            )
+        x = x.data
     try:
         arr = np.asarray(x)
     except Exception as e:  # pragma: no cover - exotic inputs
@@ -57,9 +72,18 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
         raise LOESError(
             f"{what} must be numeric; got an object array (ragged lists?) of shape {arr.shape}"
         )
+    if np.iscomplexobj(arr):
+        raise LOESError(f"{what} is complex ({arr.dtype}); pass real features, e.g. x.real or np.abs(x)")
     if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
         raise LOESError(f"{what} must be numeric; got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _is_array(item: Any) -> bool:
+    """An array-like item of a sequence (numpy, torch, anything with ``__array__``), not a number."""
+    return isinstance(item, (np.ndarray, torch.Tensor)) or (
+        hasattr(item, "__array__") and not isinstance(item, np.generic)
+    )
 
 
 def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torch.Tensor]:
@@ -69,17 +93,28 @@ def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torc
     ----------
     embeddings : array or tensor of shape (n_samples, n_layers, dim), or a
         sequence of n_layers arrays of shape (n_samples, dim_l)
-        Any float dtype (fp16/bf16 included) and device. Integer input is cast
-        to float32.
+        Any real float dtype (fp16/bf16 included) and device. Integer input is
+        cast to float32. A list or tuple whose items are arrays or tensors is a
+        list of layers; a nested list of numbers is read with ``np.asarray`` and
+        must be 3-D, (n_samples, n_layers, dim). Tensors are detached (no
+        autograd graph); sparse, meta-device, complex and partly masked inputs
+        are errors.
 
     Returns
     -------
     list of torch.Tensor
         Views of each layer (no copy for tensors), on the input's device.
     """
+    if isinstance(embeddings, (list, tuple)) and embeddings and not any(map(_is_array, embeddings)):
+        embeddings = _as_tensor(embeddings, "embeddings (a nested list, read as (n_samples, n_layers, dim))")
     if isinstance(embeddings, (list, tuple)):
         if len(embeddings) == 0:
             raise LOESError("embeddings is an empty sequence: pass at least one layer")
+        if not all(map(_is_array, embeddings)):
+            raise LOESError(
+                "embeddings mixes arrays and nested lists: pass a list of (n_samples, dim_l) arrays "
+                "(one per layer) or one (n_samples, n_layers, dim) array"
+            )
         layers = [_as_tensor(e, f"embeddings[{i}]") for i, e in enumerate(embeddings)]
         for i, layer in enumerate(layers):
             if layer.ndim != 2:
@@ -124,24 +159,37 @@ def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torc
         elif check_finite and not bool(torch.isfinite(layer.sum(dtype=torch.float64))):
             # one pass without a temporary; a finite float64 sum means every entry is finite
             count = int((~torch.isfinite(layer)).sum())
+            if count:
+                raise LOESError(
+                    f"embeddings contain {count} NaN/Inf values in layer {i}: "
+                    "drop or fix those samples (fp16 overflow? extract in fp32 or bf16)"
+                )
+            lo, hi = torch.aminmax(layer)
             raise LOESError(
-                f"embeddings contain {count} NaN/Inf values in layer {i}: "
-                "drop or fix those samples (fp16 overflow? extract in fp32 or bf16)"
+                f"embeddings of layer {i} are finite but as large as {max(-float(lo), float(hi)):.3g}: "
+                "their sum overflows float64; rescale that layer (selection does not depend on a "
+                "layer's scale)"
             )
     if n < 3:
         raise LOESError(f"LOES needs at least 3 calibration samples; got {n}")
     return layers
 
 
-def check_k(k: Optional[int], n_layers: int, *, allow_none: bool = False) -> Optional[int]:
-    """Check the layer budget: an integer with 1 <= k <= n_layers."""
+def check_k(k: Optional[int], n_layers: Optional[int] = None, *, allow_none: bool = False) -> Optional[int]:
+    """Check the layer budget: an integer with 1 <= k <= n_layers.
+
+    With ``n_layers=None`` (before the data are read) only ``k >= 1`` is checked.
+    """
     if k is None:
         if allow_none:
             return None
         raise LOESError("k (the number of layers to select) must be given")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise LOESError(f"k must be an integer; got {k!r}")
-    if not 1 <= int(k) <= n_layers:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise LOESError(f"k must be an integer; got {type(k).__name__} {k!r}")
+    if n_layers is None:
+        if int(k) < 1:
+            raise LOESError(f"k must be between 1 and the number of layers; got {k}")
+    elif not 1 <= int(k) <= n_layers:
         raise LOESError(f"k must be between 1 and the number of layers ({n_layers}); got {k}")
     return int(k)
 
@@ -178,8 +226,10 @@ def check_targets(
     """Validate targets for ``task`` and encode them as a float matrix.
 
     Classification accepts labels of any hashable values (ints, strings, ...),
-    a one-hot matrix or a soft-label matrix of shape (n_samples, n_classes).
-    Regression accepts (n_samples,) or (n_samples, m) numbers.
+    a one-hot matrix or a soft-label matrix of shape (n_samples, n_classes)
+    (non-negative rows summing to 1 within 1e-6). Regression accepts
+    (n_samples,) or (n_samples, m) real numbers. Complex and partly masked
+    targets are errors.
     """
     task = normalize_task(task)
     if task == "label_free":
@@ -189,10 +239,14 @@ def check_targets(
             f"targets are required for task={task!r}; pass labels or use task='label_free'"
         )
     if isinstance(targets, torch.Tensor):
-        arr = targets.detach().cpu()
+        arr = _as_tensor(targets, "targets").cpu()
         arr = arr.float().numpy() if arr.dtype in (torch.float16, torch.bfloat16) else arr.numpy()
     else:
+        if isinstance(targets, np.ma.MaskedArray):
+            targets = _as_tensor(targets, "targets").numpy()  # an error if any entry is masked
         arr = np.asarray(targets)
+        if np.iscomplexobj(arr):
+            raise LOESError(f"targets are complex ({arr.dtype}); pass real labels or values")
     if arr.ndim == 0 or arr.shape[0] != n_samples:
         raise LOESError(
             f"targets must have one row per sample ({n_samples}); got shape {arr.shape}"
@@ -223,6 +277,14 @@ def check_targets(
                 f"one-hot/soft targets need at least 2 columns (classes); got shape {tuple(y.shape)}"
             )
         hard = bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all())
+        if not hard:
+            worst = float((y.sum(1) - 1).abs().max())
+            if bool((y < 0).any()) or worst > 1e-6:
+                raise LOESError(
+                    "2-D classification targets must be one-hot or soft labels (non-negative rows "
+                    f"summing to 1); got min {float(y.min()):.3g} and a row sum off by {worst:.3g}: "
+                    "normalise the rows (e.g. a softmax), or pass task='regression' for real values"
+                )
         labels = y.argmax(1) if hard else None
         if hard:
             present = torch.unique(labels)

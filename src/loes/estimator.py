@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import inspect
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from loes._exceptions import LOESError
+from loes._rng import RandomState
 from loes._validation import as_layer_list
 from loes.core.select import select_layers_from_custom_embeddings
 
@@ -40,10 +42,13 @@ class LOESSelector:
     result_ : LOESResult
         The full result of the last ``fit``.
     n_layers_in_ : int
+    layer_dims_ : list of int
+        Width of each layer seen in ``fit``; ``transform`` requires the same.
 
     Examples
     --------
-    >>>     >>> from loes import LOESSelector
+    >>> import numpy as np
+    >>> from loes import LOESSelector
     >>> rng = np.random.default_rng(0)
     >>> y = rng.integers(0, 3, 150)
     >>> X = rng.normal(size=(150, 5, 16))
@@ -63,7 +68,7 @@ class LOESSelector:
         alpha: Optional[float] = None,
         gamma: Optional[float] = None,
         eta: Optional[float] = None,
-        random_state: Optional[int] = 0,
+        random_state: RandomState = 0,
         show_progress: Any = False,
         options: Optional[Dict[str, Any]] = None,
     ):
@@ -79,12 +84,15 @@ class LOESSelector:
         self.options = options
 
     # scikit-learn's get_params/set_params without depending on scikit-learn
+    @classmethod
+    def _get_param_names(cls) -> List[str]:
+        """The keyword arguments of ``__init__`` (scikit-learn's rule for estimator parameters)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return sorted(p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD)
+
     def get_params(self, deep: bool = True) -> Dict[str, Any]:
-        return {
-            name: getattr(self, name)
-            for name in ("k", "task", "preset", "reg", "alpha", "gamma", "eta",
-                         "random_state", "show_progress", "options")
-        }
+        """The estimator's parameters, as given to ``__init__``."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
 
     def set_params(self, **params: Any) -> "LOESSelector":
         valid = self.get_params()
@@ -115,6 +123,7 @@ class LOESSelector:
         self.selected_layers_ = list(result.selected_layers)
         self.scores_ = list(result.layer_scores)
         self.n_layers_in_ = result.num_layers_seen
+        self.layer_dims_ = [int(layer.shape[1]) for layer in as_layer_list(X)]
         return self
 
     def transform(self, X: Any):
@@ -128,6 +137,13 @@ class LOESSelector:
         if len(layers) != self.n_layers_in_:
             raise LOESError(
                 f"X has {len(layers)} layers but the selector was fitted on {self.n_layers_in_}"
+            )
+        dims = [int(layer.shape[1]) for layer in layers]
+        if dims != self.layer_dims_:
+            bad = next(i for i, (a, b) in enumerate(zip(dims, self.layer_dims_)) if a != b)
+            raise LOESError(
+                f"layer {bad} of X has width {dims[bad]} but had width {self.layer_dims_[bad]} in fit: "
+                "transform needs features from the same model and pooling as fit"
             )
         out = torch.cat([layers[i] for i in self.selected_layers_], dim=1)
         is_numpy = not isinstance(X, torch.Tensor) and not (

@@ -20,9 +20,10 @@ from typing import Dict, List, Optional
 import torch
 
 from loes._progress import progress
+from loes._rng import torch_generator
 from loes._validation import Targets
 from loes._linalg import center, gram
-from loes.core.select import EngineOutput
+from loes.core._engine import EngineOutput, ReferenceOptions, score_total
 from loes.result import StepTable
 
 __all__ = ["run_reference"]
@@ -70,21 +71,30 @@ def run_reference(
     k: int,
     *,
     task: str,
-    params: Dict[str, float],
-    random_state: Optional[int],
+    opts: ReferenceOptions,
+    seed: int,
     show_progress,
     log: logging.Logger,
 ) -> EngineOutput:
+    """Greedy selection with the published score (see the module docstring).
+
+    Parameters
+    ----------
+    layers : list of n_layers tensors of shape (n_samples, dim_l)
+    tgt : Targets or None (``task="label_free"``)
+    k : int, layers to select
+    task, opts, seed, show_progress, log
+        As validated by :func:`loes.select_layers_from_custom_embeddings`.
+    """
     t0 = time.perf_counter()
     device = layers[0].device
-    reg, alpha, gamma, eta = params["reg"], params["alpha"], params["gamma"], params["eta"]
+    reg, alpha, gamma, eta = opts.reg, opts.alpha, opts.gamma, opts.eta
     raw = [layer.to(torch.float64) for layer in layers]
     xcs = [center(x) for x in raw]
     n_layers = len(raw)
     iso_pen = [  # the unweighted term 1 - iso, as stored in the step tables
         1.0 - _isotropy(xc) for xc in progress(xcs, show_progress, desc="LOES: isotropy", unit="layer")
     ]
-    iso_term = [alpha * v for v in iso_pen]
     norms = [float(torch.linalg.norm(x)) for x in raw]
     red_cache: Dict[tuple, float] = {}
 
@@ -98,26 +108,30 @@ def run_reference(
         return max(vals) if vals else 0.0
 
     t1 = time.perf_counter()
-    generator = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+    generator = torch_generator(seed)
+
+    def total(fit: float, l: int, red: float, tri: float) -> float:
+        return score_total(fit, iso_pen[l], red, tri, alpha, gamma, eta)
+
     steps: List[StepTable] = []
     selected: List[int] = []
     scores: List[float] = []
 
     if task == "label_free":
         cands = list(range(n_layers))
-        best = min(cands, key=lambda l: iso_term[l])
-        steps.append(_table(1, best, cands, [0.0] * n_layers, iso_pen, [0.0] * n_layers, [0.0] * n_layers,
-                            [iso_term[l] for l in cands]))
-        selected, scores = [best], [iso_term[best]]
+        first = [total(0.0, l, 0.0, 0.0) for l in cands]
+        best = min(cands, key=first.__getitem__)
+        steps.append(_table(1, best, cands, [0.0] * n_layers, iso_pen, [0.0] * n_layers, [0.0] * n_layers, first))
+        selected, scores = [best], [first[best]]
         for t in progress(range(2, k + 1), show_progress, desc="LOES: greedy selection", total=k - 1, unit="layer"):
             cands = [l for l in range(n_layers) if l not in selected]
             red = {l: redundancy(l, selected) for l in cands}
-            total = [iso_term[l] + gamma * red[l] for l in cands]
-            best = cands[min(range(len(cands)), key=total.__getitem__)]
+            totals = [total(0.0, l, red[l], 0.0) for l in cands]
+            best = cands[min(range(len(cands)), key=totals.__getitem__)]
             steps.append(_table(t, best, cands, [0.0] * len(cands), [iso_pen[l] for l in cands],
-                                [red[l] for l in cands], [0.0] * len(cands), total, full=False))
+                                [red[l] for l in cands], [0.0] * len(cands), totals, full=False))
             selected.append(best)
-            scores.append(min(total))
+            scores.append(min(totals))
             log.info("step %d: layer %d (score %.6f)", t, best, scores[-1])
         return EngineOutput(selected, scores, steps, [], {"prepare": t1 - t0, "select": time.perf_counter() - t1},
                             {"triplet_rng": "torch.Generator(random_state)"})
@@ -139,12 +153,12 @@ def run_reference(
         mse, pred = _ridge_mse(xc, y, reg)
         fits.append(mse)
         preds.append(pred)
-    total = [fits[l] + iso_term[l] for l in range(n_layers)]
-    best = min(range(n_layers), key=total.__getitem__)
+    first = [total(fits[l], l, 0.0, 0.0) for l in range(n_layers)]
+    best = min(range(n_layers), key=first.__getitem__)
     cands = list(range(n_layers))
     zeros = [0.0] * n_layers
-    steps.append(_table(1, best, cands, fits, iso_pen, zeros, zeros, total, full=False))
-    selected, scores = [best], [total[best]]
+    steps.append(_table(1, best, cands, fits, iso_pen, zeros, zeros, first, full=False))
+    selected, scores = [best], [first[best]]
     y_hat = preds[best]
     log.info("step 1: layer %d (score %.6f)", best, scores[0])
 
@@ -162,7 +176,7 @@ def run_reference(
             mse, pred = _ridge_mse(x_tilde, residual, reg)
             red = redundancy(l, selected)
             tri = _triangle(x_tilde, labels, generator) if labels is not None else 0.0
-            score = mse + iso_term[l] + gamma * red - eta * tri
+            score = total(mse, l, red, tri)
             for name, v in (("fit", mse), ("red", red), ("tri", tri), ("total", score)):
                 rows[name].append(v)
             if score < best_total:

@@ -46,39 +46,123 @@ import logging
 import math
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import progress
+from loes._rng import torch_generator
 from loes._validation import Targets
 from loes._linalg import cka_matrix, sym_gram, triplets
-from loes.core.select import EngineOutput, compute_dtype
+from loes.core._engine import EngineOutput, RobustOptions, compute_dtype, score_total
 from loes.result import StepTable
 
-__all__ = ["run_robust", "LayerFactor"]
+__all__ = ["DualFactor", "LayerFactor", "PrimalFactor", "run_robust"]
 
-#: Relative variance below which a layer counts as constant.
-_DEAD_TOL = 1e-10
+#: A feature is constant when its spread is at most this many machine epsilons
+#: of its mean (the rounding level of its values, in the same units).
+_CONSTANT_EPS = 10
+
+#: Centred values beyond 2**±bound are rescaled by a power of two (exact), so
+#: that Gram matrices and their squares neither overflow nor underflow.
+_SAFE_EXPONENT = {torch.float32: 16, torch.float64: 64}
+
+
+def constant_features(xc: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Which features are constant up to rounding: (1, D) bool.
+
+    Parameters
+    ----------
+    xc : (N, D) the features minus ``mean`` (in the compute dtype).
+    mean : (1, D) their column means.
+
+    A feature is constant when its spread (standard deviation around ``xc``'s
+    own mean, so that the rounding error of ``mean``, shared by the whole
+    column, is not spread) is at most 10 eps·|mean|, the rounding level of its
+    values in the same units: a column of 0.1s counts as constant, a column at
+    offset 1e5 with unit spread does not. Scaling or shifting a feature leaves
+    the verdict unchanged. One pass decides most columns (the spread is at most
+    ``max |xc|``); only columns within 100× of the level get the exact test.
+    """
+    tol = _CONSTANT_EPS * torch.finfo(xc.dtype).eps * mean.abs()
+    reach = torch.maximum(-xc.amin(0, keepdim=True), xc.amax(0, keepdim=True))  # (faster than aminmax)
+    const = reach <= tol
+    cols = ((reach <= 100 * tol) & ~const)[0].nonzero().flatten()
+    if cols.numel():
+        d = xc[:, cols]
+        d = d - d.mean(0, keepdim=True)
+        size = d.abs().amax(0, keepdim=True)  # squares of d / size neither overflow nor underflow
+        spread = size * d.div_(size.clamp(min=torch.finfo(d.dtype).tiny)).pow_(2).mean(0, keepdim=True).sqrt()
+        const[:, cols] = spread <= tol[:, cols]
+    return const
+
+
+def power_of_two_unit(xc: torch.Tensor) -> float:
+    """1.0, or the power of two that brings ``max |xc|`` into [0.5, 1) when it lies
+    outside ``2**±bound``. Multiplying by it is exact."""
+    if xc.numel() == 0:
+        return 1.0
+    lo, hi = torch.aminmax(xc)
+    amax = max(-float(lo), float(hi))
+    bound = 2.0 ** _SAFE_EXPONENT[xc.dtype]
+    if amax == 0 or not math.isfinite(amax) or 1.0 / bound <= amax <= bound:
+        return 1.0
+    return 2.0 ** -math.frexp(amax)[1]
+
+
+def _feature_scale(var: torch.Tensor, const: torch.Tensor, standardize: bool) -> torch.Tensor:
+    """(1, D) multipliers: 1/std (``standardize``) or 1, and 0 for constant features."""
+    if not standardize:
+        return (~const).to(var.dtype)
+    std = var.clamp(min=0).sqrt()
+    return torch.where(const | (std <= 0), torch.zeros_like(std), 1.0 / std.clamp(min=1e-30))
 
 
 class LayerFactor:
     """One layer's centred statistics and ridge factorisation, computed once.
 
+    ``LayerFactor(x, reg, cdt, dual, ...)`` builds a :class:`DualFactor`
+    (N × N kernel form) or a :class:`PrimalFactor` (D × D form); the two
+    differ only in how the normal matrix is formed (``_normal_matrix``,
+    ``_hat_diagonal``) and applied (``apply``), and in the form-specific parts
+    of the GCV fit (``gcv_unprojected``, ``gcv_extra``, ``gcv_grow``,
+    ``gcv_small``, ``gcv_projected``; see :func:`_gcv_residual`).
+
+    Parameters
+    ----------
+    x : (N, D) the caller's layer (a view; centred on the fly).
+    reg : float, relative ridge strength.
+    cdt : compute dtype.
+    dual : bool, use the N × N form.
+    standardize : bool, unit variance per feature.
+    cv : "gcv" (keep ``trace_h``) or "loo" (keep the hat diagonal ``h``).
+    extra : (N, e) columns whose ``Xcᵀ extra`` is kept (targets, class
+        averaging vectors), or None.
+
     Attributes
     ----------
     mean : (1, D) column means.
+    scale : (1, D) per-feature multipliers of the centred features (1/std with
+        ``standardize``, 0 for constant features, times an exact power of two
+        for layers of extreme magnitude); ``unit`` is that power of two.
     iso : float, bounded isotropy in [0, 1].
+    tr : float, trace of the (scaled) Gram matrix.
     lam : float, the ridge penalty (reg × mean non-zero eigenvalue).
     h : (N,) diagonal of the ridge hat matrix ``Xc (XcᵀXc + lam·I)⁻¹ Xcᵀ``
         (``cv="loo"`` only).
     trace_h : float, its trace (``cv="gcv"`` only).
-    xt_extra : ``Xcᵀ extra`` for the ``extra`` columns given (targets, class
-        averaging vectors), or None.
-    dual : bool, True when the N × N form is used.
-    dead : bool, True for a constant layer (never selected).
+    xt_extra : ``Xcᵀ extra`` (D × e), or None.
+    dead : bool, True when every feature is constant (never selected). A layer
+        whose features all vary, but only at the rounding level of their
+        means (a huge offset), raises :class:`LOESError` instead.
     """
+
+    dual = False
+
+    def __new__(cls, x: torch.Tensor, reg: float, cdt: torch.dtype, dual: bool, **kwargs: Any):
+        form = (DualFactor if dual else PrimalFactor) if cls is LayerFactor else cls
+        return super().__new__(form)
 
     def __init__(
         self,
@@ -90,36 +174,33 @@ class LayerFactor:
         cv: str = "loo",
         extra: Optional[torch.Tensor] = None,
     ):
-        self.x = x  # the caller's (N, D) view; centred on the fly
+        self.x = x
         n, d = x.shape
         xf = x.to(cdt)
         self.mean = xf.mean(0, keepdim=True)
         xc = xf - self.mean
-        self.scale = None
-        self.dual = dual
-        # Xcᵀ extra (D × e) of the standardised features, or None; scaled below
-        self.xt_extra = None if extra is None else (extra.T @ xc).T
-        if dual:
-            if standardize:
-                self.scale = _inverse_std(xc.pow(2).mean(0, keepdim=True), self.mean)
-                xc = xc * self.scale
-            g = sym_gram(xc, rows=True)
-        else:
-            g = sym_gram(xc)
-            if standardize:  # scale the Gram, not the features: D² work instead of N·D
-                self.scale = _inverse_std(torch.diagonal(g)[None, :] / n, self.mean)
-                g.mul_(self.scale).mul_(self.scale.T)
-                if cv == "loo":
-                    xc = xc * self.scale
-        if self.xt_extra is not None and self.scale is not None:
-            self.xt_extra = self.xt_extra * self.scale.T
-        tr = float(torch.diagonal(g).sum())
-        raw = float((self.mean * self.mean).sum()) * n + tr  # Σ x² = N‖x̄‖² + tr
-        self.dead = tr <= _DEAD_TOL * raw
+        xt_extra = None if extra is None else (extra.T @ xc).T
+        self.unit = power_of_two_unit(xc)
+        if self.unit != 1.0:
+            xc = xc * self.unit
+        const = constant_features(xc, self.mean * self.unit)
+        self.dead = bool(const.all())
+        if self.dead and not bool((xf.amax(0) == xf.amin(0)).all()):
+            raise LOESError(
+                f"its features vary only at the rounding level of their means (|mean| up to "
+                f"{float(self.mean.abs().max()):.3g} in {cdt}): an offset has swallowed the signal; "
+                "centre the layer before casting it, or pass float64"
+            )
+        g, xc, scale = self._normal_matrix(xc, const, standardize, cv)
+        self.scale = scale * self.unit
+        self.xt_extra = None if xt_extra is None else xt_extra * self.scale.T
         self.h, self.trace_h = None, None
+        tr = float(torch.diagonal(g).sum())
         if self.dead:
             self.iso, self.lam, self.tr = 0.0, 0.0, 0.0
             return
+        if not math.isfinite(tr):
+            raise LOESError(f"its Gram matrix overflows {cdt} (trace {tr}): pass float64 or rescale the layer")
         r = min(n - 1, d)
         self.tr = tr
         flat = g.reshape(-1)
@@ -133,16 +214,10 @@ class LayerFactor:
         chol = torch.linalg.cholesky(a)
         if cv == "gcv":
             # tr H = tr((A − lam I) A⁻¹) = size − lam·tr(A⁻¹), and tr(A⁻¹) = ‖L⁻¹‖²_F.
-            linv = tri_inverse(chol)
-            flat = linv.reshape(-1)
+            flat = tri_inverse(chol).reshape(-1)
             self.trace_h = float(a.shape[0] - self.lam * float(torch.dot(flat, flat)))
-        elif dual:
-            # H = K (K + lam I)^-1 = I - lam (K + lam I)^-1, so h_i = 1 - lam [(K + lam I)^-1]_ii.
-            linv = tri_inverse(chol)
-            self.h = (1.0 - self.lam * (linv * linv).sum(0)).to(cdt)
         else:
-            z = torch.linalg.solve_triangular(chol.to(cdt), xc.T, upper=False)  # L^-1 Xcᵀ, (D, N)
-            self.h = (z * z).sum(0)
+            self.h = self._hat_diagonal(chol, xc, cdt)
         self.chol = chol.to(cdt)
 
     def solve(self, m: torch.Tensor) -> torch.Tensor:
@@ -156,42 +231,120 @@ class LayerFactor:
         )
 
     def centred(self, cdt: torch.dtype) -> torch.Tensor:
-        """The centred (and standardised) features, materialised."""
-        xc = self.x.to(cdt) - self.mean
-        return xc if self.scale is None else xc * self.scale
+        """The centred (and scaled) features, materialised: (N, D)."""
+        return (self.x.to(cdt) - self.mean) * self.scale
 
     def xt(self, m: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         """``Xcᵀ m`` without forming Xc: ``(Xᵀm − x̄ᵀ·1ᵀm) ∘ scale``."""
         # (mᵀX)ᵀ rather than XᵀM: up to 10× faster for thin m on a strided layer view
-        out = (m.T @ self.x.to(cdt)).T - self.mean.T @ m.sum(0, keepdim=True)
-        return out if self.scale is None else out * self.scale.T
+        return ((m.T @ self.x.to(cdt)).T - self.mean.T @ m.sum(0, keepdim=True)) * self.scale.T
 
     def xv(self, v: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         """``Xc v`` without forming Xc."""
-        if self.scale is not None:
-            v = v * self.scale.T
+        v = v * self.scale.T
         return (v.T @ self.x.to(cdt).T).T - self.mean @ v  # as in xt: fast for thin v
 
-    def apply(self, m: torch.Tensor, cdt: torch.dtype, want_xt: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return ``H m`` and, if asked, ``Xcᵀ m`` (the latter for centroid updates)."""
-        if self.dual:
-            hm = m - self.lam * self.solve(m)
-            return hm, (self.xt(m, cdt) if want_xt else None)
+
+class DualFactor(LayerFactor):
+    """The N × N form: ``A = K + lam·I`` with the kernel ``K = Xc Xcᵀ``."""
+
+    dual = True
+
+    def _normal_matrix(self, xc, const, standardize, cv):
+        scale = _feature_scale(xc.pow(2).mean(0, keepdim=True), const, standardize)
+        xc = xc * scale
+        return sym_gram(xc, rows=True), xc, scale
+
+    def _hat_diagonal(self, chol, xc, cdt):
+        # H = K (K + lam I)⁻¹ = I − lam (K + lam I)⁻¹, so h_i = 1 − lam [(K + lam I)⁻¹]_ii.
+        linv = tri_inverse(chol)
+        return (1.0 - self.lam * (linv * linv).sum(0)).to(cdt)
+
+    def apply(self, m: torch.Tensor, cdt: torch.dtype, want_xt: bool = False):
+        """``H m`` and, if asked, ``Xcᵀ m`` (for centroid updates)."""
+        hm = m - self.lam * self.solve(m)
+        return hm, (self.xt(m, cdt) if want_xt else None)
+
+    def gcv_unprojected(self, r, den, cdt, xt_r=None) -> "_Fit":
+        hr, _ = self.apply(r, cdt)
+        res = (r - hr) / den
+        return _Fit(float((res * res).sum()), None, residual=res)
+
+    def gcv_extra(self, extra, cdt):
+        return None
+
+    def gcv_grow(self, cache: "_GcvCache", proj: "_Projection", b, extra, cdt, want_xt):
+        """Append ``Y = A⁻¹ B`` (and ``Z = Xcᵀ B`` for centroids); ``M1 = BᵀY``."""
+        y = self.solve(b)
+        if want_xt:
+            cache.z = _append(cache.z, self.xt(b, cdt))
+        return proj.b, y, None
+
+    def gcv_small(self, proj: "_Projection", cache: "_GcvCache"):
+        """``M_s``, ``M_q`` with ``H = I − lam (K + lam I)⁻¹``."""
+        return proj.btb64 - self.lam * cache.m1, cache.m1 - self.lam * cache.m2
+
+    def gcv_projected(self, r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u) -> "_Fit":
+        lam = self.lam
+        y0 = self.solve(tr)
+        c = (rmat @ (proj.b.T @ (tr - lam * y0)).to(torch.float64)).to(cdt)  # R Bᵀ H tr
+        pre = tr + proj.b @ c - lam * (y0 + cache.y @ c)
+        res = (r - proj.t(pre)) / den
+        return _Fit(float((res * res).sum()), xt_u, residual=res)
+
+
+class PrimalFactor(LayerFactor):
+    """The D × D form: ``A = XcᵀXc + lam·I``."""
+
+    def _normal_matrix(self, xc, const, standardize, cv):
+        g = sym_gram(xc)
+        # scale the Gram, not the features: D² work instead of N·D
+        scale = _feature_scale(torch.diagonal(g)[None, :] / xc.shape[0], const, standardize)
+        g.mul_(scale).mul_(scale.T)
+        return g, (xc * scale if cv == "loo" else None), scale
+
+    def _hat_diagonal(self, chol, xc, cdt):
+        z = torch.linalg.solve_triangular(chol.to(cdt), xc.T, upper=False)  # L⁻¹ Xcᵀ, (D, N)
+        return (z * z).sum(0)
+
+    def apply(self, m: torch.Tensor, cdt: torch.dtype, want_xt: bool = False):
+        """``H m`` and, if asked, ``Xcᵀ m`` (for centroid updates)."""
         xtm = self.xt(m, cdt)
         return self.xv(self.solve(xtm), cdt), (xtm if want_xt else None)
 
+    def gcv_unprojected(self, r, den, cdt, xt_r=None) -> "_Fit":
+        a0 = self.xt(r, cdt) if xt_r is None else xt_r
+        z0 = self.solve(a0)
+        sse = max(_primal_sse(r, a0, z0, a0, self.lam), 0.0)  # A z0 = a0
+        return _Fit(sse / (den * den), None, make=lambda: (r - self.xv(z0, cdt)) / den)
 
-def _inverse_std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """1/std per feature, 0 for constant features.
+    def gcv_extra(self, extra, cdt):
+        a = self.xt(extra, cdt)
+        return a, self.solve(a)
 
-    A feature counts as constant when its spread is at the rounding level of
-    its mean (a column of 0.1s centres to ±1 ulp, not to exact zeros), so that
-    rounding noise is never blown up to unit variance.
-    """
-    std = var.clamp(min=0).sqrt()
-    tol = 100 * torch.finfo(var.dtype).eps
-    const = std <= tol * mean.abs()
-    return torch.where(const | (std <= 0), torch.zeros_like(std), 1.0 / std.clamp(min=1e-30))
+    def gcv_grow(self, cache: "_GcvCache", proj: "_Projection", b, extra, cdt, want_xt):
+        """Append ``Z = Xcᵀ B`` and ``Y = A⁻¹ Z``; ``M1 = ZᵀY``. ``(Xcᵀ extra,
+        A⁻¹ Xcᵀ extra)`` come from the same pass over the layer and the same solve."""
+        q = b.shape[1]
+        both = self.xt(torch.cat([b, extra], dim=1), cdt)
+        cache.z = _append(cache.z, both[:, :q])
+        solved = self.solve(both)
+        return cache.z, solved[:, :q], (both[:, q:], solved[:, q:])
+
+    def gcv_small(self, proj: "_Projection", cache: "_GcvCache"):
+        """``M_s``, ``M_q`` with ``H = Xc A⁻¹ Xcᵀ``."""
+        return cache.m1, cache.m2
+
+    def gcv_projected(self, r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u) -> "_Fit":
+        a0, z0 = a0z0
+        zz0 = (cache.z.T @ z0).to(torch.float64)  # Bᵀ H tr
+        c64 = rmat @ zz0
+        c = c64.to(cdt)
+        z = z0 + cache.y @ c  # fitted values: T Xc z
+        az = a0 + cache.z @ c  # A z = Xcᵀ (tr + V·)
+        w = zz0 + cache.m1 @ c64  # Bᵀ Xc z (Zᵀ Y = M1); ‖VᵀXc z‖² = wᵀ C w
+        sse = max(_primal_sse(r, a0, z, az, self.lam) - float((w * (c_mat @ w)).sum()), 0.0)
+        return _Fit(sse / (den * den), xt_u, make=lambda: (r - proj.t(self.xv(z, cdt))) / den)
 
 
 def tri_inverse(l: torch.Tensor, base: int = 128) -> torch.Tensor:
@@ -315,6 +468,7 @@ def _geometry(centroids: torch.Tensor, index: torch.Tensor) -> float:
 
 
 def _prepare_targets(tgt: Targets, task: str, device, cdt) -> torch.Tensor:
+    """The first target: centred one-hot/soft labels, or unit-variance regression targets."""
     y = tgt.y.to(torch.float64)
     y = y - y.mean(0, keepdim=True)
     if task == "regression":
@@ -328,185 +482,212 @@ def _prepare_targets(tgt: Targets, task: str, device, cdt) -> torch.Tensor:
     return y.to(device=device, dtype=cdt)
 
 
+def _class_averages(tgt: Optional[Targets], task: str, eta: float, device, cdt, generator):
+    """``(C, N)`` class-averaging matrix and the centroid triplets, for hard labels
+    with >= 3 classes present (else None and no triplets)."""
+    none = None, torch.empty(0, 3, dtype=torch.long)
+    if task != "classification" or tgt is None or tgt.labels is None or eta <= 0:
+        return none
+    lab = tgt.labels.to(device)
+    present = torch.unique(lab)
+    if present.numel() < 3:
+        return none
+    onehot = (lab[None, :] == present[:, None]).to(cdt)
+    return onehot / onehot.sum(1, keepdim=True), triplets(int(present.numel()), generator=generator).to(device)
+
+
+def _factorise(layers, opts: RobustOptions, cdt, m: int, k: int, extra, show_progress) -> List[LayerFactor]:
+    """One :class:`LayerFactor` per layer, each in its cheaper form."""
+    n = layers[0].shape[0]
+    factors = []
+    for i, x in enumerate(progress(layers, show_progress, desc="LOES: factorise layers", unit="layer")):
+        dual = _choose_dual(n, x.shape[1], m, opts.orth_rank, k, opts.cv)
+        try:
+            factors.append(LayerFactor(x, opts.reg, cdt, dual=dual, standardize=opts.standardize, cv=opts.cv,
+                                       extra=extra))
+        except (LOESError, torch.linalg.LinAlgError) as e:
+            raise LOESError(f"layer {i} cannot be factorised: {e}") from e
+    return factors
+
+
 def run_robust(
     layers: List[torch.Tensor],
     tgt: Optional[Targets],
     k: int,
     *,
     task: str,
-    params: Dict[str, float],
-    random_state: Optional[int],
+    opts: RobustOptions,
+    seed: int,
     show_progress,
     log: logging.Logger,
-    orth_rank: int = 64,
-    cka_samples: Optional[int] = 512,
-    cka_debiased: bool = True,
-    standardize: bool = True,
-    fallback: str = "none",
-    cv: str = "gcv",
 ) -> EngineOutput:
+    """Greedy selection with the robust score (see the module docstring).
+
+    Parameters
+    ----------
+    layers : list of n_layers tensors of shape (n_samples, dim_l)
+    tgt : Targets or None (``task="label_free"``)
+    k : int, layers to select
+    task, opts, seed, show_progress, log
+        As validated by :func:`loes.select_layers_from_custom_embeddings`.
+    """
     t0 = time.perf_counter()
-    reg, alpha, gamma, eta = params["reg"], params["alpha"], params["gamma"], params["eta"]
-    orth_reg = params.get("orth_reg", 1.0)
-    if int(orth_rank) < 1:
-        raise LOESError(f"orth_rank must be a positive integer; got {orth_rank}")
-    orth_rank = int(orth_rank)
-    if cv not in ("loo", "gcv"):
-        raise LOESError(f"cv must be 'loo' (exact leave-one-out) or 'gcv'; got {cv!r}")
-    device = layers[0].device
-    cdt = compute_dtype(layers)
-    n = layers[0].shape[0]
-    n_layers = len(layers)
-    dims = [layer.shape[1] for layer in layers]
-    seed = 0 if random_state is None else int(random_state)
-    generator = torch.Generator().manual_seed(seed)
-
-    y = _prepare_targets(tgt, task, device, cdt) if tgt is not None else None
-    m = 0 if y is None else y.shape[1]
-
-    # Class geometry: hard labels with >= 3 classes present.
-    tri_index = torch.empty(0, 3, dtype=torch.long)
-    class_means = None  # (C, N) averaging matrix
-    if task == "classification" and tgt is not None and tgt.labels is not None and eta > 0:
-        lab = tgt.labels.to(device)
-        present = torch.unique(lab)
-        if present.numel() >= 3:
-            onehot = (lab[None, :] == present[:, None]).to(cdt)
-            class_means = onehot / onehot.sum(1, keepdim=True)
-            tri_index = triplets(int(present.numel()), generator=generator).to(device)
-
-    # Products every layer needs once (Xcᵀ y, class sums), taken while its centred
-    # features are at hand rather than in extra passes over the strided input.
-    pieces = ([y] if y is not None else []) + ([class_means.T] if class_means is not None else [])
-    extra = torch.cat(pieces, dim=1) if pieces else None
-    factors: List[LayerFactor] = []
-    for x in progress(layers, show_progress, desc="LOES: factorise layers", unit="layer"):
-        dual = _choose_dual(n, x.shape[1], m, orth_rank, k, cv)
-        factors.append(LayerFactor(x, reg, cdt, dual=dual, standardize=standardize, cv=cv, extra=extra))
-    excluded = [i for i, f in enumerate(factors) if f.dead]
-    if excluded:
-        warnings.warn(
-            f"layer(s) {excluded} are constant (zero variance) and cannot be selected",
-            LOESWarning,
-            stacklevel=4,
-        )
-    alive = [i for i in range(n_layers) if i not in excluded]
-    if len(alive) < k:
-        raise LOESError(
-            f"only {len(alive)} layer(s) have non-zero variance; cannot select k={k} "
-            f"(constant layers: {excluded})"
-        )
-    cka = None
-    if k > 1 and (gamma > 0 or task == "label_free"):
-        cka = cka_matrix(layers, cdt, debiased=cka_debiased, max_samples=cka_samples, generator=generator)
+    run = _Selection(layers, tgt, k, task, opts, seed, show_progress)
     t1 = time.perf_counter()
-
-    def redundancy(l: int, selected: List[int]) -> float:
-        return max((float(cka[l, j]) for j in selected), default=0.0) if cka is not None else 0.0
-
-    iso_pen = [1.0 - f.iso for f in factors]
-
-    centroids: Dict[int, torch.Tensor] = {}
-    residual_fn = _gcv_residual if cv == "gcv" else _loo_residual
-    caches = {l: (_GcvCache() if cv == "gcv" else _BlockCache()) for l in alive}
-    uninformative: List[int] = []  # steps at which no candidate explained the target out of sample
-    fell_back: List[int] = []
-    if fallback not in ("none", "marginal"):
-        raise LOESError(f"fallback must be 'none' or 'marginal'; got {fallback!r}")
-    steps: List[StepTable] = []
-    selected: List[int] = []
-    scores: List[float] = []
-    blocks: List[torch.Tensor] = []
-    proj: Optional[_Projection] = None
-    r_target = y
-    n_dims_sel = 0
-
-    for t in progress(range(1, k + 1), show_progress, desc="LOES: greedy selection", total=k, unit="layer"):
-        cands = [l for l in alive if l not in selected]
-        rows: Dict[str, List[float]] = {name: [] for name in ("fit", "isotropy", "redundancy", "geometry", "total")}
-        loo_by_layer: Dict[int, _Fit] = {}
-        if r_target is not None:
-            energy = float((r_target * r_target).sum())
-            tr_target = proj.t(r_target) if proj is not None else r_target
-        if class_means is not None and proj is not None:
-            cm_u = class_means @ proj.u  # class means of U, shared by every candidate
-        for l in cands:
-            f = factors[l]
-            fit, geo = 0.0, 0.0
-            if r_target is not None:
-                res = residual_fn(
-                    f, r_target, tr_target, proj, cdt, want_xt=class_means is not None, cache=caches[l],
-                    xt_r=f.xt_extra[:, :m] if t == 1 else None,
-                )
-                fit = res.sq / energy if energy > 0 else 1.0
-                xt_u = res.xt_u
-                loo_by_layer[l] = res
-                if class_means is not None:
-                    if l not in centroids:
-                        centroids[l] = f.xt_extra[:, m:].T  # (C, D) class means of Xc
-                    cent = centroids[l]
-                    if proj is not None:
-                        cent = cent - cm_u @ (proj.w[:, None] * xt_u.T)
-                    geo = _geometry(cent, tri_index)
-            red = redundancy(l, selected)
-            total = fit + alpha * iso_pen[l] + gamma * red - eta * geo
-            for name, v in (("fit", fit), ("isotropy", iso_pen[l]), ("redundancy", red), ("geometry", geo), ("total", total)):
-                rows[name].append(float(v))
-        if t == 1 and r_target is not None:
-            marginal = dict(zip(cands, rows["fit"]))  # each layer's own fit to the labels
-        if fallback == "marginal" and t > 1 and r_target is not None and min(rows["fit"]) >= 1.0:
-            # Nothing explains the residual: rank by each layer's own fit to the labels instead.
-            rows["fit"] = [marginal[l] for l in cands]
-            rows["total"] = [
-                f_ + alpha * i_ + gamma * r_ - eta * g_
-                for f_, i_, r_, g_ in zip(rows["fit"], rows["isotropy"], rows["redundancy"], rows["geometry"])
-            ]
-            fell_back.append(t)
-        i_best = min(range(len(cands)), key=rows["total"].__getitem__)
-        best = cands[i_best]
-        steps.append(StepTable(step=t, selected=best, candidates=cands, terms=rows))
-        selected.append(best)
-        scores.append(rows["total"][i_best])
-        log.info(
-            "step %d: layer %d (score %.4f: fit %.4f, 1-iso %.4f, redundancy %.4f, geometry %.4f)",
-            t, best, rows["total"][i_best], rows["fit"][i_best], rows["isotropy"][i_best],
-            rows["redundancy"][i_best], rows["geometry"][i_best],
-        )
-        if r_target is not None and (t in fell_back or min(rows["fit"]) >= 1.0):
-            uninformative.append(t)
-        if t == k:
-            break
-        if r_target is not None:
-            r_target = loo_by_layer[best].residual()
-            r_target = r_target - r_target.mean(0, keepdim=True)
-        # Update the projection onto the selected span (once per step, not per candidate).
-        u, s = _top_directions(factors[best], orth_rank, cdt, generator)
-        blocks.append(u * s)
-        n_dims_sel += dims[best]
-        proj = _Projection(blocks, n_dims_sel, n, orth_reg, cdt)
+    run.select(log)
     t2 = time.perf_counter()
-    if uninformative:
+    if run.uninformative:
         warnings.warn(
-            f"at step(s) {uninformative} no remaining layer explained the current target out of sample "
+            f"at step(s) {run.uninformative} no remaining layer explained the current target out of sample "
             "(every out-of-sample fit fraction >= 1): those picks rest on the isotropy, redundancy and "
             "geometry terms alone; more calibration samples would let the data decide them.",
             LOESWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
     config = {
-        "form": sorted({"dual" if f.dual else "primal" for f in factors}),
-        "orth_rank": orth_rank,
-        "standardize": standardize,
-        "projection_rank": proj.rank if proj is not None else 0,
-        "cka": ("debiased" if cka_debiased else "linear") + (
-            f" on {cka_samples} sampled rows" if cka_samples is not None and n > cka_samples else ""
+        "form": sorted({"dual" if f.dual else "primal" for f in run.factors}),
+        "projection_rank": run.proj.rank if run.proj is not None else 0,
+        "cka": ("debiased" if opts.cka_debiased else "linear") + (
+            f" on {opts.cka_samples} sampled rows"
+            if opts.cka_samples is not None and run.n > opts.cka_samples else ""
         ),
-        "n_triplets": int(tri_index.shape[0]),
-        "uninformative_steps": uninformative,
-        "fallback": fallback,
-        "cv": cv,
+        "n_triplets": int(run.tri_index.shape[0]),
+        "uninformative_steps": run.uninformative,
     }
-    return EngineOutput(selected, scores, steps, excluded, {"prepare": t1 - t0, "select": t2 - t1}, config)
+    return EngineOutput(run.selected, run.scores, run.steps, run.excluded,
+                        {"prepare": t1 - t0, "select": t2 - t1}, config)
+
+
+class _Selection:
+    """One robust selection: the per-layer work done once (``__init__``), then
+    the greedy steps (:meth:`select`), each scoring every remaining candidate
+    (:meth:`score`) against the current target and the selected span."""
+
+    def __init__(self, layers, tgt, k, task, opts: RobustOptions, seed: int, show_progress):
+        self.k, self.task, self.opts, self.show_progress = k, task, opts, show_progress
+        self.cdt = cdt = compute_dtype(layers)
+        self.n = layers[0].shape[0]
+        with_cka = k > 1 and (opts.gamma > 0 or task == "label_free")
+        if with_cka:  # before any work
+            opts.check_cka_memory(self.n, len(layers), torch.finfo(cdt).bits // 8)
+        self.dims = [layer.shape[1] for layer in layers]
+        device = layers[0].device
+        self.generator = torch_generator(seed)
+        self.y = _prepare_targets(tgt, task, device, cdt) if tgt is not None else None
+        self.m = 0 if self.y is None else self.y.shape[1]
+        self.class_means, self.tri_index = _class_averages(tgt, task, opts.eta, device, cdt, self.generator)
+        # Products every layer needs once (Xcᵀ y, class sums), taken while its centred
+        # features are at hand rather than in extra passes over the strided input.
+        pieces = [p for p in (self.y, None if self.class_means is None else self.class_means.T) if p is not None]
+        extra = torch.cat(pieces, dim=1) if pieces else None
+        self.factors = _factorise(layers, opts, cdt, self.m, k, extra, show_progress)
+        self.excluded = [i for i, f in enumerate(self.factors) if f.dead]
+        if self.excluded:
+            warnings.warn(
+                f"layer(s) {self.excluded} are constant (every feature at the rounding level of its mean) "
+                "and cannot be selected",
+                LOESWarning,
+                stacklevel=4,
+            )
+        self.alive = [i for i in range(len(layers)) if i not in self.excluded]
+        if len(self.alive) < k:
+            raise LOESError(
+                f"only {len(self.alive)} layer(s) have non-zero variance; cannot select k={k} "
+                f"(constant layers: {self.excluded})"
+            )
+        self.cka = None
+        if with_cka:
+            unit_layers = [x if f.unit == 1.0 else x * f.unit for x, f in zip(layers, self.factors)]
+            self.cka = cka_matrix(unit_layers, cdt, debiased=opts.cka_debiased, max_samples=opts.cka_samples,
+                                  generator=self.generator)
+        self.iso_pen = [1.0 - f.iso for f in self.factors]
+        self.centroids: Dict[int, torch.Tensor] = {}
+        self.caches = {l: (_GcvCache() if opts.cv == "gcv" else _BlockCache()) for l in self.alive}
+        self.steps: List[StepTable] = []
+        self.selected: List[int] = []
+        self.scores: List[float] = []
+        self.uninformative: List[int] = []  # steps at which no candidate explained the target out of sample
+        self.blocks: List[torch.Tensor] = []
+        self.proj: Optional[_Projection] = None
+
+    def redundancy(self, l: int) -> float:
+        """Largest CKA between layer ``l`` and a selected layer."""
+        if self.cka is None:
+            return 0.0
+        return max((float(self.cka[l, j]) for j in self.selected), default=0.0)
+
+    def fit(self, l: int, target: torch.Tensor, t_target: torch.Tensor) -> _Fit:
+        """Out-of-sample fit of ``target`` on layer ``l`` orthogonalised against the selection."""
+        f, proj, want_xt = self.factors[l], self.proj, self.class_means is not None
+        if self.opts.cv == "loo":
+            return _loo_residual(f, target, t_target, proj, self.cdt, want_xt, cache=self.caches[l])
+        xt_y = f.xt_extra[:, : self.m] if proj is None else None  # the first target's Xcᵀ y is known
+        return _gcv_residual(f, target, t_target, proj, self.cdt, want_xt, cache=self.caches[l], xt_r=xt_y)
+
+    def geometry(self, l: int, fit: _Fit, cm_u: Optional[torch.Tensor]) -> float:
+        """Triangle term of the class centroids of layer ``l`` orthogonalised against the selection."""
+        if l not in self.centroids:
+            self.centroids[l] = self.factors[l].xt_extra[:, self.m :].T  # (C, D) class means of Xc
+        cent = self.centroids[l]
+        if self.proj is not None:
+            cent = cent - cm_u @ (self.proj.w[:, None] * fit.xt_u.T)
+        return _geometry(cent, self.tri_index)
+
+    def score(self, cands: List[int], target: Optional[torch.Tensor]):
+        """Every candidate's terms and total, and its fit (for the winner's residual)."""
+        a, g, e = self.opts.alpha, self.opts.gamma, self.opts.eta
+        rows: Dict[str, List[float]] = {name: [] for name in ("fit", "isotropy", "redundancy", "geometry", "total")}
+        fits: Dict[int, _Fit] = {}
+        if target is not None:
+            energy = float((target * target).sum())
+            t_target = self.proj.t(target) if self.proj is not None else target
+        cm_u = None
+        if self.class_means is not None and self.proj is not None:
+            cm_u = self.class_means @ self.proj.u  # class means of U, shared by every candidate
+        for l in cands:
+            fit, geo = 0.0, 0.0
+            if target is not None:
+                fits[l] = self.fit(l, target, t_target)
+                fit = fits[l].sq / energy if energy > 0 else 1.0
+                if self.class_means is not None:
+                    geo = self.geometry(l, fits[l], cm_u)
+            red = self.redundancy(l)
+            total = score_total(fit, self.iso_pen[l], red, geo, a, g, e)
+            for name, v in (("fit", fit), ("isotropy", self.iso_pen[l]), ("redundancy", red),
+                            ("geometry", geo), ("total", total)):
+                rows[name].append(float(v))
+        return rows, fits
+
+    def select(self, log: logging.Logger) -> None:
+        """The greedy steps: pick the best total, then make the winner's out-of-sample
+        residual the next target and add its top directions to the projection."""
+        target = self.y
+        k = self.k
+        for t in progress(range(1, k + 1), self.show_progress, desc="LOES: greedy selection", total=k,
+                          unit="layer"):
+            cands = [l for l in self.alive if l not in self.selected]
+            rows, fits = self.score(cands, target)
+            i_best = min(range(len(cands)), key=rows["total"].__getitem__)
+            best = cands[i_best]
+            self.steps.append(StepTable(step=t, selected=best, candidates=cands, terms=rows))
+            self.selected.append(best)
+            self.scores.append(rows["total"][i_best])
+            log.info(
+                "step %d: layer %d (score %.4f: fit %.4f, 1-iso %.4f, redundancy %.4f, geometry %.4f)",
+                t, best, rows["total"][i_best], rows["fit"][i_best], rows["isotropy"][i_best],
+                rows["redundancy"][i_best], rows["geometry"][i_best],
+            )
+            if target is not None and min(rows["fit"]) >= 1.0:
+                self.uninformative.append(t)
+            if t == k:
+                break
+            if target is not None:
+                target = fits[best].residual()
+                target = target - target.mean(0, keepdim=True)
+            u, s = _top_directions(self.factors[best], self.opts.orth_rank, self.cdt, self.generator)
+            self.blocks.append(u * s)
+            n_dims = sum(self.dims[j] for j in self.selected)
+            self.proj = _Projection(self.blocks, n_dims, self.n, self.opts.orth_reg, self.cdt)
 
 
 class _Fit:
@@ -560,7 +741,6 @@ def _loo_residual(
     cdt: torch.dtype,
     want_xt: bool,
     cache: Optional[_BlockCache] = None,
-    xt_r: Optional[torch.Tensor] = None,
 ) -> _Fit:
     """LOO residuals of the ridge fit of ``r`` (centred, N × m) on the candidate
     orthogonalised by ``proj`` (with an intercept), and ``Xcᵀ U`` for centroids.
@@ -610,35 +790,14 @@ class _GcvCache:
         self.m1: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
 
-    def update(
-        self, f: LayerFactor, proj: "_Projection", cdt: torch.dtype, want_xt: bool, extra: Optional[torch.Tensor] = None
-    ) -> Optional[torch.Tensor]:
-        """Take in the blocks added since the last call. With ``extra`` (primal
-        form only): return ``(Xcᵀ extra, A⁻¹ Xcᵀ extra)``, computed in the same
-        pass over the layer and the same solve as the new blocks."""
+    def update(self, f: LayerFactor, proj: "_Projection", cdt: torch.dtype, want_xt: bool, extra: torch.Tensor):
+        """Take in the blocks added since the last call. The primal form also
+        returns ``(Xcᵀ extra, A⁻¹ Xcᵀ extra)`` (the dual form None)."""
         new = proj.blocks[self.n_blocks:]
         if not new:
-            if extra is None:
-                return None
-            a = f.xt(extra, cdt)
-            return a, f.solve(a)
+            return f.gcv_extra(extra, cdt)
         self.n_blocks = len(proj.blocks)
-        b = torch.cat(new, dim=1)
-        q = b.shape[1]
-        out = None
-        if f.dual:
-            y = f.solve(b)
-            if want_xt:
-                self.z = _append(self.z, f.xt(b, cdt))
-            left = proj.b
-        else:
-            both = f.xt(b if extra is None else torch.cat([b, extra], dim=1), cdt)
-            self.z = _append(self.z, both[:, :q])
-            solved = f.solve(both)  # one solve for the blocks and extra
-            y = solved[:, :q]
-            if extra is not None:
-                out = (both[:, q:], solved[:, q:])
-            left = self.z
+        left, y, out = f.gcv_grow(self, proj, torch.cat(new, dim=1), extra, cdt, want_xt)
         self.y = _append(self.y, y)
         self.m1 = _grow_symmetric(self.m1, (left.T @ y).to(torch.float64))
         self.m2 = _grow_symmetric(self.m2, (self.y.T @ y).to(torch.float64))
@@ -671,7 +830,8 @@ def _gcv_residual(
     xt_r: Optional[torch.Tensor] = None,
 ) -> _Fit:
     """GCV fit of ``r`` on the candidate orthogonalised by ``proj`` (with an
-    intercept), and ``Xcᵀ U`` for centroids.
+    intercept), and ``Xcᵀ U`` for centroids. ``xt_r``: ``Xcᵀ r`` when already
+    known (the first step's targets, kept by the factor).
 
     The hat matrix of ``T Xc`` is ``H̃ = T [H + G Q Gᵀ] T`` (see
     :func:`_loo_residual`). GCV needs only its trace,
@@ -688,54 +848,22 @@ def _gcv_residual(
     """
     n = r.shape[0]
     if proj is None:
-        den = max(1.0 - (1.0 + f.trace_h) / n, 1e-12)
-        if f.dual:
-            hr, _ = f.apply(r, cdt)
-            res = (r - hr) / den
-            return _Fit(float((res * res).sum()), None, residual=res)
-        a0 = f.xt(r, cdt) if xt_r is None else xt_r
-        z0 = f.solve(a0)
-        sse = max(_primal_sse(r, a0, z0, a0, f.lam), 0.0)  # A z0 = a0
-        return _Fit(sse / (den * den), None, make=lambda: (r - f.xv(z0, cdt)) / den)
+        return f.gcv_unprojected(r, max(1.0 - (1.0 + f.trace_h) / n, 1e-12), cdt, xt_r)
     cache = cache or _GcvCache()
-    a0z0 = cache.update(f, proj, cdt, want_xt, extra=None if f.dual else tr)  # primal: Xcᵀ T r, A⁻¹ of it
-    f64 = torch.float64
-    lam = f.lam
+    a0z0 = cache.update(f, proj, cdt, want_xt, extra=tr)  # primal: Xcᵀ T r and A⁻¹ of it
     # In B coordinates (V = B vc): S = vcᵀ M_s vc and VᵀXc A⁻² XcᵀV = vcᵀ M_q vc.
-    if f.dual:  # H = I − lam (K + lam I)⁻¹
-        m_s = proj.btb64 - lam * cache.m1
-        m_q = cache.m1 - lam * cache.m2
-    else:  # H = Xc A⁻¹ Xcᵀ
-        m_s, m_q = cache.m1, cache.m2
+    m_s, m_q = f.gcv_small(proj, cache)
     # R = vc Q vcᵀ = C (I − M_s C)⁻¹ with C = vc vcᵀ (push-through identity): one
     # Σq × Σq solve, no projection of M_s, M_q onto the rank × rank basis.
     c_mat = proj.cc64
-    eye = torch.eye(c_mat.shape[0], dtype=f64, device=c_mat.device)
+    eye = torch.eye(c_mat.shape[0], dtype=torch.float64, device=c_mat.device)
     rmat = torch.linalg.solve((eye - m_s @ c_mat).T, c_mat).T
     rmat = 0.5 * (rmat + rmat.T)
     # GᵀG − S² = S(I − S) − lam·VᵀXc A⁻² XcᵀV and Q S (I − S) = S, so tr H̃ = tr H − lam·tr(R M_q).
-    trace = f.trace_h - lam * float((rmat * m_q).sum())
+    trace = f.trace_h - f.lam * float((rmat * m_q).sum())
     den = max(1.0 - (1.0 + trace) / n, 1e-12)
     xt_u = cache.z @ proj.coef if want_xt else None
-    if f.dual:
-        y0 = f.solve(tr)
-        c = (rmat @ (proj.b.T @ (tr - lam * y0)).to(f64)).to(cdt)  # R Bᵀ H tr
-        pre = tr + proj.b @ c - lam * (y0 + cache.y @ c)
-        res = (r - proj.t(pre)) / den
-        return _Fit(float((res * res).sum()), xt_u, residual=res)
-    a0, z0 = a0z0
-    zz0 = (cache.z.T @ z0).to(f64)  # Bᵀ H tr
-    c64 = rmat @ zz0
-    c = c64.to(cdt)
-    z = z0 + cache.y @ c  # fitted values: T Xc z
-    az = a0 + cache.z @ c  # A z = Xcᵀ (tr + V·)
-    w = zz0 + cache.m1 @ c64  # Bᵀ Xc z (Zᵀ Y = M1); ‖VᵀXc z‖² = wᵀ C w
-    sse = max(_primal_sse(r, a0, z, az, lam) - float((w * (c_mat @ w)).sum()), 0.0)
-
-    def residual() -> torch.Tensor:
-        return (r - proj.t(f.xv(z, cdt))) / den
-
-    return _Fit(sse / (den * den), xt_u, make=residual)
+    return f.gcv_projected(r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u)
 
 
 def _primal_sse(r: torch.Tensor, a: torch.Tensor, z: torch.Tensor, az: torch.Tensor, lam: float) -> float:

@@ -5,26 +5,23 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import asdict
+from typing import Any, Optional, Sequence
 
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, verbose_logger
+from loes._rng import RandomState, seed_of
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
+from loes.core._engine import DEFAULTS, check_finite_output, make_options, seed_is_given
+from loes.core._reference import run_reference
+from loes.core._robust import run_robust
 from loes.result import LOESResult
 
 __all__ = ["DEFAULTS", "select_layers_from_custom_embeddings"]
 
 logger = logging.getLogger(__name__)
-
-#: Default hyper-parameters of each preset. ``reference`` holds the published
-#: values; ``robust`` values were chosen on the benchmark suite (docs/core.md).
-DEFAULTS: Dict[str, Dict[str, float]] = {
-    "reference": {"reg": 1e-3, "alpha": 1.0, "gamma": 0.5, "eta": 0.1},
-    "robust": {"reg": 1.0, "alpha": 0.1, "gamma": 0.1, "eta": 0.05, "orth_reg": 1.0},
-}
-
 
 
 def select_layers_from_custom_embeddings(
@@ -38,7 +35,7 @@ def select_layers_from_custom_embeddings(
     alpha: Optional[float] = None,
     gamma: Optional[float] = None,
     eta: Optional[float] = None,
-    random_state: Optional[int] = 0,
+    random_state: RandomState = 0,
     show_progress: ProgressSetting = "auto",
     verbose: bool = False,
     logger: Optional[logging.Logger] = None,
@@ -55,8 +52,10 @@ def select_layers_from_custom_embeddings(
     ----------
     embeddings : array or tensor of shape (n_samples, n_layers, dim), or a
         sequence of n_layers arrays of shape (n_samples, dim_l)
-        Calibration features of each layer. numpy or torch, any float dtype
+        Calibration features of each layer. numpy or torch, any real float dtype
         (fp16/bf16 included), CPU or CUDA (the computation runs where the data is).
+        A list or tuple of arrays/tensors is a list of layers; a nested list of
+        numbers is read with ``np.asarray`` and must be 3-D (n_samples, n_layers, dim).
     targets : array of shape (n_samples,) or (n_samples, m), optional
         Classification: labels of any values (ints, strings; ``-100`` is
         dropped as ignore index), or a one-hot / soft-label matrix.
@@ -71,9 +70,11 @@ def select_layers_from_custom_embeddings(
         Ridge strength and the isotropy, redundancy and class-geometry weights
         (the published keyword names; ``beta`` is accepted for ``gamma``).
         ``None`` takes the preset's default (:data:`DEFAULTS`).
-    random_state : int, optional
-        Seed for the only random step (sampled class triplets when there are
-        more than 20 classes). The global RNG is never touched.
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+        Seed for the random steps (sampled class triplets above 20 classes,
+        CKA rows, randomised range finder), scikit-learn's conventions
+        (:func:`loes._rng.check_random_state`; None: fresh randomness). The
+        global RNG is never touched; ``config["seed"]`` records the seed used.
     show_progress : bool or {"auto", "on", "off"}
         ``"auto"`` shows tqdm bars only on an interactive terminal.
     verbose : bool
@@ -81,12 +82,13 @@ def select_layers_from_custom_embeddings(
     layer_names, pooling, dataset, model_name
         Provenance stored in the result.
     **options
-        Settings of the robust preset: ``cv`` ("gcv", default, or "loo": the
-        out-of-sample estimate of the fit term), ``standardize`` (True: unit
-        variance per feature), ``orth_reg`` (relative ridge of the
-        orthogonalisation), ``orth_rank`` (directions kept per selected layer),
-        ``cka_samples`` (rows used for CKA), ``cka_debiased``, ``fallback``
-        ("none" or "marginal"). See docs/core.md.
+        Settings of the robust preset (:class:`loes.core._engine.RobustOptions`):
+        ``cv`` ("gcv", default, or "loo": the out-of-sample estimate of the fit
+        term), ``standardize`` (True: unit variance per feature), ``orth_reg``
+        (relative ridge of the orthogonalisation), ``orth_rank`` (directions
+        kept per selected layer), ``cka_samples`` (rows used for CKA, an int
+        >= 4 or None for all), ``cka_debiased``. All options are validated
+        before the data are read; an unknown name is an error with a hint.
 
     Returns
     -------
@@ -107,24 +109,15 @@ def select_layers_from_custom_embeddings(
     """
     log = verbose_logger(logger or globals()["logger"], verbose)
     t_start = time.perf_counter()
+    # everything cheap first: task, options, k, random_state; then the data
     task = normalize_task(task)
-    if preset not in DEFAULTS:
-        raise LOESError(f"preset must be one of {sorted(DEFAULTS)}; got {preset!r}")
-    if "beta" in options:  # the paper's name for the redundancy weight
-        if gamma is not None:
-            raise LOESError("pass either 'beta' or 'gamma', not both")
-        gamma = options.pop("beta")
-    params = dict(DEFAULTS[preset])
-    for name, value in (("reg", reg), ("alpha", alpha), ("gamma", gamma), ("eta", eta)):
-        if value is not None:
-            if not float(value) >= 0:
-                raise LOESError(f"{name} must be a non-negative number; got {value!r}")
-            params[name] = float(value)
-    if preset == "robust":
-        if "orth_reg" in options:
-            params["orth_reg"] = float(options.pop("orth_reg"))
-    if params["reg"] <= 0:
-        raise LOESError(f"reg must be positive; got {params['reg']}")
+    published = {name: v for name, v in (("reg", reg), ("alpha", alpha), ("gamma", gamma), ("eta", eta))
+                 if v is not None}
+    opts = make_options(preset, **published, **options)
+    check_k(k)
+    seed = seed_of(random_state)
+    if layer_names is not None and (isinstance(layer_names, str) or not isinstance(layer_names, Sequence)):
+        raise LOESError(f"layer_names must be a sequence of names; got {type(layer_names).__name__}")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LOESWarning)
@@ -162,22 +155,15 @@ def select_layers_from_custom_embeddings(
             preset, task, n, n_layers, dims[0] if len(set(dims)) == 1 else dims, k, layers[0].device,
         )
         t_checked = time.perf_counter()
-        if preset == "reference":
-            from loes.core._reference import run_reference as engine
-        else:
-            from loes.core._robust import run_robust as engine
-        _check_options(engine, preset, options)
-        out = engine(
-            layers,
-            tgt,
-            k,
-            task=task,
-            params=params,
-            random_state=random_state,
-            show_progress=show_progress,
-            log=log,
-            **options,
-        )
+        engine = run_reference if preset == "reference" else run_robust
+        try:
+            out = engine(layers, tgt, k, task=task, opts=opts, seed=seed, show_progress=show_progress, log=log)
+        except torch.linalg.LinAlgError as e:  # a factorisation failed: never a bare torch error
+            raise LOESError(
+                f"the {preset} preset could not factorise the features ({e}); the data are numerically "
+                "degenerate (huge offsets or scales?): rescale or centre the layers, or pass float64"
+            ) from e
+        check_finite_output(out, preset)
     for w in caught:  # recorded for the result; hand them on to the caller too
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     t_end = time.perf_counter()
@@ -186,8 +172,9 @@ def select_layers_from_custom_embeddings(
         "preset": preset,
         "k": k,
         "task": task,
-        "random_state": random_state,
-        **params,
+        "random_state": int(random_state) if seed_is_given(random_state) else None,
+        "seed": seed,
+        **asdict(opts),
         **out.config,
     }
     result = LOESResult(
@@ -210,37 +197,3 @@ def select_layers_from_custom_embeddings(
     log.info("LOES selected layers %s (scores %s) in %.3fs", out.selected,
              [round(s, 4) for s in out.scores], timings["total"])
     return result
-
-
-_ENGINE_ARGS = {"layers", "tgt", "k", "task", "params", "random_state", "show_progress", "log"}
-
-
-def _check_options(engine, preset: str, options: Dict[str, Any]) -> None:
-    """A clear error for an option the preset does not have (not a bare TypeError)."""
-    import inspect
-
-    known = [name for name in inspect.signature(engine).parameters if name not in _ENGINE_ARGS]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise LOESError(
-            f"unknown option(s) {unknown} for preset={preset!r}; "
-            + (f"its options are {sorted(known)}" if known else "it takes no extra options")
-        )
-
-
-class EngineOutput:
-    """What an engine returns to :func:`select_layers_from_custom_embeddings`."""
-
-    def __init__(self, selected: List[int], scores: List[float], steps: list, excluded: List[int],
-                 timings: Dict[str, float], config: Dict[str, Any]):
-        self.selected = selected
-        self.scores = scores
-        self.steps = steps
-        self.excluded = excluded
-        self.timings = timings
-        self.config = config
-
-
-def compute_dtype(layers: List[torch.Tensor]) -> torch.dtype:
-    """float64 for float64 input, else float32 (fp16/bf16 are upcast)."""
-    return torch.float64 if layers[0].dtype == torch.float64 else torch.float32
