@@ -147,14 +147,9 @@ def main(argv=None) -> int:
         for task in args.tasks:
             sweep(task, args)
         return 0
-    import inspect
+    from loes.core import DEFAULTS
 
-    from loes.core._robust import run_robust
-    from loes.core.select import DEFAULTS
-
-    engine = {k: v.default for k, v in inspect.signature(run_robust).parameters.items()
-              if v.default is not inspect.Parameter.empty and k in ("standardize", "orth_rank", "cv", "cka_samples", "fallback")}
-    print(f"LOES robust defaults: {DEFAULTS['robust']} {engine}")
+    print(f"LOES robust defaults: {DEFAULTS['robust']}")
     rows = []
     for task in args.tasks:
         rows.extend(run_task(task, args))

@@ -219,7 +219,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--stage", type=int, default=0, help="1: ridge and scaling only, 2: weights only, 0: both")
-    ap.add_argument("--fallback", action="store_true", help="only the defaults, with and without fallback='marginal'")
     ap.add_argument(
         "--stop-rules",
         action="store_true",
@@ -286,12 +285,6 @@ def main() -> None:
                 f"last {k} layers": list(range(n_layers - k, n_layers)),
                 "reference preset": select(x[cal], y[cal], k=k, task=task, preset="reference", show_progress=False).selected_layers,
             }
-            if args.fallback:
-                for fb in ("none", "marginal"):
-                    methods[f"defaults, fallback={fb}"] = select(
-                        x[cal], y[cal], k=k, task=task, fallback=fb, show_progress=False
-                    ).selected_layers
-                grid = []
             if args.compare:
                 for spec in args.compare:
                     opts = _parse_options(spec)

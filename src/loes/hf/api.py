@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Set, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from loes._exceptions import LOESError
 from loes._progress import ProgressSetting
 from loes._validation import normalize_task
 from loes.core import DEFAULTS, select_layers_from_custom_embeddings
-from loes.core._robust import run_robust
+from loes.core._engine import make_options
 from loes.hf.config import (
     ExtractionConfig,
     check_random_state_kind,
@@ -41,17 +41,21 @@ _RESERVED = ("layer_names", "pooling", "dataset", "model_name", "embeddings", "t
 _ALIASES = {"max_samples": "max_calibration_samples", "model_id": "model_id_or_path"}
 
 
-def _selector_keywords(preset: Any) -> Set[str]:
-    """Keywords ``**select_kwargs`` may hold for ``preset`` (the core's and its engine's options)."""
-    if preset not in DEFAULTS:
-        raise LOESError(f"preset must be one of {sorted(DEFAULTS)}; got {preset!r}")
-    core = inspect.signature(select_layers_from_custom_embeddings).parameters
-    names = {n for n, p in core.items() if p.kind == p.KEYWORD_ONLY} | {"beta"}
-    if preset == "robust":
-        engine = inspect.signature(run_robust).parameters
-        names |= {n for n, p in engine.items() if p.kind == p.KEYWORD_ONLY and p.default is not p.empty}
-        names |= {"orth_reg"}
-    return names - {"task", "random_state", "show_progress", "verbose", "logger"}
+#: Keywords of the core selector that are not preset options.
+_CORE_KEYWORDS = {"preset", "ignore_index"}
+
+
+def _check_selector_keywords(where: Callable, select_kwargs: Dict[str, Any]) -> None:
+    """Validate ``**select_kwargs`` (names and values) with the core's own option
+    validator, before any model or data is touched."""
+    own = [n for n in inspect.signature(where).parameters if n != "select_kwargs"]
+    options = {n: v for n, v in select_kwargs.items() if n not in _CORE_KEYWORDS}
+    preset = select_kwargs.get("preset", "robust")
+    known = set(DEFAULTS.get(preset, {})) | _CORE_KEYWORDS | {"beta"}
+    bad = [n for n in options if n not in known]
+    if bad:
+        unknown_keywords(where.__name__, bad, set(own) | known, _ALIASES)
+    make_options(preset, **options)
 
 
 def _check_request(where: Callable, *, k: Any, task: str, random_state: Any,
@@ -66,11 +70,7 @@ def _check_request(where: Callable, *, k: Any, task: str, random_state: Any,
     clash = [name for name in _RESERVED if name in select_kwargs]
     if clash:
         raise LOESError(f"{clash} are set from the extracted model and data; do not pass them")
-    known = _selector_keywords(select_kwargs.get("preset", "robust"))
-    own = [n for n in inspect.signature(where).parameters if n != "select_kwargs"]
-    bad = [n for n in select_kwargs if n not in known]
-    if bad:
-        unknown_keywords(where.__name__, bad, set(own) | known, _ALIASES)
+    _check_selector_keywords(where, select_kwargs)
 
 
 def select_from_embeddings(emb: Embeddings, *, k: Optional[int], task: str, random_state: Any,
