@@ -31,6 +31,7 @@ RANKS: Dict[str, int] = {
     "loes._splits": 1,
     "loes._io": 1,
     "loes._naming": 1,
+    "loes._estimate": 1,
     "loes.datasets": 1,
     "loes.augment": 1,
     "loes.result": 2,

@@ -9,7 +9,7 @@ import torch
 from loes import LOESError
 from loes._linalg import RidgePath
 from loes._splits import kfold
-from loes.core._estimate import _fold_predictions, _standardized, cv_estimate, standard_sets
+from loes._estimate import _fold_predictions, _standardized, cv_estimate, standard_sets
 
 
 def _planted(n=240, layers=5, dim=12, signal=(2,), strength=1.5, classes=3, seed=0):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from loes._linalg import column_stats
 from loes._rng import check_random_state
 from loes._splits import kfold
 
-__all__ = ["Estimate", "cv_estimate", "standard_sets"]
+__all__ = ["CrossValidation", "Estimate", "cv_estimate", "standard_sets"]
 
 #: Relative ridge strengths tried by the estimate's probe; the one with the least
 #: held-out squared error is used for each layer set.
@@ -183,19 +183,12 @@ def _score(pred: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor], 
     return 1.0 - sse / sst if sst > 0 else 0.0
 
 
-def cv_estimate(
-    layers: Sequence[torch.Tensor],
-    y: torch.Tensor,
-    task: str,
-    sets: Mapping[str, Sequence[int]],
-    *,
-    labels: Optional[torch.Tensor] = None,
-    n_splits: int = 5,
-    n_repeats: int = 3,
-    regs: Sequence[float] = ESTIMATE_REGS,
-    random_state: Any = 0,
-) -> Estimate:
-    """Cross-validated probe scores of each layer set in ``sets`` on the same folds.
+class CrossValidation:
+    """Fold scores of any layer set on fixed partitions of the calibration rows.
+
+    Each layer's kernel is formed once, each layer set's factorisation once
+    (cached by the set), so comparing many sets (``k="auto"``) costs one
+    ``N × N`` factorisation per set and strength.
 
     Parameters
     ----------
@@ -203,8 +196,6 @@ def cv_estimate(
     y : tensor of shape (N, m)
         One-hot (or soft) labels for classification, targets for regression.
     task : {"classification", "regression"}
-    sets : mapping of name -> layer indices
-        Must contain ``"selected"`` for the paired differences.
     labels : tensor of shape (N,), optional
         Class ids (classification); ``argmax(y)`` when not given.
     n_splits, n_repeats : int
@@ -214,10 +205,89 @@ def cv_estimate(
         least held-out squared error.
     random_state : None, int or generator
         Seeds the partitions (:func:`loes._rng.check_random_state`).
+    """
 
-    Returns
-    -------
-    Estimate
+    def __init__(self, layers: Sequence[torch.Tensor], y: torch.Tensor, task: str, *,
+                 labels: Optional[torch.Tensor] = None, n_splits: int = 5, n_repeats: int = 3,
+                 regs: Sequence[float] = ESTIMATE_REGS, random_state: Any = 0):
+        if task not in ("classification", "regression"):
+            raise LOESError(f"an estimate needs targets (classification or regression); got task={task!r}")
+        self.layers = layers
+        n = layers[0].shape[0]
+        self.y = y.reshape(n, -1).to(torch.float64)
+        self.metric = "accuracy" if task == "classification" else "r2"
+        self.labels, self.chance = None, 0.0
+        if self.metric == "accuracy":
+            self.labels = (self.y.argmax(1) if labels is None else labels).to(self.y.device)
+            counts = torch.bincount(self.labels)
+            smallest = int(counts[counts > 0].min())
+            if smallest < 2:
+                raise LOESError("an estimate needs at least 2 rows of every class")
+            n_splits = max(2, min(n_splits, smallest))
+            self.chance = float(counts.max()) / n
+        if n < 2 * n_splits:
+            raise LOESError(f"an estimate needs at least {2 * n_splits} rows; got {n}")
+        self.n, self.n_splits, self.n_repeats, self.regs = n, n_splits, n_repeats, tuple(regs)
+        base = check_random_state(random_state)
+        strata = self.labels.cpu().numpy() if self.labels is not None else None
+        self.folds = [held for _ in range(n_repeats)
+                      for _, held in kfold(n, n_splits, int(base.integers(2**31)), strata)]
+        self._kernels: Dict[int, torch.Tensor] = {}
+        self._scores: Dict[tuple, np.ndarray] = {}
+
+    def _kernel(self, i: int) -> torch.Tensor:
+        if i not in self._kernels:
+            z = _standardized(self.layers[i].to(torch.float64))
+            self._kernels[i] = z @ z.T
+        return self._kernels[i]
+
+    def fold_scores(self, layer_set: Sequence[int]) -> np.ndarray:
+        """Accuracy or R² of the probe on ``layer_set`` in every fold, shape (n_splits · n_repeats,)."""
+        key = tuple(sorted(int(i) for i in layer_set))
+        if key not in self._scores:
+            kernel = sum(self._kernel(i) for i in key)
+            dim = sum(self.layers[i].shape[1] for i in key)
+            preds = _fold_predictions(kernel, self.y, self.folds, self.regs, dim)
+            self._scores[key] = np.array([
+                _score(p, self.y[torch.as_tensor(h)],
+                       None if self.labels is None else self.labels[torch.as_tensor(h)], self.metric)
+                for p, h in zip(preds, self.folds)
+            ])
+        return self._scores[key]
+
+    def mean_se(self, layer_set: Sequence[int]) -> Tuple[float, float]:
+        s = self.fold_scores(layer_set)
+        return float(s.mean()), float(s.std(ddof=1) / math.sqrt(self.n_splits))
+
+    def diff(self, a: Sequence[int], b: Sequence[int]) -> Tuple[float, float]:
+        """Paired difference ``score(a) − score(b)`` over the same folds, and its standard error."""
+        d = self.fold_scores(a) - self.fold_scores(b)
+        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(self.n_splits))
+
+    def estimate(self, sets: Mapping[str, Sequence[int]]) -> Estimate:
+        """An :class:`Estimate` of every set in ``sets`` (paired against ``sets["selected"]``)."""
+        est = Estimate(metric=self.metric, layers={k: [int(i) for i in v] for k, v in sets.items()},
+                       mean={}, se={}, chance=self.chance, n_samples=self.n,
+                       n_splits=self.n_splits, n_repeats=self.n_repeats)
+        for name, layer_set in sets.items():
+            est.mean[name], est.se[name] = self.mean_se(layer_set)
+            if name != "selected" and "selected" in sets:
+                est.diff[name], est.diff_se[name] = self.diff(sets["selected"], layer_set)
+        return est
+
+
+def cv_estimate(
+    layers: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    task: str,
+    sets: Mapping[str, Sequence[int]],
+    **kwargs: Any,
+) -> Estimate:
+    """Cross-validated probe scores of each layer set in ``sets`` on the same folds.
+
+    ``kwargs`` go to :class:`CrossValidation` (``labels``, ``n_splits``,
+    ``n_repeats``, ``regs``, ``random_state``). ``sets`` should contain
+    ``"selected"`` for the paired differences.
 
     Examples
     --------
@@ -232,51 +302,4 @@ def cv_estimate(
     >>> est.verdict().endswith("(better than the last layer)")
     True
     """
-    if task not in ("classification", "regression"):
-        raise LOESError(f"an estimate needs targets (classification or regression); got task={task!r}")
-    n = layers[0].shape[0]
-    y = y.reshape(n, -1).to(torch.float64)
-    metric = "accuracy" if task == "classification" else "r2"
-    if metric == "accuracy":
-        labels = y.argmax(1) if labels is None else labels.to(y.device)
-        counts = torch.bincount(labels)
-        if int(counts[counts > 0].min()) < 2:
-            raise LOESError("an estimate needs at least 2 rows of every class")
-        n_splits = max(2, min(n_splits, int(counts[counts > 0].min())))
-    if n < 2 * n_splits:
-        raise LOESError(f"an estimate needs at least {2 * n_splits} rows; got {n}")
-    names = list(sets)
-    needed = sorted({i for s in sets.values() for i in s})
-    kernels = {}
-    for i in needed:
-        z = _standardized(layers[i].to(torch.float64))
-        kernels[i] = z @ z.T
-    base = check_random_state(random_state)
-    strata = labels.cpu().numpy() if labels is not None else None
-    partitions = [kfold(n, n_splits, int(base.integers(2**31)), strata) for _ in range(n_repeats)]
-    folds = [held for part in partitions for _, held in part]
-    scores: Dict[str, np.ndarray] = {}
-    for name in names:
-        idx = list(sets[name])
-        kernel = sum(kernels[i] for i in idx)
-        preds = _fold_predictions(kernel, y, folds, regs, sum(layers[i].shape[1] for i in idx))
-        scores[name] = np.array([
-            _score(p, y[torch.as_tensor(h)], None if labels is None else labels[torch.as_tensor(h)], metric)
-            for p, h in zip(preds, folds)
-        ])
-    root = math.sqrt(n_splits)
-    est = Estimate(
-        metric=metric,
-        layers={k: list(map(int, v)) for k, v in sets.items()},
-        mean={k: float(v.mean()) for k, v in scores.items()},
-        se={k: float(v.std(ddof=1) / root) for k, v in scores.items()},
-        chance=float(counts.max()) / n if metric == "accuracy" else 0.0,
-        n_samples=n, n_splits=n_splits, n_repeats=n_repeats,
-    )
-    if "selected" in scores:
-        for name in names:
-            if name != "selected":
-                d = scores["selected"] - scores[name]
-                est.diff[name] = float(d.mean())
-                est.diff_se[name] = float(d.std(ddof=1) / root)
-    return est
+    return CrossValidation(layers, y, task, **kwargs).estimate(sets)
