@@ -271,14 +271,22 @@ def test_steps_where_nothing_explains_the_target_are_reported():
     for t in (2, 3):
         assert min(res.steps[t - 1].terms["fit"]) >= 1.0
     assert res.config["uninformative_steps"] == [2, 3]
-    assert any("no remaining layer explained" in w for w in res.warnings)
+    # a normal run with a surplus k is not "something wrong": recorded, not warned
+    assert not any("out of sample" in w for w in res.warnings)
     signal = select(*planted(200, 32, informative=(2, 4), n_layers=6, seed=3), k=2)
     assert signal.config["uninformative_steps"] == []
 
 
+def test_unrelated_targets_warn_at_step_one():
+    x, _ = planted(200, 32, informative=(2,), n_layers=6, seed=3)
+    y = np.random.default_rng(1).integers(0, 3, size=200)
+    with pytest.warns(LOESWarning, match="no layer explains the targets out of sample"):
+        res = select(x, y, k=2)
+    assert res.config["uninformative_steps"][0] == 1
+
+
 def test_removed_fallback_option_is_an_unknown_option():
-    """fallback="marginal" was measured as no gain and removed; the uninformative-step
-    warning (above) stays."""
+    """fallback="marginal" was measured as no gain and removed."""
     x, y = _planted_small()
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['fallback'\] for preset='robust'"):
         select(x, y, k=2, fallback="marginal")

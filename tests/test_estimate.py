@@ -29,7 +29,7 @@ def _explicit(kernel, y, folds, reg, dim):
     aug = kernel + 1e3 * scale
     out = []
     for held in folds:
-        train = np.setdiff1d(np.arange(n), held)
+        train = torch.as_tensor(np.setdiff1d(np.arange(n), held.numpy()))
         a = aug[train][:, train] + lam * torch.eye(len(train), dtype=torch.float64)
         alpha = torch.linalg.solve(a, y[train])
         out.append(aug[held][:, train] @ alpha)
@@ -40,7 +40,7 @@ def test_block_identity_equals_refits():
     xs, _, y1h = _planted()
     z = torch.cat([_standardized(xs[i]) for i in (1, 2)], 1)
     kernel = z @ z.T
-    folds = [h for _, h in kfold(len(y1h), 5, 3)]
+    folds = [torch.as_tensor(h) for _, h in kfold(len(y1h), 5, 3)]
     fast = _fold_predictions(kernel, y1h, folds, [1.0], 24)
     slow = _explicit(kernel, y1h, folds, 1.0, 24)
     for a, b in zip(fast, slow):
@@ -51,12 +51,12 @@ def test_intercept_is_effectively_unpenalised():
     """The constant feature's shrinkage is negligible: predictions match ridge with a free intercept."""
     xs, _, y1h = _planted()
     z = _standardized(xs[2])
-    folds = [h for _, h in kfold(len(y1h), 4, 0)]
+    folds = [torch.as_tensor(h) for _, h in kfold(len(y1h), 4, 0)]
     fast = _fold_predictions(z @ z.T, y1h, folds, [1.0], z.shape[1])
     n = len(y1h)
     lam = 1.0 * float((z * z).sum()) / min(n - 1, z.shape[1])
     for held, pred in zip(folds, fast):
-        train = np.setdiff1d(np.arange(n), held)
+        train = torch.as_tensor(np.setdiff1d(np.arange(n), held.numpy()))
         path = RidgePath(z[train], y1h[train], relative=False)
         torch.testing.assert_close(pred, path.predict(lam, z[held]), rtol=1e-4, atol=1e-4)
 
@@ -67,7 +67,7 @@ def test_scores_match_an_explicit_loop():
     est = cv_estimate(xs, y1h, "classification", sets, n_splits=4, n_repeats=2, random_state=5)
     rng = np.random.default_rng(5)
     parts = [kfold(len(y), 4, int(rng.integers(2**31)), y.numpy()) for _ in range(2)]
-    folds = [h for p in parts for _, h in p]
+    folds = [torch.as_tensor(h) for p in parts for _, h in p]
     for name, idx in sets.items():
         z = torch.cat([_standardized(xs[i]) for i in idx], 1)
         by_reg = {reg: _explicit(z @ z.T, y1h, folds, reg, z.shape[1]) for reg in (1e-2, 1e-1, 1.0)}
@@ -83,7 +83,8 @@ def test_planted_layer_wins_and_verdicts_say_so():
     assert est.mean["selected"] > est.mean["last"] + 0.2
     assert est.diff["last"] > 2 * est.diff_se["last"]
     assert "better than the last layer" in est.verdict("last")
-    same = cv_estimate(xs, y1h, "classification", {"selected": [4], "last": [4]})
+    xs4, _, _ = _planted(signal=(4,))
+    same = cv_estimate(xs4, y1h, "classification", {"selected": [4], "last": [4]})
     assert same.verdict().endswith("the pick is the last layer")
 
 
@@ -119,3 +120,9 @@ def test_dict_round_trip():
     est = cv_estimate(xs, y1h, "classification", standard_sets([1, 2], len(xs)))
     back = type(est).from_dict(est.to_dict())
     assert back == est and not math.isnan(back.mean["all"])
+
+
+def test_noise_only_verdict_says_no_signal():
+    xs, y, y1h = _planted(signal=())
+    est = cv_estimate(xs, y1h, "classification", standard_sets([0, 1], len(xs)))
+    assert "no better than the majority class (0.333)" in est.verdict()

@@ -35,9 +35,13 @@ import torch
 from loes._exceptions import LOESError
 from loes._linalg import column_stats
 from loes._rng import check_random_state
-from loes._splits import kfold
+from loes._splits import split_indices
 
 __all__ = ["CrossValidation", "Estimate", "cv_estimate", "standard_sets"]
+
+#: Most calibration rows the estimate uses (a stratified sample beyond): its cost
+#: grows as N³.
+ESTIMATE_MAX_ROWS = 2000
 
 #: Relative ridge strengths tried by the estimate's probe; the one with the least
 #: held-out squared error is used for each layer set.
@@ -82,12 +86,19 @@ class Estimate:
     def verdict(self, reference: str = "last") -> str:
         """One line: the selection's score against ``reference``, and whether the gap is real.
 
-        The gap counts as real when it is more than twice its paired standard error.
+        The gap counts as real when it is more than twice its paired standard
+        error. A selection within two standard errors of the majority-class rate
+        (R² 0 for regression) is reported as carrying no signal.
         """
         sel = self.layers.get("selected")
         if sel is None or reference not in self.mean:
             raise LOESError(f"the estimate has no 'selected' or {reference!r} layer set")
         ref = _LABELS.get(reference, reference)
+        floor, floor_name = (self.chance, f"the majority class ({self.chance:.3f})") if self.metric == "accuracy" \
+            else (0.0, "predicting the mean (R² 0)")
+        if self.mean["selected"] - floor <= 2 * self.se["selected"]:
+            return (f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f}: no better than "
+                    f"{floor_name}; these features do not carry the targets at this sample size")
         head = (f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f} vs {ref} "
                 f"{self.mean[reference]:.3f} ± {self.se[reference]:.3f}")
         if self.layers[reference] == sel:
@@ -151,7 +162,7 @@ def _standardized(layer: torch.Tensor) -> torch.Tensor:
     return (layer - mean) * (inv_std / math.sqrt(layer.shape[1]))
 
 
-def _fold_predictions(kernel: torch.Tensor, y: torch.Tensor, folds: List[np.ndarray],
+def _fold_predictions(kernel: torch.Tensor, y: torch.Tensor, folds: List[torch.Tensor],
                       regs: Sequence[float], dim: int) -> List[torch.Tensor]:
     """Held-out predictions of each fold (the block leave-out identity; see the module
     docstring) at the strength in ``regs`` with the least held-out squared error."""
@@ -164,14 +175,11 @@ def _fold_predictions(kernel: torch.Tensor, y: torch.Tensor, folds: List[np.ndar
         lam = max(reg * float(torch.diagonal(kernel).sum()) / max(1, min(n - 1, dim)), 1e-10 * scale)
         g = torch.cholesky_inverse(torch.linalg.cholesky(base + lam * eye))
         gy = g @ y
-        resid = []
-        for held in folds:
-            idx = torch.as_tensor(held, device=kernel.device)
-            resid.append(torch.linalg.solve(g[idx][:, idx], gy[idx]))
+        resid = [torch.linalg.solve(g[idx[:, None], idx], gy[idx]) for idx in folds]
         sse = float(sum((e * e).sum() for e in resid))
         if sse < best_sse:
             best_sse = sse
-            best = [y[torch.as_tensor(h, device=kernel.device)] - e for h, e in zip(folds, resid)]
+            best = [y[idx] - e for idx, e in zip(folds, resid)]
     return best
 
 
@@ -230,8 +238,8 @@ class CrossValidation:
         self.n, self.n_splits, self.n_repeats, self.regs = n, n_splits, n_repeats, tuple(regs)
         base = check_random_state(random_state)
         strata = self.labels.cpu().numpy() if self.labels is not None else None
-        self.folds = [held for _ in range(n_repeats)
-                      for _, held in kfold(n, n_splits, int(base.integers(2**31)), strata)]
+        self.folds = [torch.as_tensor(held) for _ in range(n_repeats)
+                      for held in split_indices(n, [1.0] * n_splits, int(base.integers(2**31)), strata)]
         self._kernels: Dict[int, torch.Tensor] = {}
         self._scores: Dict[tuple, np.ndarray] = {}
 
@@ -249,8 +257,7 @@ class CrossValidation:
             dim = sum(self.layers[i].shape[1] for i in key)
             preds = _fold_predictions(kernel, self.y, self.folds, self.regs, dim)
             self._scores[key] = np.array([
-                _score(p, self.y[torch.as_tensor(h)],
-                       None if self.labels is None else self.labels[torch.as_tensor(h)], self.metric)
+                _score(p, self.y[h], None if self.labels is None else self.labels[h], self.metric)
                 for p, h in zip(preds, self.folds)
             ])
         return self._scores[key]

@@ -8,6 +8,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from loes._estimate import Estimate
 from loes._exceptions import LOESError
 from loes._io import load_json_file
 from loes._json import dumps, float_or_nan, to_jsonable
@@ -94,6 +95,10 @@ class LOESResult:
     method : str
         What made the result: ``"loes"``, a baseline's name
         (:data:`loes.baselines.BASELINES`) or a label-free metric's name.
+    estimate : Estimate, optional
+        Cross-validated probe scores of the picked layers, the last layer, the
+        last-k and all layers on the calibration rows (:mod:`loes._estimate`);
+        ``estimate.verdict()`` is the one-line answer to "is it worth it?".
     """
 
     selected_layers: List[int]
@@ -112,6 +117,7 @@ class LOESResult:
     excluded_layers: List[int] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     method: str = "loes"
+    estimate: Optional[Estimate] = None
 
     # ------------------------------------------------------------------ tables
     def score_table(self, step: int = 1) -> List[Dict[str, float]]:
@@ -166,6 +172,8 @@ class LOESResult:
                 )
         if self.excluded_layers:
             lines.append(f"excluded (constant) layers: {self.excluded_layers}")
+        if self.estimate is not None:
+            lines += ["", "estimate: " + self.estimate.verdict(), self.estimate.table()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -195,6 +203,8 @@ class LOESResult:
             method = (d.get("config") or {}).get("method")
             d["method"], d["preset"] = ("loes", d.get("preset", "robust")) if method is None else (method, None)
         d["layer_scores"] = [float_or_nan(v) for v in d["layer_scores"]]
+        if d.get("estimate") is not None:
+            d["estimate"] = Estimate.from_dict(d["estimate"])
         d["steps"] = [
             StepTable(**{**s, "terms": {k: [float_or_nan(v) for v in vs] for k, vs in s["terms"].items()}})
             for s in d.get("steps", [])

@@ -536,14 +536,17 @@ def run_robust(
     t1 = time.perf_counter()
     run.select(log)
     t2 = time.perf_counter()
-    if run.uninformative:
+    if 1 in run.uninformative:
         warnings.warn(
-            f"at step(s) {run.uninformative} no remaining layer explained the current target out of sample "
-            "(every out-of-sample fit fraction >= 1): those picks rest on the isotropy, redundancy and "
-            "geometry terms alone; more calibration samples would let the data decide them.",
+            "no layer explains the targets out of sample (every out-of-sample fit fraction >= 1 at step 1): "
+            "the targets may be unrelated to these features, or the calibration sample is too small "
+            "for them; the picks rest on the isotropy, redundancy and geometry terms alone.",
             LOESWarning,
             stacklevel=3,
         )
+    elif run.uninformative:
+        log.info("step(s) %s: no remaining layer adds to the fit out of sample (k='auto' stops before them)",
+                 run.uninformative)
     config = {
         "form": sorted({"dual" if f.dual else "primal" for f in run.factors}),
         "projection_rank": run.proj.rank if run.proj is not None else 0,

@@ -5,21 +5,30 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import asdict
-from typing import Any, Optional, Sequence
+from dataclasses import asdict, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from loes._estimate import ESTIMATE_MAX_ROWS, CrossValidation, standard_sets
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, verbose_logger
 from loes._rng import RandomState, seed_of
-from loes._validation import check_embeddings, check_k, check_targets, normalize_task
-from loes.core._engine import DEFAULTS, check_finite_output, make_options, seed_is_given
+from loes._splits import split_indices
+from loes._validation import Targets, check_embeddings, check_k, check_targets, normalize_task
+from loes.core._engine import (
+    DEFAULTS,
+    EngineOutput,
+    check_finite_output,
+    make_options,
+    seed_is_given,
+)
 from loes.core._reference import run_reference
 from loes.core._robust import run_robust
 from loes.result import LOESResult
 
-__all__ = ["DEFAULTS", "select_layers_from_custom_embeddings"]
+__all__ = ["AUTO_MAX_K", "DEFAULTS", "select_layers_from_custom_embeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ def select_layers_from_custom_embeddings(
     dataset: Any = None,
     model_name: Optional[str] = None,
     ignore_index: Optional[int] = -100,
+    estimate: bool = True,
     **options: Any,
 ) -> LOESResult:
     """Select ``k`` complementary layers from precomputed embeddings.
@@ -60,8 +70,13 @@ def select_layers_from_custom_embeddings(
         Classification: labels of any values (ints, strings; ``-100`` is
         dropped as ignore index), or a one-hot / soft-label matrix.
         Regression: numbers. Not used for ``task="label_free"``.
-    k : int
-        Number of layers to select, ``1 <= k <= n_layers``.
+    k : int or "auto"
+        Number of layers to select, ``1 <= k <= n_layers``, or ``"auto"``:
+        LOES orders up to :data:`AUTO_MAX_K` layers, then the cross-validated
+        probe (:mod:`loes._estimate`) picks the smallest set among the last layer
+        alone and the prefixes of that order whose score is within one paired
+        standard error of the best (ties in size go to the last layer). The
+        comparison is in ``config["k_auto"]``. Needs targets.
     task : {"classification", "regression", "label_free"}
     preset : {"robust", "reference"}
         ``"robust"`` (default) is scale-free, uses an out-of-sample fit and
@@ -81,6 +96,13 @@ def select_layers_from_custom_embeddings(
         Log each step (to stderr if the application configured no logging).
     layer_names, pooling, dataset, model_name
         Provenance stored in the result.
+    estimate : bool
+        Attach ``result.estimate`` (not for ``task="label_free"``): repeated
+        K-fold cross-validation on the calibration rows (at most
+        :data:`~loes._estimate.ESTIMATE_MAX_ROWS`, a stratified sample beyond) of
+        one ridge probe on the picked layers, the last layer, the last-k layers
+        and all layers, with paired differences; ``result.estimate.verdict()``
+        says whether the pick beats the last layer.
     **options
         Settings of the robust preset (:class:`loes.core._engine.RobustOptions`):
         ``cv`` ("gcv", default, or "loo": the out-of-sample estimate of the fit
@@ -114,7 +136,14 @@ def select_layers_from_custom_embeddings(
     published = {name: v for name, v in (("reg", reg), ("alpha", alpha), ("gamma", gamma), ("eta", eta))
                  if v is not None}
     opts = make_options(preset, **published, **options)
-    check_k(k)
+    auto = isinstance(k, str) and k == "auto"
+    if auto and task == "label_free":
+        raise LOESError("k='auto' chooses the number of layers by a probe on the targets; "
+                        "task='label_free' has none: give an int k")
+    if not isinstance(estimate, (bool, np.bool_)):
+        raise LOESError(f"estimate must be True or False; got {estimate!r}")
+    if not auto:
+        check_k(k)
     seed = seed_of(random_state)
     if layer_names is not None and (isinstance(layer_names, str) or not isinstance(layer_names, Sequence)):
         raise LOESError(f"layer_names must be a sequence of names; got {type(layer_names).__name__}")
@@ -123,7 +152,7 @@ def select_layers_from_custom_embeddings(
         warnings.simplefilter("always", LOESWarning)
         layers = check_embeddings(embeddings)
         n_layers = len(layers)
-        k = check_k(k, n_layers)
+        k = min(AUTO_MAX_K, n_layers) if auto else check_k(k, n_layers)
         if layer_names is not None and len(layer_names) != n_layers:
             raise LOESError(f"layer_names has {len(layer_names)} names for {n_layers} layers")
         tgt = None
@@ -164,19 +193,34 @@ def select_layers_from_custom_embeddings(
                 "degenerate (huge offsets or scales?): rescale or centre the layers, or pass float64"
             ) from e
         check_finite_output(out, preset)
+        t_selected = time.perf_counter()
+        cv, auto_record = None, None
+        if tgt is not None and (auto or estimate):
+            cv = calibration_cv(layers, tgt, task, seed)
+        if auto:
+            out, auto_record = _choose_prefix(out, cv, n_layers, log)
+            k = len(out.selected)
+        est = cv.estimate(standard_sets(out.selected, n_layers)) if cv is not None and estimate else None
+        if est is not None:
+            log.info("estimate: %s", est.verdict())
     for w in caught:  # recorded for the result; hand them on to the caller too
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     t_end = time.perf_counter()
-    timings = {"validate": t_checked - t_start, **out.timings, "total": t_end - t_start}
+    timings = {"validate": t_checked - t_start, **out.timings}
+    if cv is not None:
+        timings["estimate"] = t_end - t_selected
+    timings["total"] = t_end - t_start
     config = {
         "preset": preset,
-        "k": k,
+        "k": "auto" if auto else k,
         "task": task,
         "random_state": int(random_state) if seed_is_given(random_state) else None,
         "seed": seed,
         **asdict(opts),
         **out.config,
     }
+    if auto_record is not None:
+        config["k_auto"] = auto_record
     result = LOESResult(
         selected_layers=out.selected,
         layer_scores=out.scores,
@@ -193,7 +237,69 @@ def select_layers_from_custom_embeddings(
         layer_names=list(layer_names) if layer_names is not None else None,
         excluded_layers=out.excluded,
         warnings=[str(w.message) for w in caught],
+        estimate=est,
     )
     log.info("LOES selected layers %s (scores %s) in %.3fs", out.selected,
              [round(s, 4) for s in out.scores], timings["total"])
     return result
+
+
+#: Most layers ``k="auto"`` considers (the LOES order is computed this far).
+AUTO_MAX_K = 8
+#: ``k="auto"`` stops scoring prefixes this many steps after the best one so far.
+AUTO_PATIENCE = 2
+
+
+def _choose_prefix(out: EngineOutput, cv: CrossValidation, n_layers: int, log) -> Tuple[EngineOutput, dict]:
+    """``k="auto"``: the smallest of {last layer, prefixes of the LOES order} within one
+    paired standard error of the best, by the cross-validated probe."""
+    order, last = list(out.selected), n_layers - 1
+    sets: Dict[str, List[int]] = {"last": [last]}
+    best_j, best_mean = 0, -np.inf
+    for j in range(1, len(order) + 1):
+        sets[f"loes_{j}"] = order[:j]
+        mean = cv.mean_se(order[:j])[0]
+        if mean > best_mean:
+            best_j, best_mean = j, mean
+        elif j - best_j >= AUTO_PATIENCE:
+            break
+    means = {name: cv.mean_se(s)[0] for name, s in sets.items()}
+    best = max(means, key=means.get)
+    rows, eligible = [], []
+    for name, layer_set in sets.items():
+        mean, se = cv.mean_se(layer_set)
+        gap, gap_se = cv.diff(sets[best], layer_set)
+        rows.append({"name": name, "layers": layer_set, "mean": mean, "se": se,
+                     "below_best": gap, "below_best_se": gap_se})
+        if gap <= gap_se:
+            eligible.append(name)
+    chosen = min(eligible, key=lambda name: (len(sets[name]), name != "last"))
+    record = {
+        "rule": "smallest of {last layer, LOES prefixes} within 1 paired SE of the best "
+                f"({cv.metric}, {cv.n_splits}-fold CV x {cv.n_repeats})",
+        "order": order, "candidates": rows, "best": best, "chosen": chosen,
+    }
+    log.info("k='auto': %s -> layers %s (best %s)", chosen, sets[chosen], best)
+    if chosen == "last":
+        step1 = out.steps[0]
+        score = step1.terms["total"][step1.candidates.index(last)] if last in step1.candidates else float("nan")
+        return replace(out, selected=[last], scores=[score], steps=out.steps[:1]), record
+    j = len(sets[chosen])
+    return replace(out, selected=order[:j], scores=out.scores[:j], steps=out.steps[:j]), record
+
+
+def calibration_cv(layers: List[torch.Tensor], tgt: Targets, task: str, seed: int) -> CrossValidation:
+    """The estimate's cross-validation on the calibration rows (a stratified sample
+    of :data:`~loes._estimate.ESTIMATE_MAX_ROWS` when there are more)."""
+    n = layers[0].shape[0]
+    labels = tgt.labels
+    if n > ESTIMATE_MAX_ROWS:
+        strata = None if labels is None else labels.cpu().numpy()
+        rows = torch.as_tensor(split_indices(n, [ESTIMATE_MAX_ROWS, n - ESTIMATE_MAX_ROWS], seed, strata)[0])
+        layers = [layer[rows.to(layer.device)] for layer in layers]
+        y = tgt.y[rows.to(tgt.y.device)]
+        labels = None if labels is None else labels[rows.to(labels.device)]
+    else:
+        y = tgt.y
+    return CrossValidation([layer.cpu() for layer in layers], y.cpu(), task,
+                           labels=None if labels is None else labels.cpu(), random_state=seed)

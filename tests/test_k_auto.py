@@ -1,0 +1,73 @@
+"""k="auto": the number of layers chosen from the calibration data (issue 11)."""
+
+import numpy as np
+import pytest
+
+from loes import LOESError, select_layers_from_custom_embeddings
+
+
+def _layers(n=400, n_layers=8, dim=24, seed=0):
+    g = np.random.default_rng(seed)
+    return g.normal(size=(n, n_layers, dim)), g
+
+
+def _select(x, y, **kw):
+    return select_layers_from_custom_embeddings(x, y, k="auto", show_progress=False, **kw)
+
+
+def test_one_informative_last_layer_gives_the_last_layer_alone():
+    x, g = _layers()
+    y = np.arange(len(x)) % 4
+    x[:, -1, :4] += 2.0 * np.eye(4)[y]
+    res = _select(x, y)
+    assert res.selected_layers == [7]
+    assert res.config["k_auto"]["chosen"] == "last"
+    assert res.estimate.verdict().endswith("the pick is the last layer")
+
+
+def test_one_informative_middle_layer_gives_that_layer():
+    x, g = _layers()
+    y = np.arange(len(x)) % 4
+    x[:, 3, :4] += 2.0 * np.eye(4)[y]
+    res = _select(x, y)
+    assert res.selected_layers == [3]
+    assert "better than the last layer" in res.estimate.verdict()
+
+
+def test_two_complementary_layers_give_both():
+    """Layer 2 tells classes {0,1} from {2,3}, layer 5 {0,2} from {1,3}: each alone is
+    half right, together they decide all four classes."""
+    x, g = _layers()
+    y = np.arange(len(x)) % 4
+    x[:, 2, 0] += 2.5 * np.where(y < 2, 1.0, -1.0)
+    x[:, 5, 0] += 2.5 * np.where(y % 2 == 0, 1.0, -1.0)
+    res = _select(x, y)
+    assert sorted(res.selected_layers) == [2, 5]
+    assert res.estimate.mean["selected"] > res.estimate.mean["last"] + 0.2
+
+
+def test_noise_only_estimate_says_no_layer_beats_the_majority_class():
+    x, g = _layers()
+    y = np.arange(len(x)) % 3
+    with pytest.warns(UserWarning):
+        res = _select(x, y)
+    assert "no better than the majority class" in res.estimate.verdict()
+
+
+def test_regression_auto_and_r2_estimate():
+    x, g = _layers()
+    t = x[:, 1, :3] @ np.array([1.0, -2.0, 0.5]) + 0.1 * g.normal(size=len(x))
+    res = _select(x, t, task="regression")
+    assert res.selected_layers == [1]
+    assert res.estimate.metric == "r2" and res.estimate.mean["selected"] > 0.9
+
+
+def test_auto_needs_targets_and_a_fixed_k_still_works():
+    x, _ = _layers(n=60)
+    with pytest.raises(LOESError, match="k='auto' chooses the number of layers"):
+        select_layers_from_custom_embeddings(x, None, k="auto", task="label_free")
+    with pytest.raises(LOESError, match="k must be an integer"):
+        select_layers_from_custom_embeddings(x, np.arange(60) % 2, k="three")
+    fixed = select_layers_from_custom_embeddings(x, np.arange(60) % 2, k=3, show_progress=False,
+                                                 estimate=False)
+    assert len(fixed.selected_layers) == 3 and fixed.estimate is None
