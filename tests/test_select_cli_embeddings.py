@@ -106,3 +106,18 @@ def test_warnings_are_one_plain_line_on_stderr(tmp_path, capsys):
     assert code == 0
     assert "loes: LOESWarning: N=40 calibration samples <= dimension 60" in err
     assert "_cli.py" not in err  # no source excerpt
+
+
+def test_k_auto_on_the_command_line_prints_the_estimate(data, tmp_path, capsys):
+    x, y = data
+    path = tmp_path / "feats.npz"
+    np.savez(path, embeddings=x, targets=y)
+    code, out, _ = _run(capsys, ["--embeddings", str(path), "--k", "auto", "--json"])
+    assert code == 0
+    printed = json.loads(out)
+    api = select_layers_from_custom_embeddings(x, y, k="auto", show_progress=False)
+    assert printed["selected_layers"] == api.selected_layers
+    assert printed["config"]["k_auto"]["chosen"] == api.config["k_auto"]["chosen"]
+    assert printed["estimate"]["mean"]["selected"] == pytest.approx(api.estimate.mean["selected"])
+    code, out, _ = _run(capsys, ["--embeddings", str(path), "--k", "auto"])
+    assert "estimate: layers" in out

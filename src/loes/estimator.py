@@ -24,8 +24,9 @@ class LOESSelector:
 
     Parameters
     ----------
-    k : int
-        Number of layers to keep.
+    k : int, "auto" or None
+        Number of layers to keep; ``"auto"`` (or None) lets the cross-validated
+        probe choose it (see :func:`loes.select_layers_from_custom_embeddings`).
     task, preset, reg, alpha, gamma, eta, random_state
         As in :func:`loes.select_layers_from_custom_embeddings`.
     show_progress : bool or str
@@ -108,7 +109,7 @@ class LOESSelector:
         result = select_layers_from_custom_embeddings(
             X,
             y,
-            k=self.k,
+            k="auto" if self.k is None else self.k,
             task=self.task,
             preset=self.preset,
             reg=self.reg,

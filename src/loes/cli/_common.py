@@ -34,6 +34,7 @@ __all__ = [
     "nonnegative_int",
     "positive_float",
     "positive_int",
+    "k_value",
     "run_command",
     "show_warning",
     "write_or_print",
@@ -74,6 +75,11 @@ def _int_type(least: int, what: str) -> Callable[[str], int]:
 #: argparse types: ``positive_int`` (>= 1) and ``nonnegative_int`` (>= 0).
 positive_int = _int_type(1, "a positive integer")
 nonnegative_int = _int_type(0, "an integer >= 0")
+
+
+def k_value(text: str):
+    """argparse type: a layer budget, a positive integer or ``auto``."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
 
 
 def finite_float(text: str) -> float:

@@ -17,6 +17,7 @@ from loes.cli._common import (
     check_output_dir,
     check_output_file,
     finite_float,
+    k_value,
     nonnegative_int,
     positive_int,
     write_or_print,
@@ -63,7 +64,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, help="targets for --embeddings (array file, .json, .txt or a table)")
     p.add_argument("--targets-column", default=None,
                    help="column of a --targets table (or entry of an array file) holding the targets")
-    p.add_argument("--k", type=positive_int, required=True, help="number of layers to select")
+    p.add_argument("--k", type=k_value, required=True,
+                   help="number of layers to select, or 'auto' (chosen by a cross-validated probe)")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument("--config", dest="dataset_config_name", default=None, help="dataset configuration name")
     p.add_argument("--text-key", default=None, help="input column (default: detected); 'a,b' for sentence pairs")

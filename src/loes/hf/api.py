@@ -62,9 +62,10 @@ def _check_request(where: Callable, *, k: Any, task: str, random_state: Any,
                    select_kwargs: Dict[str, Any]) -> None:
     """The checks of an entry point that need no model and no data."""
     if k is None:
-        raise LOESError("k (the number of layers to select) must be given, e.g. k=4")
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise LOESError(f"k must be an integer >= 1; got {k!r}")
+        raise LOESError("k (the number of layers to select) must be given, e.g. k=4 or k='auto'")
+    if not (isinstance(k, str) and k == "auto") and (
+            isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1):
+        raise LOESError(f"k must be an integer >= 1 or 'auto'; got {k!r}")
     normalize_task(task)
     check_random_state_kind(random_state)
     clash = [name for name in _RESERVED if name in select_kwargs]

@@ -171,7 +171,7 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
             f"got {type(model_or_id).__name__}"
         )
     n_blocks = M.n_hidden_layers(config)
-    if k is not None and n_blocks is not None and k > n_blocks + int(cfg.include_embeddings):
+    if isinstance(k, int) and n_blocks is not None and k > n_blocks + int(cfg.include_embeddings):
         raise LOESError(f"k={k} but the model has {n_blocks + int(cfg.include_embeddings)} layers to "
                         f"select from (config.num_hidden_layers={n_blocks}): pass k<={n_blocks}")
     max_length = cfg.resolved_max_length(M.position_limit(config))
