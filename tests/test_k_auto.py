@@ -71,3 +71,18 @@ def test_auto_needs_targets_and_a_fixed_k_still_works():
     fixed = select_layers_from_custom_embeddings(x, np.arange(60) % 2, k=3, show_progress=False,
                                                  estimate=False)
     assert len(fixed.selected_layers) == 3 and fixed.estimate is None
+
+
+def test_auto_layer_spec_keeps_only_the_layers_that_carry_the_signal():
+    """Two of twelve layers carry the labels: the group lasso alone keeps many more,
+    the "auto" spec cuts its order with the cross-validated probe."""
+    from loes.layers import GroupLassoLayers, resolve_layers
+
+    x, g = _layers(n=300, n_layers=12, dim=16, seed=2)
+    y = np.arange(len(x)) % 4
+    x[:, 3, 0] += 2.5 * np.where(y < 2, 1.0, -1.0)
+    x[:, 8, 0] += 2.5 * np.where(y % 2 == 0, 1.0, -1.0)
+    lasso = GroupLassoLayers(task="classification").fit(x, y).selected_layers_
+    chosen = resolve_layers("auto", 12, embeddings=x, targets=y)
+    assert sorted(chosen) == [3, 8]
+    assert len(lasso) >= len(chosen)

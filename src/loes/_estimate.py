@@ -36,8 +36,9 @@ from loes._exceptions import LOESError
 from loes._linalg import column_stats
 from loes._rng import check_random_state
 from loes._splits import split_indices
+from loes._validation import Targets
 
-__all__ = ["CrossValidation", "Estimate", "cv_estimate", "standard_sets"]
+__all__ = ["CrossValidation", "Estimate", "calibration_cv", "choose_layers", "cv_estimate", "standard_sets"]
 
 #: Most calibration rows the estimate uses (a stratified sample beyond): its cost
 #: grows as N³.
@@ -310,3 +311,62 @@ def cv_estimate(
     True
     """
     return CrossValidation(layers, y, task, **kwargs).estimate(sets)
+
+
+#: :func:`choose_layers` stops scoring prefixes this many steps after the best one so far.
+CHOICE_PATIENCE = 2
+
+
+def choose_layers(cv: CrossValidation, order: Sequence[int], last: int) -> Tuple[List[int], Dict[str, Any]]:
+    """The smallest of {the last layer alone, the prefixes of ``order``} whose
+    cross-validated score is within one paired standard error of the best.
+
+    Prefixes are scored until :data:`CHOICE_PATIENCE` steps pass without a new best.
+    Among candidates of one size the last layer wins (the burden of proof is on
+    the alternative). Returns the chosen layers (in ``order``'s order) and a
+    record of every candidate's mean, SE and paired gap to the best.
+    """
+    order = [int(i) for i in order]
+    sets: Dict[str, List[int]] = {"last": [int(last)]}
+    best_j, best_mean = 0, -math.inf
+    for j in range(1, len(order) + 1):
+        sets[f"prefix_{j}"] = order[:j]
+        mean = cv.mean_se(order[:j])[0]
+        if mean > best_mean:
+            best_j, best_mean = j, mean
+        elif j - best_j >= CHOICE_PATIENCE:
+            break
+    means = {name: cv.mean_se(layer_set)[0] for name, layer_set in sets.items()}
+    best = max(means, key=means.get)
+    rows, eligible = [], []
+    for name, layer_set in sets.items():
+        mean, se = cv.mean_se(layer_set)
+        gap, gap_se = cv.diff(sets[best], layer_set)
+        rows.append({"name": name, "layers": layer_set, "mean": mean, "se": se,
+                     "below_best": gap, "below_best_se": gap_se})
+        if gap <= gap_se:
+            eligible.append(name)
+    chosen = min(eligible, key=lambda name: (len(sets[name]), name != "last"))
+    record = {
+        "rule": "smallest of {last layer, prefixes} within 1 paired SE of the best "
+                f"({cv.metric}, {cv.n_splits}-fold CV x {cv.n_repeats})",
+        "order": order, "candidates": rows, "best": best, "chosen": chosen,
+    }
+    return sets[chosen], record
+
+
+def calibration_cv(layers: Sequence[torch.Tensor], tgt: Targets, task: str, seed: Any) -> CrossValidation:
+    """The estimate's cross-validation on the calibration rows (a stratified sample
+    of :data:`ESTIMATE_MAX_ROWS` when there are more)."""
+    n = layers[0].shape[0]
+    labels = tgt.labels
+    if n > ESTIMATE_MAX_ROWS:
+        strata = None if labels is None else labels.cpu().numpy()
+        rows = torch.as_tensor(split_indices(n, [ESTIMATE_MAX_ROWS, n - ESTIMATE_MAX_ROWS], seed, strata)[0])
+        layers = [layer[rows.to(layer.device)] for layer in layers]
+        y = tgt.y[rows.to(tgt.y.device)]
+        labels = None if labels is None else labels[rows.to(labels.device)]
+    else:
+        y = tgt.y
+    return CrossValidation([layer.cpu() for layer in layers], y.cpu(), task,
+                           labels=None if labels is None else labels.cpu(), random_state=seed)

@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from loes._estimate import calibration_cv, choose_layers
 from loes._exceptions import LOESError, LOESWarning
 from loes._linalg import LayerStandardizer, column_stats
 from loes._splits import split_indices
@@ -78,7 +79,9 @@ def resolve_layers(
         - ``"loes"``: the k layers LOES selects (needs ``embeddings``; uses
           ``targets`` when given, else label-free);
         - ``"auto"``: the layers a cross-validated group lasso keeps (needs
-          ``embeddings`` and ``targets``; at most ``k`` when k is given);
+          ``embeddings`` and ``targets``); with k, the first k of them by block
+          norm; without, the same rule as ``k="auto"``
+          (:func:`loes._estimate.choose_layers`) cuts the lasso's order;
         - ``"fast_auto"``: the top-k layers by coefficient-block norm of one
           group-lasso path without cross-validation.
     n_layers : int
@@ -154,7 +157,16 @@ def resolve_layers(
                     "the cross-validated group lasso kept no layer (the targets look unpredictable "
                     "from these embeddings); use 'fast_auto' with k to force a choice"
                 )
-            return chosen[:k] if k is not None else chosen
+            if k is not None:
+                return chosen[:k]
+            # the same evidence as k="auto": the smallest of {last layer, prefixes of the
+            # lasso's order} within one paired SE of the best cross-validated probe
+            checked = check_embeddings(layers)
+            tgt = check_targets(y, task, checked[0].shape[0])
+            if tgt.keep is not None:
+                checked = [layer[tgt.keep.to(layer.device)] for layer in checked]
+            cv = calibration_cv(checked, tgt, task, random_state)
+            return choose_layers(cv, chosen, n_layers - 1)[0]
         k = check_k(k if k is not None else min(_DEFAULT_K, n_layers), n_layers)
         options.setdefault("cv", None)
         model = GroupLassoLayers(task=task, random_state=random_state, **options)

@@ -6,17 +6,16 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from loes._estimate import ESTIMATE_MAX_ROWS, CrossValidation, standard_sets
+from loes._estimate import CrossValidation, calibration_cv, choose_layers, standard_sets
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, verbose_logger
 from loes._rng import RandomState, seed_of
-from loes._splits import split_indices
-from loes._validation import Targets, check_embeddings, check_k, check_targets, normalize_task
+from loes._validation import check_embeddings, check_k, check_targets, normalize_task
 from loes.core._engine import (
     DEFAULTS,
     EngineOutput,
@@ -246,60 +245,17 @@ def select_layers_from_custom_embeddings(
 
 #: Most layers ``k="auto"`` considers (the LOES order is computed this far).
 AUTO_MAX_K = 8
-#: ``k="auto"`` stops scoring prefixes this many steps after the best one so far.
-AUTO_PATIENCE = 2
 
 
 def _choose_prefix(out: EngineOutput, cv: CrossValidation, n_layers: int, log) -> Tuple[EngineOutput, dict]:
-    """``k="auto"``: the smallest of {last layer, prefixes of the LOES order} within one
-    paired standard error of the best, by the cross-validated probe."""
-    order, last = list(out.selected), n_layers - 1
-    sets: Dict[str, List[int]] = {"last": [last]}
-    best_j, best_mean = 0, -np.inf
-    for j in range(1, len(order) + 1):
-        sets[f"loes_{j}"] = order[:j]
-        mean = cv.mean_se(order[:j])[0]
-        if mean > best_mean:
-            best_j, best_mean = j, mean
-        elif j - best_j >= AUTO_PATIENCE:
-            break
-    means = {name: cv.mean_se(s)[0] for name, s in sets.items()}
-    best = max(means, key=means.get)
-    rows, eligible = [], []
-    for name, layer_set in sets.items():
-        mean, se = cv.mean_se(layer_set)
-        gap, gap_se = cv.diff(sets[best], layer_set)
-        rows.append({"name": name, "layers": layer_set, "mean": mean, "se": se,
-                     "below_best": gap, "below_best_se": gap_se})
-        if gap <= gap_se:
-            eligible.append(name)
-    chosen = min(eligible, key=lambda name: (len(sets[name]), name != "last"))
-    record = {
-        "rule": "smallest of {last layer, LOES prefixes} within 1 paired SE of the best "
-                f"({cv.metric}, {cv.n_splits}-fold CV x {cv.n_repeats})",
-        "order": order, "candidates": rows, "best": best, "chosen": chosen,
-    }
-    log.info("k='auto': %s -> layers %s (best %s)", chosen, sets[chosen], best)
-    if chosen == "last":
+    """``k="auto"``: cut the LOES order where the cross-validated probe says to
+    (:func:`loes._estimate.choose_layers`)."""
+    last = n_layers - 1
+    chosen, record = choose_layers(cv, list(out.selected), last)
+    log.info("k='auto': %s -> layers %s (best %s)", record["chosen"], chosen, record["best"])
+    if record["chosen"] == "last":
         step1 = out.steps[0]
         score = step1.terms["total"][step1.candidates.index(last)] if last in step1.candidates else float("nan")
         return replace(out, selected=[last], scores=[score], steps=out.steps[:1]), record
-    j = len(sets[chosen])
-    return replace(out, selected=order[:j], scores=out.scores[:j], steps=out.steps[:j]), record
-
-
-def calibration_cv(layers: List[torch.Tensor], tgt: Targets, task: str, seed: int) -> CrossValidation:
-    """The estimate's cross-validation on the calibration rows (a stratified sample
-    of :data:`~loes._estimate.ESTIMATE_MAX_ROWS` when there are more)."""
-    n = layers[0].shape[0]
-    labels = tgt.labels
-    if n > ESTIMATE_MAX_ROWS:
-        strata = None if labels is None else labels.cpu().numpy()
-        rows = torch.as_tensor(split_indices(n, [ESTIMATE_MAX_ROWS, n - ESTIMATE_MAX_ROWS], seed, strata)[0])
-        layers = [layer[rows.to(layer.device)] for layer in layers]
-        y = tgt.y[rows.to(tgt.y.device)]
-        labels = None if labels is None else labels[rows.to(labels.device)]
-    else:
-        y = tgt.y
-    return CrossValidation([layer.cpu() for layer in layers], y.cpu(), task,
-                           labels=None if labels is None else labels.cpu(), random_state=seed)
+    j = len(chosen)
+    return replace(out, selected=chosen, scores=out.scores[:j], steps=out.steps[:j]), record
