@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -122,8 +123,8 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
             legend.setdefault(label, handle)
     fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=3, loc="outside lower center")
     axes[-1].set_xlabel("layer")
-    fig.suptitle(f"{result.label()} — selected {result.selected_layers}\n{result.score_formula()}",
-                 fontsize=9)
+    fig.suptitle(f"{result.label()} — selected {result.selected_layers}\n"
+                 + textwrap.fill(result.score_formula(), 95), fontsize=9)
     _save(fig, path)
     return fig
 
@@ -402,7 +403,8 @@ def write_report(
         return name
 
     if probe is None and targets is not None and embeddings is not None and result.task != "label_free":
-        probe = sweep_layers(embeddings, targets, result.task, show_progress=False)
+        probe = sweep_layers(embeddings, targets, result.task, show_progress=False,
+                             layer_names=result.layer_names)
     scores, probe_name = probe_scores(probe)
 
     # summary

@@ -319,7 +319,7 @@ class LOESResult:
             target = "residual" if table.step > 1 else ("targets" if self.task == "regression" else "labels")
             if self.preset == "reference":
                 return f"{name(better)} fits the {target} closer (in-sample MSE {xb:.3g} vs {xw:.3g}"
-            return f"{name(better)} explains {xw - xb:.2f} more of the {target} (fit {xb:.2f} vs {xw:.2f}"
+            return f"{name(better)} explains {xw - xb:.3f} more of the {target} (fit {xb:.3f} vs {xw:.3f}"
         if term.key == "redundancy":
             similar = "CKA" if self.preset != "reference" else "similarity"
             twin = self._repeated(table.step, worse)

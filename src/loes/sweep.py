@@ -315,9 +315,10 @@ def sweep_layers(
     layers: Any = "all",
     random_state: int = 0,
     show_progress: ProgressSetting = "auto",
+    layer_names: Optional[Sequence[str]] = None,
     **kwargs: Any,
 ) -> LayerSweep:
-    """Fit a :class:`LayerSweep` and return it.
+    """Fit a :class:`LayerSweep` and return it (``layer_names``: see :meth:`LayerSweep.fit`).
 
     Examples
     --------
@@ -329,4 +330,4 @@ def sweep_layers(
     (2, True)
     """
     return LayerSweep(task, cv=cv, layers=layers, random_state=random_state,
-                      show_progress=show_progress, **kwargs).fit(embeddings, targets)
+                      show_progress=show_progress, **kwargs).fit(embeddings, targets, layer_names)
