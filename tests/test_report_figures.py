@@ -85,5 +85,5 @@ def test_write_report_links_existing_figures(planted, tmp_path):
     plain = write_report(select_baseline("last", x, k=1), tmp_path / "plain")
     assert "<img" not in plain.read_text()
     # its score is absent (NaN), shown as a dash; the method, not a preset, is named
-    assert '<td class="">4</td><td class=""></td><td class="">—</td>' in plain.read_text()
+    assert '<td class="l">4</td><td class="">—</td>' in plain.read_text()
     assert "method <b>last</b>" in plain.read_text() and "preset" not in plain.read_text()

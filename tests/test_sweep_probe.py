@@ -119,3 +119,46 @@ def test_string_labels_and_errors(rng):
         LayerSweep("label_free").fit(x, y)
     with pytest.raises(LOESError, match="not fitted"):
         LayerSweep().best_layer()
+
+
+# ------------------------------------------------------- frame and plot
+@pytest.fixture(scope="module")
+def fitted_sweep():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 150)
+    x = rng.normal(size=(150, 4, 6))
+    x[:, 2, :3] += 2.0 * np.eye(3)[y]
+    names = [f"hidden_states[{i + 1}]" for i in range(4)]
+    return LayerSweep(cv=3, layers=[0, 2, 3], show_progress=False).fit(x, y, layer_names=names)
+
+
+def test_sweep_frame_holds_the_sweeps_arrays(fitted_sweep):
+    pytest.importorskip("pandas")
+    sweep = fitted_sweep
+    frame = sweep.to_frame()
+    assert list(frame.index) == [0, 2, 3]
+    assert list(frame["name"]) == ["hidden_states[1]", "hidden_states[3]", "hidden_states[4]"]
+    np.testing.assert_array_equal(frame["score"].to_numpy(), sweep.scores_)
+    np.testing.assert_array_equal(frame["std"].to_numpy(), sweep.fold_scores_.std(1))
+    assert frame["importance"].to_dict() == sweep.importances()
+    assert frame.attrs == {"metric": "accuracy", "baseline": sweep.baseline_, "cv": 3}
+    # the one naming scheme in the text table: index, then the model's name
+    assert "2 (hidden_states[3])" in sweep.table()
+
+
+def test_sweep_plot_writes_a_png_with_one_point_per_layer(fitted_sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    sweep = fitted_sweep
+    fig = sweep.plot(tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(fig.axes) == 1
+    line = fig.axes[0].lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), sweep.layers_)
+    np.testing.assert_allclose(line.get_ydata(), sweep.scores_)
+
+
+def test_sweep_refuses_names_of_the_wrong_length():
+    x = np.random.default_rng(0).normal(size=(30, 3, 4))
+    with pytest.raises(LOESError, match="layer_names has 2 names for 3 layers"):
+        LayerSweep(cv=3, show_progress=False).fit(x, np.arange(30) % 2, layer_names=["a", "b"])

@@ -200,3 +200,76 @@ def test_finetune_tiny_bert_learns_keyword_rule():
     losses = [h["train_loss"] for h in ft.history_]
     assert losses[-1] < losses[0]
     assert ft.score(texts[80:], labels[80:]) >= 0.9
+
+
+# ------------------------------------------------- heads tell the truth
+def _random_labels(n=300, seed=0):
+    """Features unrelated to imbalanced labels (75 % majority): nothing to learn."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2, 16)).astype(np.float32)
+    y = (rng.random(n) < 0.25).astype(int)
+    return x, y
+
+
+def test_untrainable_head_warns_that_it_does_not_beat_the_majority_class():
+    from loes import LOESWarning
+
+    x, y = _random_labels()
+    probe = FusionProbe(layers=[0, 1], epochs=20, random_state=0)
+    with pytest.warns(LOESWarning, match=r"FusionProbe\(layers=\[0, 1\].*does not beat a constant predictor") as rec:
+        probe.fit(x[:200], y[:200], x[200:], y[200:])
+    majority = max(float(np.mean(y[200:] == c)) for c in (0, 1))
+    assert probe.baseline_val_score_ == pytest.approx(majority)
+    lead = probe.best_val_score_ - majority
+    assert f"vs {majority:.4f} for always predicting the majority class, a lead of {lead:+.4f}, " \
+           "within two standard errors" in str(rec[0].message)
+    assert rec[0].filename == __file__  # points at the caller's line
+
+
+def test_untrainable_regression_head_warns_against_the_training_mean():
+    from loes import LOESWarning
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 1, 8)).astype(np.float32)
+    y = rng.normal(size=200) + 5.0
+    with pytest.warns(LOESWarning, match=r"always predicting the mean \(R² 0\)"):
+        FusionProbe(task="regression", epochs=10, random_state=0).fit(x[:150], y[:150], x[150:], y[150:])
+
+
+@pytest.mark.parametrize("georeg", [None, 0.1])
+def test_learnable_head_does_not_warn(georeg):
+    import warnings
+
+    from loes import LOESWarning
+
+    x, y = _planted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LOESWarning)
+        probe = FusionProbe(layers=[1, 2], epochs=15, georeg=georeg, random_state=0)
+        probe.fit(x[:300], y[:300], x[300:400], y[300:400])
+    assert probe.best_val_score_ > probe.baseline_val_score_ + 0.2
+
+
+def test_early_stopping_stops_when_validation_stalls_and_restores_the_best_epoch():
+    import warnings
+
+    x, y = _random_labels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = FusionProbe(layers=[0, 1], epochs=60, patience=3, random_state=0)
+        probe.fit(x[:200], y[:200], x[200:], y[200:])
+        full = FusionProbe(layers=[0, 1], epochs=8, patience=None, random_state=0)
+        full.fit(x[:200], y[:200], x[200:], y[200:])
+    scores = [h["val_score"] for h in probe.history_]
+    assert probe.stopped_early_ and len(scores) < 60
+    assert probe.best_epoch_ == int(np.argmax(scores))  # the first best epoch
+    assert len(scores) == probe.best_epoch_ + 3 + 1  # three epochs without improvement, then stop
+    assert probe.score(x[200:], y[200:]) == pytest.approx(probe.best_val_score_)  # best weights restored
+    assert len(full.history_) == 8 and not full.stopped_early_
+
+
+@pytest.mark.parametrize("patience", [0, -1, 2.5, True])
+def test_bad_patience_is_refused_before_training(patience):
+    x, y = _random_labels(n=40)
+    with pytest.raises(LOESError, match="patience must be a positive integer"):
+        FusionProbe(patience=patience).fit(x, y)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -26,10 +27,12 @@ import torch
 from loes._deps import require
 from loes._exceptions import LOESError
 from loes._linalg import cka_matrix
+from loes._naming import layer_label
 from loes._rng import torch_generator
 from loes._validation import check_embeddings
 from loes.evaluate import METRIC_LABELS
-from loes.result import LOESResult, format_number
+from loes.result import LOESResult, format_number, probe_scores
+from loes.sweep import sweep_layers
 
 __all__ = [
     "cka_heatmap_matrix",
@@ -43,12 +46,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TERM_STYLE = {
-    "fit": ("#1f77b4", "fit (unexplained)"),
-    "isotropy": ("#ff7f0e", "1 − isotropy"),
-    "redundancy": ("#2ca02c", "redundancy"),
-    "geometry": ("#9467bd", "class geometry (subtracted)"),
-}
+#: Line colour of each score term (keys of ``StepTable.terms``); labels come from
+#: :meth:`LOESResult.score_terms`.
+_TERM_COLORS = {"fit": "#1f77b4", "isotropy": "#ff7f0e", "redundancy": "#2ca02c", "geometry": "#9467bd"}
 
 
 def _figure(figsize):
@@ -67,8 +67,10 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
                 steps: Optional[Sequence[int]] = None, figsize: Optional[Sequence[float]] = None):
     """Plot every candidate's score terms at each greedy step.
 
-    One panel per step: the unweighted terms (lines) and the weighted total
-    (bars) for each candidate layer; the layer picked at that step is marked.
+    One panel per step: the unweighted terms (lines, labelled with the weight
+    and sign with which each enters the total) and the weighted total (bars)
+    for each candidate layer; the layer picked at that step is marked. The
+    title states how the total is formed (:meth:`LOESResult.score_formula`).
 
     Parameters
     ----------
@@ -103,13 +105,15 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
         layers = np.asarray(table.candidates)[order]
         total = np.asarray(table.terms["total"], dtype=float)[order]
         colors = ["#d62728" if layer == table.selected else "#c7c7c7" for layer in layers]
-        ax.bar(layers, total, color=colors, alpha=0.55, label="total (weighted)", zorder=1)
-        for name, (color, label) in _TERM_STYLE.items():
-            values = np.asarray(table.terms.get(name, []), dtype=float)
+        ax.bar(layers, total, color=colors, alpha=0.55, label="total (lower is better)", zorder=1)
+        for term in result.score_terms():
+            values = np.asarray(table.terms.get(term.key, []), dtype=float)
             if values.size and np.any(values != 0):
-                ax.plot(layers, values[order], marker="o", ms=3, lw=1.2, color=color, label=label, zorder=2)
-        ax.set_title(f"step {table.step}: picked layer {table.selected}", fontsize=10)
-        ax.set_ylabel("score (lower is better)", fontsize=8)
+                ax.plot(layers, values[order], marker="o", ms=3, lw=1.2, color=_TERM_COLORS.get(term.key),
+                        label=f"{term.label} ({term.weight_text})", zorder=2)
+        ax.set_title(f"step {table.step}: picked layer {layer_label(table.selected, result.layer_names)}",
+                     fontsize=10)
+        ax.set_ylabel("term value / total", fontsize=8)
         ax.set_xticks(layers)
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
@@ -117,9 +121,10 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=5, loc="outside lower center")
+    fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=3, loc="outside lower center")
     axes[-1].set_xlabel("layer")
-    fig.suptitle(f"{result.label()} — selected {result.selected_layers}", fontsize=11)
+    fig.suptitle(f"{result.label()} — selected {result.selected_layers}\n"
+                 + textwrap.fill(result.score_formula(), 95), fontsize=9)
     _save(fig, path)
     return fig
 
@@ -309,7 +314,7 @@ margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}tr.loes{background:#fdecea;font-weight:600}
+th{background:#f4f4f4}td.l,th.l{text-align:left}tr.loes,tr.pick{background:#fdecea;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta{color:#666;font-size:.85em}
 """
 
@@ -335,6 +340,13 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _difference_legend(metric: str) -> str:
+    """What the sign of "LOES − method" means for ``metric``."""
+    if metric == "rmse":  # evaluations saved before R²: lower was better
+        return "LOES−method is the mean paired difference of RMSE (negative: LOES erred less, which is better), "
+    return "LOES−method is the mean paired difference (positive: LOES scored higher, which is better), "
+
+
 def write_report(
     result: LOESResult,
     output_dir: Union[str, os.PathLike],
@@ -343,6 +355,8 @@ def write_report(
     evaluation: Any = None,
     title: Optional[str] = None,
     cka: Optional[np.ndarray] = None,
+    targets: Any = None,
+    probe: Any = None,
 ) -> Path:
     """Write ``report.html`` and its PNG figures to ``output_dir``.
 
@@ -353,12 +367,19 @@ def write_report(
     output_dir : str or path
         Created if missing. Figures are written next to the HTML file.
     embeddings : array of shape (n_samples, n_layers, dim), optional
-        For the layer-by-layer CKA heatmap (or pass ``cka``).
+        The calibration embeddings: for the layer-by-layer CKA heatmap (or
+        pass ``cka``) and, with ``targets``, each layer's own probe score.
     evaluation : EvaluationResult, optional
         Adds the comparison table, the comparison plot and per-layer probe scores.
     title : str, optional
     cka : array of shape (n_layers, n_layers), optional
         Precomputed CKA matrix.
+    targets : array of shape (n_samples,) or (n_samples, m), optional
+        The calibration targets. With ``embeddings``, each layer's own
+        cross-validated probe score (:func:`loes.sweep_layers`) is shown
+        beside the LOES scores and used in the why-sentences.
+    probe : LayerSweep or mapping of int to float, optional
+        Those per-layer probe scores, already computed (instead of ``targets``).
 
     Returns
     -------
@@ -381,9 +402,14 @@ def write_report(
         figures[name] = str(out / name)
         return name
 
+    if probe is None and targets is not None and embeddings is not None and result.task != "label_free":
+        probe = sweep_layers(embeddings, targets, result.task, show_progress=False,
+                             layer_names=result.layer_names)
+    scores, probe_name = probe_scores(probe)
+
     # summary
-    names = result.layer_names
-    pick_rows = [[i + 1, layer, names[layer] if names else "", _fmt(score)]
+    name_of = lambda layer: layer_label(layer, result.layer_names)  # noqa: E731
+    pick_rows = [[i + 1, name_of(layer), _fmt(score)] + ([_fmt(scores.get(layer))] if scores else [])
                  for i, (layer, score) in enumerate(zip(result.selected_layers, result.layer_scores))]
     made_by = f"preset <b>{html.escape(result.preset)}</b>" if result.method == "loes" else \
         f"method <b>{html.escape(result.method)}</b>"
@@ -397,9 +423,17 @@ def write_report(
         meta.append(f"selection took {total_time:.2f} s")
     sections.append("<h2>Selected layers</h2>"
                     f'<p class="meta">{" · ".join(meta)}</p>'
-                    + _table_html(["pick", "layer", "name", "score"], pick_rows))
+                    + _table_html(["pick", "layer", "score (lower is better)"] + ([probe_name] if scores else []),
+                                  pick_rows, left=(0, 1)))
     if result.warnings:
         sections.append("<p class='meta'>Warnings: " + "; ".join(html.escape(w) for w in result.warnings) + "</p>")
+    if result.steps:
+        sections.append(
+            "<h2>Why these layers</h2>"
+            f"<p class='meta'>{html.escape(result.score_formula())}. Each pick is set against the "
+            "runner-up (or the strongest remaining layer by its own probe score); each reason ends "
+            "with its weighted share of the difference in total (positive: in favour of the pick).</p>"
+            "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in result.explain(probe)) + "</ul>")
 
     if evaluation is not None:
         rows, classes = [], []
@@ -421,10 +455,11 @@ def write_report(
                if evaluation.info.get("majority_accuracy") is not None else "")
             + ". Selection uses the calibration split only; the probe is "
             "fitted on train, its regularisation chosen on validation, and the test score is reported. "
-            "LOES−method is the mean paired difference (positive: LOES scored higher, which is better), "
+            + _difference_legend(evaluation.metric) +
             "p the two-sided paired t-test over seeds.</p>"
             + _table_html(["method", "layers", "head", f"test {metric}", "± std", "select s", "train s",
-                           "LOES − method", "p"], rows, left=(0, 1, 2), row_classes=classes))
+                           "LOES − method (" + ("negative" if evaluation.metric == "rmse" else "positive")
+                           + " = LOES better)", "p"], rows, left=(0, 1, 2), row_classes=classes))
         name = figure("comparison.png", lambda p: plot_comparison(evaluation, p))
         if name:
             sections.append(f'<img src="{name}" alt="comparison">')
@@ -446,13 +481,19 @@ def write_report(
                       lambda p: plot_per_layer(evaluation, p, selected=result.selected_layers))
         if name:
             sections.append(f'<h2>Per-layer probe score</h2><img src="{name}" alt="per-layer probe">')
-    if result.steps:
-        step_rows = []
-        for row in sorted(result.score_table(1), key=lambda r: r["layer"]):
-            step_rows.append([int(row["layer"])] + [_fmt(row.get(t, float("nan"))) for t in
-                                                     ("fit", "isotropy", "redundancy", "geometry", "total")])
-        sections.append("<h2>Step 1 score table</h2>"
-                        + _table_html(["layer", "fit", "isotropy", "redundancy", "geometry", "total"], step_rows))
+    for table in result.steps:
+        terms = [t for t in result.score_terms() if t.key in table.terms]
+        step_rows, classes = [], []
+        for row in sorted(result.score_table(table.step), key=lambda r: r["layer"]):
+            layer = int(row["layer"])
+            step_rows.append([name_of(layer)] + ([_fmt(scores.get(layer))] if scores else [])
+                             + [_fmt(row.get(t.column, float("nan"))) for t in terms] + [_fmt(row["total"])])
+            classes.append("pick" if layer == table.selected else "")
+        headers = (["layer"] + ([probe_name] if scores else [])
+                   + [f"{t.label} ({t.weight_text})" for t in terms] + ["total"])
+        sections.append(f"<h2>Step {table.step} score table (pick: {html.escape(name_of(table.selected))})</h2>"
+                        f"<p class='meta'>{html.escape(result.score_formula())}</p>"
+                        + _table_html(headers, step_rows, row_classes=classes))
 
     doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"

@@ -14,8 +14,10 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from loes._deps import require
 from loes._exceptions import LOESError
 from loes._linalg import RidgePath
+from loes._naming import layer_label
 from loes._progress import ProgressSetting, progress
 from loes._splits import kfold
 from loes._validation import check_embeddings, check_targets, normalize_task
@@ -84,6 +86,8 @@ class LayerSweep:
         Majority-class accuracy (classification) or 0 (R² of the mean).
     coefs_ : list of (w, b)
         Each layer's probe refitted on all samples.
+    layer_names_ : list of str or None
+        The model's name of every layer (all, not only the swept ones), when known.
 
     Examples
     --------
@@ -112,9 +116,22 @@ class LayerSweep:
         self.random_state = random_state
         self.show_progress = show_progress
 
-    def fit(self, embeddings: Any, targets: Any) -> "LayerSweep":
-        """Cross-validate one probe per layer, then refit each on all samples."""
+    def fit(self, embeddings: Any, targets: Any, layer_names: Optional[Sequence[str]] = None) -> "LayerSweep":
+        """Cross-validate one probe per layer, then refit each on all samples.
+
+        Parameters
+        ----------
+        embeddings : array of shape (n_samples, n_layers, dim) or list of layers
+        targets : array of shape (n_samples,) or (n_samples, m)
+        layer_names : sequence of str, optional
+            The model's name of each layer (``LOESResult.layer_names``), for
+            tables and plots; taken from ``embeddings.layer_names`` when it has them.
+        """
+        names = layer_names if layer_names is not None else getattr(embeddings, "layer_names", None)
         all_layers = check_embeddings(embeddings)
+        if names is not None and len(names) != len(all_layers):
+            raise LOESError(f"layer_names has {len(names)} names for {len(all_layers)} layers")
+        self.layer_names_ = list(names) if names is not None else None
         n = all_layers[0].shape[0]
         task = normalize_task(self.task) if self.task is not None else infer_task(targets)
         if task == "label_free":
@@ -184,20 +201,89 @@ class LayerSweep:
         self._check_fitted()
         name = "accuracy" if self.task_ == "classification" else "R2"
         imp = self.importances()
-        lines = [f"{'layer':>5}  {name:>9}  {'std':>7}  {'importance':>10}"]
+        labels = [layer_label(layer, self.layer_names_) for layer in self.layers_]
+        width = max(5, *map(len, labels))
+        lines = [f"{'layer':<{width}}  {name:>9}  {'std':>7}  {'importance':>10}"]
         best = self.best_layer()
-        for layer, s, sd in zip(self.layers_, self.scores_, self.fold_scores_.std(1)):
+        for label, layer, s, sd in zip(labels, self.layers_, self.scores_, self.fold_scores_.std(1)):
             mark = "  *" if layer == best else ""
-            lines.append(f"{layer:>5}  {s:>9.4f}  {sd:>7.4f}  {imp[layer]:>10.4f}{mark}")
+            lines.append(f"{label:<{width}}  {s:>9.4f}  {sd:>7.4f}  {imp[layer]:>10.4f}{mark}")
         lines.append(f"baseline ({'majority class' if self.task_ == 'classification' else 'mean'}): "
                      f"{self.baseline_:.4f}")
         return "\n".join(lines)
+
+    def to_frame(self):
+        """One row per swept layer: a pandas DataFrame indexed by layer.
+
+        Columns: ``name`` (the model's name, when known), ``score`` (mean
+        cross-validated accuracy or R²), ``std`` (over folds), ``importance``
+        (:meth:`importances`); ``frame.attrs`` holds ``metric``, ``baseline``
+        and ``cv``.
+        """
+        self._check_fitted()
+        try:
+            import pandas as pd
+        except ImportError as e:  # pragma: no cover - pandas comes with datasets
+            raise ImportError("LayerSweep.to_frame requires pandas: pip install pandas") from e
+        frame = pd.DataFrame({"score": self.scores_, "std": self.fold_scores_.std(1),
+                              "importance": [self.importances()[l] for l in self.layers_]},
+                             index=pd.Index(self.layers_, name="layer"))
+        if self.layer_names_:
+            frame.insert(0, "name", [self.layer_names_[l] for l in self.layers_])
+        frame.attrs.update(metric=self._metric(), baseline=self.baseline_, cv=int(self.cv))
+        return frame
+
+    def plot(self, path: Optional[str] = None, *, figsize: Optional[Sequence[float]] = None):
+        """Mean cross-validated score per layer (± std over folds), the baseline drawn.
+
+        Needs matplotlib (``pip install 'loes[plot]'``); uses the
+        :class:`matplotlib.figure.Figure` API (no pyplot state).
+
+        Parameters
+        ----------
+        path : str or path, optional
+            Also write the figure there (PNG, SVG, PDF by extension).
+        figsize : (width, height), optional
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            One axis; its first line has one point per swept layer.
+        """
+        self._check_fitted()
+        require("matplotlib", extra="plot")
+        from matplotlib.figure import Figure
+
+        n = len(self.layers_)
+        fig = Figure(figsize=figsize or (max(5.0, 0.3 * n + 2.5), 3.4), layout="constrained")
+        ax = fig.subplots()
+        ax.errorbar(self.layers_, self.scores_, yerr=self.fold_scores_.std(1), marker="o", ms=4, capsize=2,
+                    color="#1f77b4", label=f"{self.cv}-fold CV {self._metric()}")
+        baseline = "majority class" if self.task_ == "classification" else "predicting the mean"
+        ax.axhline(self.baseline_, color="#7f7f7f", ls="--", lw=1, label=f"{baseline} ({self.baseline_:.3f})")
+        best = self.best_layer()
+        ax.plot([best], [self.scores_[self.layers_.index(best)]], "o", ms=9, mfc="none", color="#d62728",
+                label=f"best: {layer_label(best, self.layer_names_)}")
+        ax.set_xticks(self.layers_ if n <= 32 else self.layers_[::2])
+        ax.set_xlabel("layer")
+        ax.set_ylabel(self._metric())
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title("single-layer linear probe per layer", fontsize=10)
+        if path is not None:
+            fig.savefig(str(path), dpi=110)
+        return fig
+
+    def _metric(self) -> str:
+        return "accuracy" if self.task_ == "classification" else "R²"
 
     def to_dict(self) -> Dict[str, Any]:
         self._check_fitted()
         return {
             "task": self.task_,
             "layers": list(self.layers_),
+            "layer_names": self.layer_names_,
             "scores": self.scores_.tolist(),
             "fold_scores": self.fold_scores_.tolist(),
             "baseline": self.baseline_,
@@ -229,9 +315,10 @@ def sweep_layers(
     layers: Any = "all",
     random_state: int = 0,
     show_progress: ProgressSetting = "auto",
+    layer_names: Optional[Sequence[str]] = None,
     **kwargs: Any,
 ) -> LayerSweep:
-    """Fit a :class:`LayerSweep` and return it.
+    """Fit a :class:`LayerSweep` and return it (``layer_names``: see :meth:`LayerSweep.fit`).
 
     Examples
     --------
@@ -243,4 +330,4 @@ def sweep_layers(
     (2, True)
     """
     return LayerSweep(task, cv=cv, layers=layers, random_state=random_state,
-                      show_progress=show_progress, **kwargs).fit(embeddings, targets)
+                      show_progress=show_progress, **kwargs).fit(embeddings, targets, layer_names)

@@ -7,8 +7,10 @@ are only layer-normalised, which with ``fusion="weighted"`` is the "learnable
 layer weights" baseline (a softmax-weighted mix of layers, then a linear head).
 
 Training (:class:`FusionProbe`) uses AdamW with a cosine learning-rate
-schedule, keeps the epoch with the best validation score (never the test
-split), and is deterministic given ``random_state``.
+schedule, stops early when the validation score has not improved for
+``patience`` epochs, keeps the epoch with the best validation score (never the
+test split), warns when that score does not beat a constant predictor, and is
+deterministic given ``random_state``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from loes._exceptions import LOESError
+from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, progress
 from loes._rng import seed_of
 from loes._validation import normalize_task
@@ -167,7 +170,11 @@ class FusionProbe:
     hidden, fusion, dropout
         As in :class:`FusionHead`.
     epochs : int
-        Training epochs; the epoch with the best validation score is kept.
+        Most training epochs (the cosine schedule spans them); the epoch with
+        the best validation score is kept.
+    patience : int or None
+        Stop when the validation score has not improved for this many epochs
+        (default 5); None trains all ``epochs``.
     batch_size : int
     lr, weight_decay : float
         AdamW settings; the learning rate follows a cosine schedule.
@@ -186,8 +193,18 @@ class FusionProbe:
     head_ : FusionHead
         The trained head (best validation epoch).
     history_ : list of dict
-        Per epoch: ``train_loss`` (task loss), ``reg_loss`` and ``val_score``.
+        Per epoch run: ``train_loss`` (task loss), ``reg_loss`` and ``val_score``.
     best_epoch_ : int
+    best_val_score_ : float
+    baseline_val_score_ : float
+        Validation score of the best constant predictor: the majority class's
+        share of the validation split (classification) or 0, the R² of its
+        mean (regression). ``fit`` warns (:class:`LOESWarning`) when the
+        head's best epoch does not beat it by more than two standard errors
+        (paired over validation samples): the best epoch is itself chosen on
+        validation, so a smaller lead is noise.
+    stopped_early_ : bool
+        True when training stopped before ``epochs`` for lack of progress.
     """
 
     def __init__(
@@ -199,6 +216,7 @@ class FusionProbe:
         fusion: str = "concat",
         dropout: float = 0.2,
         epochs: int = 30,
+        patience: Optional[int] = 5,
         batch_size: int = 64,
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
@@ -213,6 +231,7 @@ class FusionProbe:
         self.fusion = fusion
         self.dropout = dropout
         self.epochs = epochs
+        self.patience = patience
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
@@ -254,6 +273,10 @@ class FusionProbe:
         self.task_ = normalize_task(self.task)
         if self.task_ == "label_free":
             raise LOESError("a probe needs targets: task must be 'classification' or 'regression'")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 1):
+            raise LOESError(f"patience must be a positive integer (epochs without improvement) or None; "
+                            f"got {self.patience!r}")
         layers = self._prepare(embeddings)
         n = layers[0].shape[0]
         y = self._targets(targets, n, fit=True)
@@ -324,10 +347,50 @@ class FusionProbe:
                 self.history_.append({"epoch": epoch, "train_loss": tot_task / n,
                                       "reg_loss": tot_reg / n, "val_score": score})
                 best.update(score, epoch, head)
+                if self.patience is not None and epoch - best.epoch >= self.patience:
+                    break
         best.restore(head)
         self.head_ = head
         self.best_val_score_, self.best_epoch_ = best.score, best.epoch
+        self.stopped_early_ = len(self.history_) < self.epochs
+        self.baseline_val_score_, gain, se = self._lead_over_constant(head, xs_va, y_va)
+        if not gain > 2 * se:
+            what = "the majority class" if self.task_ == "classification" else "the mean (R² 0)"
+            warnings.warn(
+                f"FusionProbe(layers={self.layers}, fusion={self.fusion!r}, hidden={self.hidden}, "
+                f"georeg={self.georeg!r}) does not beat a constant predictor on validation: best "
+                f"validation score {self.best_val_score_:.4f} (epoch {self.best_epoch_ + 1} of "
+                f"{len(self.history_)}) vs {self.baseline_val_score_:.4f} for always predicting "
+                f"{what}, a lead of {gain:+.4f}, within two standard errors ({2 * se:.4f}); its "
+                "predictions carry no clear signal here. Try a LinearProbe, more training data, "
+                "or other layers.",
+                LOESWarning,
+                stacklevel=2,
+            )
         return self
+
+    def _lead_over_constant(self, head: FusionHead, xs: List[torch.Tensor], y: torch.Tensor):
+        """``(constant's score, head's lead over it, standard error of the lead)`` on validation.
+
+        The lead is the mean of per-sample differences ``d``: correct(head) −
+        correct(majority class), or ``(‖y − ȳ‖² − ‖y − ŷ‖²) / mean ‖y − ȳ‖²``
+        whose mean is the head's R²; its standard error is ``std(d) / √n``.
+        """
+        out = self._raw(head, xs)
+        if self.task_ == "classification":
+            majority = int(torch.bincount(y[y >= 0]).argmax())
+            const = (y == majority).double()
+            d = (out.argmax(1) == y).double() - const
+            constant = float(const.mean())
+        else:
+            yy = y.double().reshape(y.shape[0], -1)
+            sst = ((yy - yy.mean(0, keepdim=True)) ** 2).sum(1)
+            sse = ((out.double().reshape(yy.shape) - yy) ** 2).sum(1)
+            d = (sst - sse) / sst.mean().clamp(min=1e-300)
+            constant = 0.0
+        n = d.numel()
+        se = float(d.std()) / math.sqrt(n) if n > 1 else 0.0
+        return constant, float(d.mean()), se
 
     def _scale(self, layers: List[torch.Tensor]) -> List[torch.Tensor]:
         return [(x - m) / s for x, m, s in zip(layers, self.means_, self.stds_)]
