@@ -538,7 +538,7 @@ def run_robust(
     t2 = time.perf_counter()
     if 1 in run.uninformative:
         warnings.warn(
-            "no layer explains the targets out of sample (every out-of-sample fit fraction >= 1 at step 1): "
+            "no layer explains the targets out of sample (every out-of-sample fit fraction of the first pick >= 1): "
             "the targets may be unrelated to these features, or the calibration sample is too small "
             "for them; the picks rest on the isotropy, redundancy and geometry terms alone.",
             LOESWarning,
