@@ -120,4 +120,4 @@ def test_k_auto_on_the_command_line_prints_the_estimate(data, tmp_path, capsys):
     assert printed["config"]["k_auto"]["chosen"] == api.config["k_auto"]["chosen"]
     assert printed["estimate"]["mean"]["selected"] == pytest.approx(api.estimate.mean["selected"])
     code, out, _ = _run(capsys, ["--embeddings", str(path), "--k", "auto"])
-    assert "estimate: layers" in out
+    assert "verdict: layers" in out

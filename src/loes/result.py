@@ -369,6 +369,8 @@ class LOESResult:
         ]
         if self.model_name:
             lines.append(f"model: {self.model_name}  pooling: {self.pooling}")
+        if self.estimate is not None:
+            lines.append("verdict: " + self.estimate.verdict())
         lines.append(f"{'pick':>4}  {'layer':<{width}} {'score':>10}")
         for i, (layer, score) in enumerate(zip(self.selected_layers, self.layer_scores), 1):
             lines.append(f"{i:>4}  {name(layer):<{width}} {format_number(score):>10}")
@@ -395,7 +397,7 @@ class LOESResult:
         if self.excluded_layers:
             lines.append(f"excluded (constant) layers: {[name(i) for i in self.excluded_layers]}")
         if self.estimate is not None:
-            lines += ["", "estimate: " + self.estimate.verdict(), self.estimate.table()]
+            lines += ["", "estimate (cross-validated probe on the calibration rows):", self.estimate.table()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
