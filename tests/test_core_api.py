@@ -114,6 +114,23 @@ def test_estimator_in_a_pipeline():
     assert sklearn.base.clone(pipe.named_steps["layers"]).get_params()["k"] == 1
 
 
+def test_estimator_repr_feature_names_and_pandas_output():
+    pytest.importorskip("pandas")
+    x, y = planted(200, 8, informative=(3,), n_layers=5, seed=2)
+    sel = LOESSelector(k=2, random_state=3)
+    assert repr(sel) == "LOESSelector(k=2, random_state=3)"
+    assert repr(LOESSelector()) == "LOESSelector()"
+    sel.fit(x, y)
+    names = sel.get_feature_names_out()
+    first = sel.selected_layers_[0]
+    assert len(names) == 16 and names[0] == f"layer{first}_0" and names[8].endswith("_0")
+    frame = sel.set_output(transform="pandas").transform(x)
+    assert list(frame.columns) == list(names)
+    np.testing.assert_array_equal(frame.to_numpy(), np.concatenate([x[:, i] for i in sel.selected_layers_], 1))
+    with pytest.raises(LOESError, match="set_output"):
+        sel.set_output(transform="polars")
+
+
 def test_estimator_errors():
     sel = LOESSelector(k=1)
     with pytest.raises(LOESError, match="not fitted"):
@@ -135,10 +152,11 @@ def test_import_loes_stays_light():
 
 
 def test_warnings_point_at_the_callers_line():
-    x, y = planted(200, 32, informative=(2,), n_layers=6, seed=3, dead=(0,))
+    x, _ = planted(200, 32, informative=(2,), n_layers=6, seed=3, dead=(0,))
+    y = np.random.default_rng(0).integers(0, 3, 200)  # unrelated to the features: warned at step 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         select_layers_from_custom_embeddings(x, y, k=3, show_progress=False)
     found = {str(w.message): w.filename for w in caught if issubclass(w.category, LOESWarning)}
-    assert any("constant" in m for m in found) and any("no remaining" in m for m in found), found
+    assert any("constant" in m for m in found) and any("no layer explains" in m for m in found), found
     assert set(found.values()) == {__file__}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
+from loes._deps import require
 from loes._exceptions import LOESError
 from loes._rng import RandomState
 from loes._validation import as_layer_list
@@ -150,7 +152,37 @@ class LOESSelector:
         is_numpy = not isinstance(X, torch.Tensor) and not (
             isinstance(X, (list, tuple)) and isinstance(X[0], torch.Tensor)
         )
+        if getattr(self, "_output", None) == "pandas":
+            pd = require("pandas", extra="hf")
+            return pd.DataFrame(out.detach().cpu().numpy(), columns=self.get_feature_names_out())
         return out.numpy() if is_numpy else out
 
     def fit_transform(self, X: Any, y: Any = None):
         return self.fit(X, y).transform(X)
+
+    def get_feature_names_out(self, input_features: Any = None):
+        """Names of ``transform``'s columns: ``"layer{i}_{j}"`` for feature j of selected layer i.
+
+        ``input_features`` is accepted for scikit-learn's API and ignored (the
+        input is 3-D; its columns have no names).
+        """
+        if not hasattr(self, "selected_layers_"):
+            raise LOESError("this LOESSelector is not fitted yet: call fit(X, y) first")
+        names = [f"layer{i}_{j}" for i in self.selected_layers_ for j in range(self.layer_dims_[i])]
+        return np.asarray(names, dtype=object)
+
+    def set_output(self, *, transform: Optional[str] = None) -> "LOESSelector":
+        """scikit-learn's output API: ``transform="pandas"`` returns a DataFrame whose
+        columns are :meth:`get_feature_names_out`; ``"default"`` (or None) the input's type."""
+        if transform not in (None, "default", "pandas"):
+            raise LOESError(f"set_output(transform=...) takes 'default' or 'pandas'; got {transform!r}")
+        self._output = transform
+        return self
+
+    def __repr__(self) -> str:
+        """scikit-learn's style: the class and the parameters that differ from their defaults."""
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
+                    if name != "self"}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items()
+                   if not (value is defaults.get(name) or value == defaults.get(name))]
+        return f"{type(self).__name__}({', '.join(changed)})"

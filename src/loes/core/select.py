@@ -193,9 +193,15 @@ def select_layers_from_custom_embeddings(
             ) from e
         check_finite_output(out, preset)
         t_selected = time.perf_counter()
-        cv, auto_record = None, None
+        cv, auto_record, skipped = None, None, None
         if tgt is not None and (auto or estimate):
-            cv = calibration_cv(layers, tgt, task, seed)
+            try:
+                cv = calibration_cv(layers, tgt, task, seed)
+            except LOESError as e:  # too few rows for any cross-validation
+                if auto:
+                    raise LOESError(f"k='auto' cannot cross-validate these targets: {e}; give an int k") from e
+                skipped = str(e)
+                log.info("no estimate: %s", e)
         if auto:
             out, auto_record = _choose_prefix(out, cv, n_layers, log)
             k = len(out.selected)
@@ -220,6 +226,8 @@ def select_layers_from_custom_embeddings(
     }
     if auto_record is not None:
         config["k_auto"] = auto_record
+    if skipped is not None:
+        config["estimate_skipped"] = skipped
     result = LOESResult(
         selected_layers=out.selected,
         layer_scores=out.scores,
