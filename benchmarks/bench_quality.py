@@ -17,11 +17,15 @@ Prints one table (methods x cases, mean over cases, mean regret to the oracle
 k-subset), per-case facts (which single layer is best, how far the last layer
 is from it) and paired wins/ties/losses of ``loes`` against every method over
 case x split (tie: |difference| < 0.5 point). The JSON has every per-split number.
+Each case-split is cached under ``benchmarks/.cache/results/`` keyed by the
+source of ``_quality.py``, the feature file and the settings, so a rerun only
+computes what changed (``--fresh`` recomputes everything).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,13 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _quality as Q  # noqa: E402
 import quality_features as F  # noqa: E402
 
-#: case -> (feature set, target). Targets: integers = classification, floats = regression.
+#: case -> (feature set, target[, rows]). Targets: integers = classification, floats =
+#: regression; rows: a stratified subsample (seed 0) of that many rows.
 CASES = {
     "minilm_drug_rating": ("minilm_drug", "rating"),
     "minilm_bbc_topic": ("minilm_bbc", "topic"),
     "smollm_drug_rating": ("smollm_drug", "rating"),
     "smollm_bbc_topic": ("smollm_bbc", "topic"),
-    "effnet_mnist_digit": ("effnet_mnist", "digit"),
+    "effnet_mnist_digit": ("effnet_mnist", "digit", 1000),
     "minilm_drug_useful": ("minilm_drug", "useful"),
     "minilm_bbc_loglen": ("minilm_bbc", "loglen"),
 }
@@ -56,24 +61,39 @@ _DATA: dict = {}
 
 def _case_data(case: str, quick: bool):
     if case not in _DATA:
-        fset, target = CASES[case]
+        fset, target, *cap = CASES[case]
         layers, targets, meta = F.load_set(fset)
         y = targets[target]
-        if quick and len(y) > QUICK_ROWS:
+        n = min([len(y), *cap] + ([QUICK_ROWS] if quick else []))
+        if n < len(y):
             strata = y if Q.task_of(y) == "classification" else np.digitize(
                 y, np.quantile(y, [0.2, 0.4, 0.6, 0.8]))
-            rows = F.stratified_subsample(strata, QUICK_ROWS, seed=0)
+            rows = F.stratified_subsample(strata, n, seed=0)
             layers, y = [x[rows] for x in layers], y[rows]
         _DATA[case] = (layers, y, meta)
     return _DATA[case]
 
 
+def _result_path(case, seed, k, methods, quick) -> Path:
+    """Cache file of one case-split: keyed by the protocol's source, the features and the settings."""
+    fset = CASES[case][0]
+    h = hashlib.sha256(Path(Q.__file__).read_bytes())
+    h.update(repr((case, seed, k, sorted(methods), quick,
+                   os.path.getmtime(F.CACHE / f"{fset}.safetensors")) + CASES[case][2:]).encode())
+    return F.CACHE / "results" / f"{case}_s{seed}_k{k}_{h.hexdigest()[:12]}.json"
+
+
 def _run(job):
-    case, seed, k, methods, quick = job
+    case, seed, k, methods, quick, reuse = job
+    path = _result_path(case, seed, k, methods, quick)
+    if reuse and path.exists():
+        return case, {**json.loads(path.read_text()), "reused": True}
     layers, y, _ = _case_data(case, quick)
     t0 = time.perf_counter()
     out = Q.run_split(layers, y, seed, k, methods)
     out["seconds"] = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, default=float))
     return case, out
 
 
@@ -143,6 +163,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help=f"at most {QUICK_ROWS} rows per case (stratified) and 2 splits")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes over case x split")
+    parser.add_argument("--fresh", action="store_true",
+                        help="recompute case-splits already cached (default: reuse those whose "
+                             "protocol source, features and settings are unchanged)")
     args = parser.parse_args(argv)
     splits = min(args.splits, 2) if args.quick else args.splits
     cases = []
@@ -152,7 +175,7 @@ def main(argv=None) -> dict:
             cases.append(c)
         except FileNotFoundError as exc:
             print(f"skipping {c}: {exc}", file=sys.stderr)
-    jobs = [(c, s, args.k, args.methods, args.quick) for c in cases for s in range(splits)]
+    jobs = [(c, s, args.k, args.methods, args.quick, not args.fresh) for c in cases for s in range(splits)]
     t0 = time.perf_counter()
     results: dict = {c: [] for c in cases}
     if args.jobs > 1:
@@ -163,7 +186,8 @@ def main(argv=None) -> dict:
         for job in jobs:
             c, out = _run(job)
             results[c].append(out)
-            print(f"  {c} split {out['seed']}: {out['seconds']:.0f} s", file=sys.stderr, flush=True)
+            note = " (cached)" if out.get("reused") else ""
+            print(f"  {c} split {out['seed']}: {out['seconds']:.0f} s{note}", file=sys.stderr, flush=True)
     for c in cases:
         results[c].sort(key=lambda s: s["seed"])
     methods = [m for m in ORDER if m in args.methods or m in Q.REFERENCES] + \

@@ -33,6 +33,7 @@ CACHE = Path(os.environ.get("LOES_QUALITY_CACHE", Path(__file__).resolve().paren
 TEXT_MAX_LENGTH = 128
 BBC_ROWS = 1000
 MNIST_ROWS = 2000
+MNIST_SIZE = 112
 
 #: name -> (model, data, pooling); the targets each set carries are listed in its sidecar.
 FEATURE_SETS = {
@@ -162,7 +163,7 @@ def extract_text(name: str) -> Path:
 def extract_effnet_mnist() -> Path:
     """EfficientNet-Lite0 block outputs (spatial mean) on a stratified MNIST draw.
 
-    The 28x28 digits are resized to 224x224, repeated on 3 channels and
+    The 28x28 digits are resized to 112x112 (``MNIST_SIZE``), repeated on 3 channels and
     normalised with mean = std = 0.5 (the TF-Lite convention of these weights).
     Layers: the stem, each of the 16 inverted-residual blocks, and the 1x1 head
     convolution (widths 32 ... 1280).
@@ -193,15 +194,16 @@ def extract_effnet_mnist() -> Path:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(x), 64):
-            batch = torch.nn.functional.interpolate(x[start:start + 64], size=224, mode="bilinear")
+            batch = torch.nn.functional.interpolate(x[start:start + 64], size=MNIST_SIZE, mode="bilinear")
             model((batch.repeat(1, 3, 1, 1) - 0.5) / 0.5)
             for i in range(len(modules)):
                 feats[i].append(current[i].mean(dim=(2, 3)).numpy())
+            print(f"  effnet_mnist: {start + len(batch)}/{len(x)} images", flush=True)
     for h in hooks:
         h.remove()
     layers = [np.concatenate(f) for f in feats]
     meta = {"model": "tf_efficientnet_lite0", "data": "mnist", "pooling": "spatial_mean",
-            "image_size": 224, "layer_names": names, "seconds": round(time.perf_counter() - t0, 1)}
+            "image_size": MNIST_SIZE, "layer_names": names, "seconds": round(time.perf_counter() - t0, 1)}
     return save_set("effnet_mnist", layers, {"digit": labels[keep].astype(np.int64)}, meta)
 
 
