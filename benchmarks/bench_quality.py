@@ -51,7 +51,7 @@ CASES = {
     "minilm_bbc_loglen": ("minilm_bbc", "loglen"),
 }
 ORDER = ["last", "last_k", "all", "random_k", "best_single_cv", "greedy_probe", "loes_k1",
-         "loes_k2", "loes", "loes_k4", "loes_ref", "oracle_single", "oracle_k"]
+         "loes_k2", "loes", "loes_k4", "loes_ref", "oracle_single", "oracle_k_top1", "oracle_k"]
 MAIN = "loes"
 TIE = 0.5  # points
 QUICK_ROWS = 400

@@ -62,6 +62,8 @@ def test_oracle_equals_brute_force(task):
     best, score, mode = Q.oracle_subset(k_tr, k_te, y[train], y[test], 2)
     assert mode == "exhaustive"
     assert best == max(slow, key=slow.get) and score == pytest.approx(slow[best], abs=1e-8)
+    ranked, _ = Q.oracle_ranking(k_tr, k_te, y[train], y[test], 2)
+    assert [s for s, _ in ranked] == sorted(slow, key=lambda s: (-slow[s][0], -slow[s][1], s))
 
 
 def test_greedy_fallback_agrees_with_exhaustive():
@@ -138,7 +140,7 @@ def test_run_split_reports_every_method():
     assert set(out["scores"]) == set(Q.SELECTORS) | set(Q.REFERENCES)
     assert out["layers"]["last"] == [5] and out["layers"]["last_k"] == [4, 5]
     assert len(out["layers"]["loes"]) == 2 and len(out["layers"]["loes_k4"]) == 4
-    assert out["layers"]["oracle_k"] == [1, 4]
+    assert out["layers"]["oracle_k"] == out["layers"]["oracle_k_top1"] == [1, 4]
     assert out["scores"]["oracle_single"] == max(out["single"])
     assert out["scores"]["oracle_k"] > out["scores"]["last"] + 0.2
     sizes = np.array([out["n_cal"], out["n_train"], out["n_test"]])
