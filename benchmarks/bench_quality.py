@@ -157,6 +157,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="run these split seeds only (default: 0 .. splits-1)")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(Q.SELECTORS), choices=list(Q.SELECTORS))
     parser.add_argument("--json", default=str(F.CACHE / "bench_quality.json"), help="per-split output")
@@ -175,7 +177,9 @@ def main(argv=None) -> dict:
             cases.append(c)
         except FileNotFoundError as exc:
             print(f"skipping {c}: {exc}", file=sys.stderr)
-    jobs = [(c, s, args.k, args.methods, args.quick, not args.fresh) for c in cases for s in range(splits)]
+    seeds = args.seeds if args.seeds else list(range(splits))
+    splits = len(seeds)
+    jobs = [(c, s, args.k, args.methods, args.quick, not args.fresh) for c in cases for s in seeds]
     t0 = time.perf_counter()
     results: dict = {c: [] for c in cases}
     if args.jobs > 1:
