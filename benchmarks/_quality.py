@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import combinations
 from math import comb
-from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -50,9 +50,12 @@ ORACLE_RESCORE = 10
 #: lbfgs iterations of one logistic fit (warm-started along CS in the CV).
 MAX_ITER = 300
 FRACTIONS = (0.2, 0.5, 0.3)
+#: Version of the protocol's numbers: bump it with any change that alters a result, so
+#: bench_quality.py's per-split cache is recomputed.
+PROTOCOL = "1"
 
 Layers = Sequence[np.ndarray]
-Selector = Callable[[Layers, np.ndarray, int, int], List[int]]
+Selector = Callable[[Layers, np.ndarray, int, int], list[int]]
 
 
 def task_of(y: np.ndarray) -> str:
@@ -61,8 +64,8 @@ def task_of(y: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- splits
-def split_indices(y: np.ndarray, seed: int, fractions: Tuple[float, float, float] = FRACTIONS
-                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(y: np.ndarray, seed: int, fractions: tuple[float, float, float] = FRACTIONS
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified calibration / train / test rows.
 
     Parameters
@@ -82,7 +85,7 @@ def split_indices(y: np.ndarray, seed: int, fractions: Tuple[float, float, float
     strata = y if task_of(y) == "classification" else np.digitize(
         y, np.quantile(y, [0.2, 0.4, 0.6, 0.8]))
     rng = np.random.default_rng(seed)
-    parts: List[List[np.ndarray]] = [[], [], []]
+    parts: list[list[np.ndarray]] = [[], [], []]
     cuts = np.cumsum(fractions)[:2]
     for s in np.unique(strata):
         rows = rng.permutation(np.flatnonzero(strata == s))
@@ -93,7 +96,7 @@ def split_indices(y: np.ndarray, seed: int, fractions: Tuple[float, float, float
 
 
 # ----------------------------------------------------------------------------- features
-def zscore(layers: Layers, fit_rows: np.ndarray) -> List[np.ndarray]:
+def zscore(layers: Layers, fit_rows: np.ndarray) -> list[np.ndarray]:
     """Every layer standardised per feature with the mean and std of ``fit_rows``.
 
     Constant features (std 0) are centred only. Returns float64 (N, D_l) arrays.
@@ -112,7 +115,7 @@ def concat(layers: Layers, subset: Sequence[int], rows: np.ndarray) -> np.ndarra
 
 
 # ----------------------------------------------------------------------------- probe
-def _row_space(xtr: np.ndarray, xte: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _row_space(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates in the row space of ``xtr`` when D > n (exact for L2-penalised
     linear models: their weights lie in the span of the training rows)."""
     if xtr.shape[1] <= xtr.shape[0]:
@@ -178,7 +181,7 @@ def cv_scores(x: np.ndarray, y: np.ndarray, task: str, seed: int = 0) -> np.ndar
 
 
 def probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
-                seed: int = 0) -> Tuple[float, float]:
+                seed: int = 0) -> tuple[float, float]:
     """Test score of the probe trained on train: ``(score, setting)``.
 
     Classification: accuracy of ``LogisticRegression(C)``, C from :data:`CS` by
@@ -200,7 +203,7 @@ def probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarr
 
 
 # ----------------------------------------------------------------------------- oracle
-def layer_kernels(z: Layers, train: np.ndarray, test: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def layer_kernels(z: Layers, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer linear kernels ``Z_l Z_l^T / D_l`` of standardised layers.
 
     Returns
@@ -221,7 +224,7 @@ def _targets(ytr: np.ndarray, yte: np.ndarray, task: str):
 
 
 def kernel_ridge_score(k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte: np.ndarray
-                       ) -> Tuple[float, float]:
+                       ) -> tuple[float, float]:
     """Best test score of kernel ridge over :data:`ORACLE_LAMBDAS`.
 
     Kernel ridge with an unpenalised mean: ``f = K_te (K_tr + lam I)^-1 (Y - mean) + mean``
@@ -258,16 +261,16 @@ def kernel_ridge_score(k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte:
 
 
 def subset_scores(k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte: np.ndarray,
-                  subsets) -> Dict[Tuple[int, ...], Tuple[float, float]]:
+                  subsets) -> dict[tuple[int, ...], tuple[float, float]]:
     """:func:`kernel_ridge_score` of the summed kernels of each subset."""
     return {s: kernel_ridge_score(k_tr[list(s)].sum(0), k_te[list(s)].sum(0), ytr, yte)
             for s in map(tuple, subsets)}
 
 
-def greedy_subset(k_tr, k_te, ytr, yte, k: int) -> Tuple[Tuple[int, ...], Dict]:
+def greedy_subset(k_tr, k_te, ytr, yte, k: int) -> tuple[tuple[int, ...], dict]:
     """Forward selection of k layers by :func:`kernel_ridge_score`: ``(subset, scores seen)``."""
-    picked: Tuple[int, ...] = ()
-    seen: Dict[Tuple[int, ...], Tuple[float, float]] = {}
+    picked: tuple[int, ...] = ()
+    seen: dict[tuple[int, ...], tuple[float, float]] = {}
     for _ in range(k):
         cands = [tuple(sorted(picked + (j,))) for j in range(len(k_tr)) if j not in picked]
         step = subset_scores(k_tr, k_te, ytr, yte, cands)
@@ -277,7 +280,7 @@ def greedy_subset(k_tr, k_te, ytr, yte, k: int) -> Tuple[Tuple[int, ...], Dict]:
 
 
 def oracle_ranking(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
-                   ) -> Tuple[List[Tuple[Tuple[int, ...], Tuple[float, float]]], str]:
+                   ) -> tuple[list[tuple[tuple[int, ...], tuple[float, float]]], str]:
     """k-subsets ranked by their kernel-ridge test score, best first.
 
     Every subset when there are at most ``max_subsets``, else the k-subsets
@@ -295,7 +298,7 @@ def oracle_ranking(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
 
 
 def oracle_subset(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
-                  ) -> Tuple[Tuple[int, ...], Tuple[float, float], str]:
+                  ) -> tuple[tuple[int, ...], tuple[float, float], str]:
     """The k-subset with the best kernel-ridge test score: ``(subset, (score, -mse), mode)``."""
     ranked, mode = oracle_ranking(k_tr, k_te, ytr, yte, k, max_subsets)
     return ranked[0][0], ranked[0][1], mode
@@ -303,7 +306,7 @@ def oracle_subset(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
 
 # ----------------------------------------------------------------------------- selectors
 def _loes(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int, *, preset: str = "robust",
-          fixed_k=None) -> List[int]:
+          fixed_k=None) -> list[int]:
     from loes import select_layers_from_custom_embeddings
 
     dims = {x.shape[1] for x in cal_x}
@@ -316,13 +319,13 @@ def _loes(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int, *, preset: str = 
     return [int(i) for i in res.selected_layers]
 
 
-def greedy_probe(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int) -> List[int]:
+def greedy_probe(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int) -> list[int]:
     """Forward selection of k layers by the probe's 3-fold CV score on calibration
     (best setting per candidate; layers z-scored with calibration statistics)."""
     rows = np.arange(len(cal_y))
     z = zscore(cal_x, rows)
     task = task_of(cal_y)
-    picked: List[int] = []
+    picked: list[int] = []
     for _ in range(k):
         cands = [j for j in range(len(z)) if j not in picked]
         scores = [cv_scores(concat(z, picked + [j], rows), cal_y, task, seed).max() for j in cands]
@@ -330,12 +333,12 @@ def greedy_probe(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int) -> List[in
     return picked
 
 
-def _random_k(cal_x: Layers, cal_y, k: int, seed: int) -> List[int]:
+def _random_k(cal_x: Layers, cal_y, k: int, seed: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(len(cal_x), k, replace=False))
 
 
 #: name -> selector(cal_layers, cal_targets, k, seed) -> layer indices. Add a method here.
-SELECTORS: Dict[str, Selector] = {
+SELECTORS: dict[str, Selector] = {
     "last": lambda x, y, k, seed: [len(x) - 1],
     "last_k": lambda x, y, k, seed: list(range(len(x) - k, len(x))),
     "all": lambda x, y, k, seed: list(range(len(x))),
@@ -366,15 +369,15 @@ def run_split(layers: Layers, y: np.ndarray, seed: int, k: int,
     y = np.asarray(y)
     cal, train, test = split_indices(y, seed)
     z = zscore(layers, train)
-    picks: Dict[str, List[int]] = {}
-    select_s: Dict[str, float] = {}
+    picks: dict[str, list[int]] = {}
+    select_s: dict[str, float] = {}
     cal_x = [np.asarray(x)[cal] for x in layers]
     for name in methods:
         t0 = time.perf_counter()
         picks[name] = sorted(int(i) for i in SELECTORS[name](cal_x, y[cal], k, seed))
         select_s[name] = time.perf_counter() - t0
 
-    memo: Dict[Tuple[int, ...], float] = {}
+    memo: dict[tuple[int, ...], float] = {}
 
     def probe(subset) -> float:
         key = tuple(sorted(subset))

@@ -17,8 +17,8 @@ Prints one table (methods x cases, mean over cases, mean regret to the oracle
 k-subset), per-case facts (which single layer is best, how far the last layer
 is from it) and paired wins/ties/losses of ``loes`` against every method over
 case x split (tie: |difference| < 0.5 point). The JSON has every per-split number.
-Each case-split is cached under ``benchmarks/.cache/results/`` keyed by the
-source of ``_quality.py``, the feature file and the settings, so a rerun only
+Each case-split is cached under ``benchmarks/.cache/results/`` keyed by
+``_quality.PROTOCOL``, the feature file and the settings, so a rerun only
 computes what changed (``--fresh`` recomputes everything).
 """
 
@@ -75,9 +75,9 @@ def _case_data(case: str, quick: bool):
 
 
 def _result_path(case, seed, k, methods, quick) -> Path:
-    """Cache file of one case-split: keyed by the protocol's source, the features and the settings."""
+    """Cache file of one case-split: keyed by the protocol version, the features and the settings."""
     fset = CASES[case][0]
-    h = hashlib.sha256(Path(Q.__file__).read_bytes())
+    h = hashlib.sha256(Q.PROTOCOL.encode())
     h.update(repr((case, seed, k, sorted(methods), quick,
                    os.path.getmtime(F.CACHE / f"{fset}.safetensors")) + CASES[case][2:]).encode())
     return F.CACHE / "results" / f"{case}_s{seed}_k{k}_{h.hexdigest()[:12]}.json"

@@ -25,7 +25,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -67,7 +66,7 @@ def stratified_subsample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
-def save_set(name: str, layers: List[np.ndarray], targets: Dict[str, np.ndarray], meta: dict) -> Path:
+def save_set(name: str, layers: list[np.ndarray], targets: dict[str, np.ndarray], meta: dict) -> Path:
     """Write a feature set to the cache (temporary name, then ``os.replace``)."""
     from safetensors.numpy import save_file
 
@@ -84,7 +83,7 @@ def save_set(name: str, layers: List[np.ndarray], targets: Dict[str, np.ndarray]
     return path
 
 
-def load_set(name: str) -> Tuple[List[np.ndarray], Dict[str, np.ndarray], dict]:
+def load_set(name: str) -> tuple[list[np.ndarray], dict[str, np.ndarray], dict]:
     """Read a cached feature set: ``(layers, targets, meta)``; layers are (N, D_l) float32.
 
     Raises
@@ -187,8 +186,8 @@ def extract_effnet_mnist() -> Path:
     modules = [model.bn1] + [b for stage in model.blocks for b in stage] + [model.bn2]
     names = ["stem"] + [f"blocks[{s}][{j}]" for s, stage in enumerate(model.blocks)
                         for j in range(len(stage))] + ["conv_head"]
-    feats: List[List[np.ndarray]] = [[] for _ in modules]
-    current: Dict[int, torch.Tensor] = {}
+    feats: list[list[np.ndarray]] = [[] for _ in modules]
+    current: dict[int, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, i=i: current.__setitem__(i, out))
              for i, m in enumerate(modules)]
     t0 = time.perf_counter()
