@@ -315,7 +315,7 @@ def _loes(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int, *, preset: str = 
         warnings.simplefilter("ignore")
         res = select_layers_from_custom_embeddings(
             emb, cal_y, k=fixed_k if fixed_k is not None else k, task=task_of(cal_y),
-            preset=preset, random_state=seed, show_progress=False)
+            preset=preset, random_state=seed, show_progress=False, estimate=False)
     return [int(i) for i in res.selected_layers]
 
 
@@ -349,6 +349,7 @@ SELECTORS: dict[str, Selector] = {
     "loes_k2": partial(_loes, fixed_k=2),
     "loes_k4": partial(_loes, fixed_k=4),
     "loes_ref": partial(_loes, preset="reference"),
+    "loes_auto": partial(_loes, fixed_k="auto"),
 }
 #: Columns computed by the protocol (they see more than the calibration rows).
 REFERENCES = ("best_single_cv", "oracle_single", "oracle_k_top1", "oracle_k")
@@ -409,3 +410,26 @@ def run_split(layers: Layers, y: np.ndarray, seed: int, k: int,
         "layers": picks, "select_s": select_s, "single": single,
         "oracle": {"kernel_ridge_score": kr[0], "kernel_ridge_mse": -kr[1], "search": mode},
     }
+
+
+def add_methods(layers: Layers, y: np.ndarray, seed: int, k: int, out: dict,
+                methods: Sequence[str]) -> dict:
+    """Fill in the methods a cached :func:`run_split` output lacks (same split and probe)."""
+    missing = [m for m in methods if m not in out["layers"]]
+    if not missing:
+        return out
+    y = np.asarray(y)
+    cal, train, test = split_indices(y, seed)
+    z = zscore(layers, train)
+    cal_x = [np.asarray(x)[cal] for x in layers]
+    known = {tuple(p): out["scores"][m] for m, p in out["layers"].items()}
+    for name in missing:
+        t0 = time.perf_counter()
+        picks = sorted(int(i) for i in SELECTORS[name](cal_x, y[cal], k, seed))
+        out["select_s"][name] = time.perf_counter() - t0
+        out["layers"][name] = picks
+        if tuple(picks) not in known:
+            known[tuple(picks)] = probe_score(concat(z, picks, train), y[train], concat(z, picks, test),
+                                              y[test], seed)[0]
+        out["scores"][name] = known[tuple(picks)]
+    return out
