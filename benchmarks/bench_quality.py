@@ -86,10 +86,12 @@ def _result_path(case, seed, k, quick) -> Path:
 
 
 def _run(job):
-    case, seed, k, methods, quick, reuse = job
+    case, seed, k, methods, quick, reuse, redo = job
     path = _result_path(case, seed, k, quick)
     if reuse and path.exists():
         out = json.loads(path.read_text())
+        for m in redo:  # the library changed under this method: recompute it alone
+            out["layers"].pop(m, None)
         if all(m in out["layers"] for m in methods):
             return case, {**out, "reused": True}
         layers, y, _ = _case_data(case, quick)
@@ -176,6 +178,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--fresh", action="store_true",
                         help="recompute case-splits already cached (default: reuse those whose "
                              "protocol source, features and settings are unchanged)")
+    parser.add_argument("--redo", nargs="+", default=[], choices=list(Q.SELECTORS),
+                        help="recompute these methods in cached splits (after a library change)")
     args = parser.parse_args(argv)
     splits = min(args.splits, 2) if args.quick else args.splits
     cases = []
@@ -187,7 +191,7 @@ def main(argv=None) -> dict:
             print(f"skipping {c}: {exc}", file=sys.stderr)
     seeds = args.seeds if args.seeds else list(range(splits))
     splits = len(seeds)
-    jobs = [(c, s, args.k, args.methods, args.quick, not args.fresh) for c in cases for s in seeds]
+    jobs = [(c, s, args.k, args.methods, args.quick, not args.fresh, args.redo) for c in cases for s in seeds]
     t0 = time.perf_counter()
     results: dict = {c: [] for c in cases}
     if args.jobs > 1:

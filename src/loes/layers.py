@@ -160,7 +160,7 @@ def resolve_layers(
             if k is not None:
                 return chosen[:k]
             # the same evidence as k="auto": the smallest of {last layer, prefixes of the
-            # lasso's order} within one paired SE of the best cross-validated probe
+            # lasso's order} within CHOICE_TOLERANCE paired SEs of the best cross-validated probe
             checked = check_embeddings(layers)
             tgt = check_targets(y, task, checked[0].shape[0])
             if tgt.keep is not None:

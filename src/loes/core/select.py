@@ -73,8 +73,8 @@ def select_layers_from_custom_embeddings(
         Number of layers to select, ``1 <= k <= n_layers``, or ``"auto"``:
         LOES orders up to :data:`AUTO_MAX_K` layers, then the cross-validated
         probe (:mod:`loes._estimate`) picks the smallest set among the last layer
-        alone and the prefixes of that order whose score is within one paired
-        standard error of the best (ties in size go to the last layer). The
+        alone and the prefixes of that order whose score is within a quarter of
+        a paired standard error of the best (ties in size go to the last layer). The
         comparison is in ``config["k_auto"]``. Needs targets.
     task : {"classification", "regression", "label_free"}
     preset : {"robust", "reference"}
