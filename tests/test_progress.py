@@ -137,6 +137,20 @@ def test_quiet_third_party_ignores_third_party_warnings_only():
     assert [str(w.message) for w in rec] == ["ours", "torch"]
 
 
+def test_quiet_third_party_turns_the_gguf_dequantisation_bar_off(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    pytest.importorskip("transformers")
+    fake = type(sys)("transformers.modeling_gguf_pytorch_utils")
+    fake.tqdm = tqdm.tqdm
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    out = io.StringIO()
+    with quiet_third_party(verbose=False, gguf=True):
+        list(fake.tqdm(range(3), desc="de-quantizing", file=out))
+    assert out.getvalue() == "" and fake.tqdm is tqdm.tqdm
+    list(fake.tqdm(range(3), desc="de-quantizing", file=out))
+    assert "de-quantizing" in out.getvalue()  # the test can fail: the bar does write
+
+
 @needs_minilm
 @pytest.mark.parametrize("verbose", [False, True])
 def test_loading_weights_bar_only_when_verbose(capfd, verbose):
