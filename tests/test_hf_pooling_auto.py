@@ -144,10 +144,10 @@ def test_extract_embeddings_auto_equals_masked_mean_for_a_loaded_st_model(minilm
     from loes.hf import extract_embeddings
 
     ds = load_drugreview()
-    auto = extract_embeddings(minilm_model, ds, max_samples=24, batch_size=8, show_progress=False)
-    twin = extract_embeddings(minilm_model, ds, max_samples=24, batch_size=8, pooling="masked_mean",
+    auto = extract_embeddings(minilm_model, ds, max_samples=16, batch_size=16, show_progress=False)
+    twin = extract_embeddings(minilm_model, ds, max_samples=16, batch_size=16, pooling="masked_mean",
                               show_progress=False)
-    cls = extract_embeddings(minilm_model, ds, max_samples=24, batch_size=8, pooling="cls",
+    cls = extract_embeddings(minilm_model, ds, max_samples=16, batch_size=16, pooling="cls",
                              show_progress=False)
     assert auto.pooling == "masked_mean"  # found through the model's config._name_or_path
     assert "1_Pooling/config.json" in auto.info["pooling_reason"]
