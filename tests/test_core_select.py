@@ -237,10 +237,15 @@ def test_verbose_prints_without_logging_configuration():
     assert "step 1" in before and "step 1" not in after
 
 
-def test_progress_bars_on_request(capsys):
+def test_progress_bars_on_request(caplog, monkeypatch):
+    # off a terminal progress is a log line (issue 12.4); pytest's logging capture receives it
+    import loes._progress
+
+    monkeypatch.setattr(loes._progress, "LOG_INTERVAL_S", 0.0)
     x, y = _planted_small(8)
-    select(x, y, k=2, show_progress=True)
-    assert "LOES" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="loes.progress"):
+        select(x, y, k=2, show_progress=True)
+    assert "LOES" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -172,7 +172,8 @@ def test_readme_dataset_snippet_runs_as_written(titles):
         max_calibration_samples=512,
     )
     assert result.num_calibration_samples == len(splits["train"])
-    assert result.pooling == "cls" and result.layer_names[0] == "hidden_states[1]"
+    # the model's sentence-transformers pooling (1_Pooling/config.json: mean tokens), issue 12.3
+    assert result.pooling == "masked_mean" and result.layer_names[0] == "hidden_states[1]"
     assert result.dataset.endswith("[train]")
 
 

@@ -64,7 +64,7 @@ def test_resolve_pooling_auto_by_family():
     assert resolve_pooling("auto", "audio", "wav2vec2") == "masked_mean"
     assert resolve_pooling("auto", "vision", "convnext", state_ndim=4) == "mean"
     with pytest.raises(LOESError, match="pooling must be"):
-        resolve_pooling("max", "text", "bert")
+        resolve_pooling("median", "text", "bert")
 
 
 # ---------------------------------------------------------------- sampling

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
+from loes._progress import find_stacklevel
 
 __all__ = [
     "IGNORE_INDEX",
@@ -309,7 +310,7 @@ def check_targets(
             warnings.warn(
                 f"dropping {int(mask.sum())} samples labelled {ignore_index} (ignore index)",
                 LOESWarning,
-                stacklevel=3,
+                stacklevel=find_stacklevel(),
             )
             keep = torch.from_numpy(~mask)
             arr = arr[~mask]
@@ -337,7 +338,7 @@ def _warn_small_classes(labels: torch.Tensor) -> None:
             f"{len(singles)} class(es) have a single sample (class ids {singles[:10]}): "
             "their geometry and out-of-sample fit are unreliable; add calibration samples",
             LOESWarning,
-            stacklevel=4,
+            stacklevel=find_stacklevel(),
         )
 
 

@@ -40,7 +40,7 @@ import torch
 from loes._deps import require
 from loes._exceptions import LOESError, LOESWarning
 from loes._json import dumps, float_or_nan, to_jsonable
-from loes._progress import ProgressSetting, progress
+from loes._progress import ProgressSetting, progress, warnings_at_caller
 from loes._validation import check_embeddings, check_k, normalize_task
 from loes.baselines import BASELINES, HEADS, MAX_COMBINATIONS, select_baseline
 from loes.core import select_layers_from_custom_embeddings
@@ -337,6 +337,7 @@ def _run_selector(method: Union[str, Selector], name: str, cal: List[torch.Tenso
     return select_baseline(method, cal, y_cal, k, task=task, random_state=seed, **baseline_options)
 
 
+@warnings_at_caller
 def evaluate(
     embeddings: Any,
     targets: Any,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from loes.hf.api import select_layers_from_hf, select_layers_from_hf_id
 from loes.hf.config import ExtractionConfig
 from loes.hf.extract import Embeddings, TokenStates, extract_embeddings, iter_hidden_states
-from loes.hf.pooling import POOLINGS, pool, resolve_pooling
+from loes.hf.pooling import POOLINGS, choose_pooling, pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES, calibration_indices
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "POOLINGS",
     "TokenStates",
     "calibration_indices",
+    "choose_pooling",
     "extract_embeddings",
     "iter_hidden_states",
     "pool",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError
-from loes._progress import ProgressSetting
+from loes._progress import ProgressSetting, quiet_third_party, warnings_at_caller
 from loes._validation import normalize_task
 from loes.core import DEFAULTS, select_layers_from_custom_embeddings
 from loes.core._engine import make_options
@@ -88,6 +88,7 @@ def select_from_embeddings(emb: Embeddings, *, k: Optional[int], task: str, rand
     result.config["extraction"] = {
         k: v for k, v in emb.info.items() if k not in ("timings",)
     }
+    result.config["pooling_reason"] = emb.info.get("pooling_reason", f"{emb.pooling}: from the cache")
     result.config["extraction"]["from_cache"] = emb.from_cache
     result.config["extraction"]["n_rows_sampled"] = emb.n_samples
     if emb.indices is not None:
@@ -97,6 +98,7 @@ def select_from_embeddings(emb: Embeddings, *, k: Optional[int], task: str, rand
     return result
 
 
+@warnings_at_caller
 def select_layers_from_hf(
     model: torch.nn.Module,
     dataset: Any = None,
@@ -158,12 +160,23 @@ def select_layers_from_hf(
     random_state : None, int, numpy Generator/RandomState or torch.Generator
         Drives the calibration draw and the selector alike (an int seeds both).
 
+    pooling : {"auto", "cls", "mean", "masked_mean", "max", "last_token"}
+        ``"auto"`` honours a sentence-transformers model's declared pooling, else
+        picks by model family (:func:`loes.hf.pooling.choose_pooling`).
+    show_progress : bool or {"auto", "on", "off"}
+        A bar on a terminal, a log line every few seconds elsewhere
+        (:func:`loes._progress.progress`).
+    verbose : bool
+        Log loes's steps and let transformers / huggingface_hub show their own
+        logging, bars and warnings (hidden by default).
+
     Returns
     -------
     LOESResult
         With ``layer_names`` saying which hidden state each index is, ``pooling``,
-        ``dataset`` and ``model_name`` filled in, and the extraction settings in
-        ``config["extraction"]``.
+        ``dataset`` and ``model_name`` filled in, the pooling's reason in
+        ``config["pooling_reason"]`` and the extraction settings in
+        ``config["extraction"]``. Warnings point at the calling line.
     """
     _check_request(select_layers_from_hf, k=k, task=task, random_state=random_state,
                    select_kwargs=select_kwargs)
@@ -173,16 +186,19 @@ def select_layers_from_hf(
         include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
         cache_max_bytes=cache_max_bytes, num_workers=num_workers)
     sample_rs, select_rs = split_random_state(random_state)
-    emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
-                   dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
-                   random_state=sample_rs, revision=None, trust_remote_code=False, processor=processor,
-                   tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=None, model_kwargs=None,
-                   show_progress=show_progress, verbose=verbose)
+    with quiet_third_party(verbose):
+        emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
+                       dataset_config_name=dataset_config_name, text_key=text_key,
+                       target_key=target_key, random_state=sample_rs, revision=None,
+                       trust_remote_code=False, processor=processor, tokenizer=tokenizer,
+                       collate_fn=collate_fn, gguf_file=None, model_kwargs=None,
+                       show_progress=show_progress, verbose=verbose)
     return select_from_embeddings(emb, k=k, task=task, random_state=select_rs,
                                   show_progress=show_progress, verbose=verbose, logger=logger,
                                   **select_kwargs)
 
 
+@warnings_at_caller
 def select_layers_from_hf_id(
     model_id_or_path: Union[str, os.PathLike],
     dataset: Any = None,
@@ -252,18 +268,20 @@ def select_layers_from_hf_id(
     source = os.fspath(model_id_or_path)
     t0 = time.perf_counter()
     model: Any = source
-    if model_loader is not None:
-        model = model_loader(source)
-        if processor is None and tokenizer is None:
-            try:
-                model.config._name_or_path = model.config._name_or_path or source
-            except AttributeError:
-                pass
-    emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
-                   dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
-                   random_state=sample_rs, revision=revision, trust_remote_code=trust_remote_code,
-                   processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
-                   model_kwargs=model_kwargs, show_progress=show_progress, verbose=verbose)
+    with quiet_third_party(verbose, gguf=gguf_file is not None):
+        if model_loader is not None:
+            model = model_loader(source)
+            if processor is None and tokenizer is None:
+                try:
+                    model.config._name_or_path = model.config._name_or_path or source
+                except AttributeError:
+                    pass
+        emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
+                       dataset_config_name=dataset_config_name, text_key=text_key,
+                       target_key=target_key, random_state=sample_rs, revision=revision,
+                       trust_remote_code=trust_remote_code, processor=processor, tokenizer=tokenizer,
+                       collate_fn=collate_fn, gguf_file=gguf_file, model_kwargs=model_kwargs,
+                       show_progress=show_progress, verbose=verbose)
     emb.model_name = source
     emb.info.setdefault("timings", {})["load_and_extract"] = time.perf_counter() - t0
     return select_from_embeddings(emb, k=k, task=task, random_state=select_rs,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
-from loes._progress import ProgressSetting, progress, verbose_logger
+from loes._progress import (ProgressSetting, find_stacklevel, progress, quiet_third_party,
+                            verbose_logger, warnings_at_caller)
 from loes._validation import normalize_task
 from loes.hf import _models as M
 from loes.hf import cache as C
@@ -33,7 +34,7 @@ from loes.hf.data import (
     is_dataloader,
     warn_dataloader_sample,
 )
-from loes.hf.pooling import pool, resolve_pooling
+from loes.hf.pooling import choose_pooling, declared_pooling, pool
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
 __all__ = ["Embeddings", "TokenStates", "extract_embeddings", "iter_hidden_states"]
@@ -279,7 +280,7 @@ def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]
                 "this audio model normalises over time (feat_extract_norm='group'): a padded clip's "
                 "features depend on the clips it is batched with; pass a dataset (loes then batches "
                 "only equal-length clips) or a dataloader with batch_size=1",
-                LOESWarning, stacklevel=4,
+                LOESWarning, stacklevel=find_stacklevel(),
             )
         inputs = {k: (v.to(plan.device, non_blocking=True) if torch.is_tensor(v) else v)
                   for k, v in batch.inputs.items()}
@@ -312,6 +313,7 @@ def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]
         item.hidden_states, item.mask = (), None  # release before the next forward
 
 
+@warnings_at_caller
 @check_keywords
 def iter_hidden_states(
     model: Any,
@@ -361,11 +363,12 @@ def iter_hidden_states(
     cfg = ExtractionConfig.from_keywords(config, max_samples=max_samples, batch_size=batch_size, device=device,
                                          dtype=dtype, include_embeddings=include_embeddings,
                                          max_length=max_length, num_workers=num_workers)
-    plan = _prepare(model, dataset, dataloader, cfg, task=task, split=split,
-                    dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
-                    random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
-                    processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
-                    model_kwargs=model_kwargs)
+    with quiet_third_party(gguf=gguf_file is not None):
+        plan = _prepare(model, dataset, dataloader, cfg, task=task, split=split,
+                        dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                        random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
+                        processor=processor, tokenizer=tokenizer, collate_fn=collate_fn,
+                        gguf_file=gguf_file, model_kwargs=model_kwargs)
     return _borrowed_stream(plan, show_progress)
 
 
@@ -374,6 +377,7 @@ def _borrowed_stream(plan: _Plan, show_progress: ProgressSetting) -> Iterator[To
         yield from _stream(plan, show_progress=show_progress, info={})
 
 
+@warnings_at_caller
 @check_keywords
 def extract_embeddings(
     model_or_id: Any,
@@ -437,9 +441,15 @@ def extract_embeddings(
     max_samples : int or None
         Calibration sample cap (default 1024); a seeded draw, never the first rows.
     batch_size : int >= 1
-    pooling : {"auto", "cls", "mean", "masked_mean", "last_token"}
-        ``"auto"``: cls for text encoders and ViTs, last token for decoders,
-        masked mean for audio frames and other encoders; spatial mean for 4-D states.
+    pooling : {"auto", "cls", "mean", "masked_mean", "max", "last_token"}
+        ``"auto"``: a sentence-transformers model's declared pooling (its
+        ``modules.json`` / ``1_Pooling/config.json``), else cls for text encoders
+        and ViTs, last token for decoders, masked mean for audio frames and other
+        encoders; spatial mean for 4-D states. The choice and its reason are in
+        ``pooling`` and ``info["pooling_reason"]`` (:func:`loes.hf.pooling.choose_pooling`).
+    verbose : bool
+        Log loes's steps, and let transformers / huggingface_hub show their own
+        logging, progress bars and warnings (hidden by default).
     device, dtype
         Where and in which precision to run (defaults: CUDA if available; bf16/fp16
         on CUDA for models loaded here, autocast for fp32 models passed in).
@@ -480,11 +490,13 @@ def extract_embeddings(
         config, pooling=pooling, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
         device=device, dtype=dtype, include_embeddings=include_embeddings, cache_dir=cache_dir,
         cache_key=cache_key, cache_max_bytes=cache_max_bytes, num_workers=num_workers)
-    return _extract(model_or_id, dataset, dataloader, cfg, task=task, split=split,
-                    dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
-                    random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
-                    processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
-                    model_kwargs=model_kwargs, show_progress=show_progress, verbose=verbose)
+    with quiet_third_party(verbose, gguf=gguf_file is not None):
+        return _extract(model_or_id, dataset, dataloader, cfg, task=task, split=split,
+                        dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
+                        random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
+                        processor=processor, tokenizer=tokenizer, collate_fn=collate_fn,
+                        gguf_file=gguf_file, model_kwargs=model_kwargs, show_progress=show_progress,
+                        verbose=verbose)
 
 
 def _cache_payload(plan: _Plan, fingerprint: str, task: str) -> Dict[str, Any]:
@@ -500,6 +512,7 @@ def _cache_payload(plan: _Plan, fingerprint: str, task: str) -> Dict[str, Any]:
         "model": plan.name, "code": F.code_version(plan.model), "config": F.config_fingerprint(plan.config),
         "weights": F.weights_fingerprint(plan.model), "processor": F.processor_fingerprint(proc),
         "data": fingerprint, "n": plan.data.n_samples, "task": task, "pooling": str(cfg.pooling).lower(),
+        "declared_pooling": declared_pooling(plan.source) if str(cfg.pooling).lower() == "auto" else None,
         "max_length": plan.max_length, "include_embeddings": bool(cfg.include_embeddings),
         "device": device.type, "dtype": str(dtype), "autocast": str(autocast),
     }
@@ -536,8 +549,9 @@ def _extract(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
         info.update(device=str(plan.device), dtype=str(plan.autocast or plan.dtype))
         for item in _stream(plan, show_progress=show_progress, info=info):
             if resolved is None:
-                resolved = resolve_pooling(cfg.pooling, info.get("family", "unknown"),
-                                           info.get("model_type", ""), item.hidden_states[0].ndim)
+                resolved, info["pooling_reason"] = choose_pooling(
+                    cfg.pooling, info.get("family", "unknown"), info.get("model_type", ""),
+                    item.hidden_states[0].ndim, source=plan.source, module=info.get("module"))
                 names = item.layer_names
             with torch.inference_mode():
                 pooled = [pool(h, item.mask, resolved) for h in item.hidden_states]
