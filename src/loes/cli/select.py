@@ -86,7 +86,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="token truncation length (default: 512 capped at the model's positions)")
-    p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "masked_mean", "last_token"])
+    p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "masked_mean", "max", "last_token"])
     p.add_argument("--include-embeddings", action="store_true", help="keep the embedding output as layer 0")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"])

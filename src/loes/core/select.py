@@ -90,7 +90,8 @@ def select_layers_from_custom_embeddings(
         (:func:`loes._rng.check_random_state`; None: fresh randomness). The
         global RNG is never touched; ``config["seed"]`` records the seed used.
     show_progress : bool or {"auto", "on", "off"}
-        ``"auto"`` shows tqdm bars only on an interactive terminal.
+        ``"auto"``: a tqdm bar on a terminal, log lines with rate and ETA elsewhere
+        (:func:`loes._progress.progress`).
     verbose : bool
         Log each step (to stderr if the application configured no logging).
     layer_names, pooling, dataset, model_name

@@ -45,7 +45,7 @@ class ExtractionConfig:
 
     Attributes
     ----------
-    pooling : {"auto", "cls", "mean", "masked_mean", "last_token"}
+    pooling : {"auto", "cls", "mean", "masked_mean", "max", "last_token"}
     batch_size : int >= 1
     max_length : int >= 2, optional
         Token budget per text; ``None``: 512 capped at the model's position count.
