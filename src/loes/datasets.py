@@ -126,7 +126,7 @@ def load_drugreview(split: str = "train", *, clean: bool = True):
 
     Examples
     --------
-    >>> ds = load_drugreview("test")                     # doctest: +SKIP
+    >>> ds = load_drugreview("test")
     >>> ds.features["label"].names
     ['negative', 'neutral', 'positive']
     """

@@ -248,11 +248,11 @@ def select_layers_from_hf_id(
 
     Examples
     --------
-    >>> from loes import select_layers_from_hf_id              # doctest: +SKIP
+    >>> from loes import select_layers_from_hf_id
     >>> from loes.datasets import load_drugreview, minilm_path
     >>> result = select_layers_from_hf_id(minilm_path(), load_drugreview(), k=2,
-    ...                                   max_calibration_samples=256)
-    >>> print(result.summary())
+    ...                                   max_calibration_samples=256)  # doctest: +SKIP
+    >>> print(result.summary())  # doctest: +SKIP
     """
     _check_request(select_layers_from_hf_id, k=k, task=task, random_state=random_state,
                    select_kwargs=select_kwargs)
