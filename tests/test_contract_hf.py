@@ -142,7 +142,7 @@ CASES = [
      "batch_size must be an integer >= 1"),
     ("iter typo", lambda f: iter_hidden_states(f["model"], f["ds"], max_lenght=32), E,
      "did you mean 'max_length'?"),
-    ("k=0", _sel(k=0), E, "k must be an integer >= 1; got 0"),
+    ("k=0", _sel(k=0), E, "k must be an integer >= 1 or 'auto'; got 0"),
     ("k None", _sel(k=None), E, "k (the number of layers to select) must be given"),
     ("k float", _sel(k=2.0), E, "k must be an integer >= 1"),
     ("k > layers", _sel(k=5), E, "k=5 but the model has 2 layers"),

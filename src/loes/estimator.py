@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class LOESSelector:
 
     def __init__(
         self,
-        k: int = 4,
+        k: Union[int, str, None] = "auto",
         *,
         task: str = "classification",
         preset: str = "robust",
