@@ -132,7 +132,6 @@ def violations(src: Path = SRC) -> List[str]:
     return list(dict.fromkeys(out))
 
 
-@pytest.mark.xfail(reason="layering under repair (issue 10); strict once the moves land", strict=False)
 def test_imports_run_one_way():
     found = violations()
     assert not found, "layering violations:\n" + "\n".join(found)
@@ -151,7 +150,6 @@ def test_checker_catches_an_upward_import(tmp_path):
     assert not any("core" in v for v in found), found  # a downward import is fine
 
 
-@pytest.mark.xfail(reason="layering under repair (issue 10); strict once the moves land", strict=False)
 def test_no_import_circle():
     tool = SRC.parents[1] / "shared" / "tools" / "import_cycles.py"
     if not tool.exists():
