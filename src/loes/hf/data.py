@@ -401,6 +401,7 @@ def from_dataset(
     random_state: Any = 0,
     collate_fn: Optional[Callable] = None,
     num_workers: int = 0,
+    sort_by_length: bool = True,
 ) -> CalibrationData:
     """Calibration data from a hub id, path, ``Dataset``, ``DatasetDict`` or DataFrame.
 
@@ -471,7 +472,8 @@ def from_dataset(
                 pairs = _check_texts(column_values(sub, in_cols[1]), in_cols[1]) if kind == "text_pair" else None
                 rows = tokenize(tok, texts, pairs, max_length)
             pad_id, side = tokenizer_padding(tok, config) if tok is not None else (0, "right")
-            yield from batches_from_rows(rows, targets, batch_size, pad_token_id=pad_id, padding_side=side)
+            yield from batches_from_rows(rows, targets, batch_size, pad_token_id=pad_id, padding_side=side,
+                                         sort_by_length=sort_by_length)
             return
         proc = get_processor(modality)
         if kind == "audio" and pad_free:
