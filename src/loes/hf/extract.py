@@ -30,8 +30,10 @@ from loes.hf.capture import LayerCapture
 from loes.hf.data import (
     Batch,
     CalibrationData,
+    as_row_stream,
     from_dataloader,
     from_dataset,
+    from_stream,
     group_norm_audio,
     is_dataloader,
     warn_dataloader_sample,
@@ -152,8 +154,11 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
     if processor is not None and tokenizer is not None and processor is not tokenizer:
         raise LOESError("pass either processor=... or tokenizer=..., not both")
     processor = processor if processor is not None else tokenizer
-    if dataloader is None and dataset is not None and is_dataloader(dataset):
-        dataloader, dataset = dataset, None
+    stream = False
+    if dataloader is None and dataset is not None:
+        dataset, stream = as_row_stream(dataset)
+        if not stream and is_dataloader(dataset):
+            dataloader, dataset = dataset, None
     if dataloader is None and dataset is None:
         raise LOESError("pass dataset=... (a hub id, path, Dataset, DatasetDict or DataFrame) or dataloader=...")
     if dataloader is not None and dataset is not None:
@@ -200,7 +205,12 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
         return cache[modality]
 
     data = None
-    if dataset is not None:
+    if stream:
+        data = from_stream(dataset, get_processor=get_processor, config=config, task=task, text_key=text_key,
+                           target_key=target_key, max_samples=cfg.max_samples, batch_size=cfg.batch_size,
+                           max_length=max_length, random_state=random_state, collate_fn=collate_fn,
+                           num_workers=cfg.num_workers, sort_by_length=cfg.sort_by_length)
+    elif dataset is not None:
         data = from_dataset(dataset, get_processor=get_processor, config=config, task=task, split=split,
                             config_name=dataset_config_name, text_key=text_key, target_key=target_key,
                             max_samples=cfg.max_samples, batch_size=cfg.batch_size, max_length=max_length,
