@@ -234,11 +234,13 @@ def is_placed(model: torch.nn.Module) -> bool:
 
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where a dispatched model takes its inputs: the first device of its ``hf_device_map``
-    that is not ``"disk"`` (accelerate moves them on between parts), else its first parameter's."""
+    that is not ``"disk"`` (accelerate moves them on between parts), else its first parameter's
+    (the CPU for weights offloaded to disk)."""
     for where in (getattr(model, "hf_device_map", None) or {}).values():
         if where != "disk":
             return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
-    return next(model.parameters()).device
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def load_processor(source: str, modality: str, *, revision: Optional[str] = None,

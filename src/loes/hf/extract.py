@@ -665,6 +665,8 @@ def _extract(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
 
     with _running(plan):
         info.update(device=str(plan.device), dtype=str(plan.autocast or plan.dtype))
+        if getattr(plan.model, "hf_device_map", None):
+            info["device_map"] = sorted({str(v) for v in plan.model.hf_device_map.values()})
         for item in _stream(plan, show_progress=show_progress, info=info, keep=keep):
             names = item.layer_names
             pooled = list(item.hidden_states)
