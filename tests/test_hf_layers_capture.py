@@ -162,3 +162,28 @@ def test_cache_key_holds_the_layer_set(data, tmp_path):
     assert b.layer_names == ["hidden_states[3]"] and c.layer_names == ["hidden_states[2]"]
     assert not torch.allclose(a.embeddings, b.embeddings)
     torch.testing.assert_close(a.embeddings, c.embeddings)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "vit", "convnext"])
+def test_pool_batch_equals_extract_embeddings(name, data):
+    from loes.hf.extract import pool_batch
+
+    model = _build(FAMILIES[name][0]())
+    ds, proc = data[FAMILIES[name][1]], _processor(name)
+    if FAMILIES[name][1] == "text" and proc.pad_token is None:
+        proc.pad_token = proc.sep_token  # left padding with a pad token of its own
+    emb = extract_embeddings(model, ds, processor=proc, layers=[0, -1], max_samples=None, show_progress=False)
+    if FAMILIES[name][1] == "text":
+        inputs = proc(list(ds["text"]), padding=True, truncation=True, return_tensors="pt")
+    else:
+        inputs = proc(images=[im.convert("RGB") for im in ds["image"]], return_tensors="pt")
+    got = pool_batch(model, dict(inputs), layers=[0, -1])
+    want = emb.embeddings
+    if torch.is_tensor(got):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+    else:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=ATOL, rtol=1e-5)
+    model.train()
+    with pytest.raises(LOESError, match="training mode"):
+        pool_batch(model, dict(inputs))

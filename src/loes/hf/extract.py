@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -41,7 +42,7 @@ from loes.hf.data import (
 from loes.hf.pooling import pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
-__all__ = ["Embeddings", "TokenStates", "extract_embeddings", "iter_hidden_states"]
+__all__ = ["Embeddings", "TokenStates", "extract_embeddings", "iter_hidden_states", "pool_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]
                 parts[:0] = _split(part, limit[0])
                 continue
             try:
-                item = _forward(plan, bb, capture, part, decoder=decoder, keep=keep)
+                item = _forward((plan.device, plan.dtype, plan.autocast), bb, capture, part, decoder=decoder,
+                                keep=keep)
             except torch.cuda.OutOfMemoryError:
                 n = len(part.positions)
                 if n == 1:
@@ -364,19 +366,21 @@ def _split(batch: Batch, size: int) -> List[Batch]:
             for a in range(0, n, size)]
 
 
-def _forward(plan: _Plan, bb: M.Backbone, capture: LayerCapture, batch: Batch, *, decoder: bool,
-             keep: Optional[Keep]) -> TokenStates:
-    """One forward pass over ``batch``: the kept states of the requested layers."""
-    inputs = {k: (v.to(plan.device, non_blocking=True) if torch.is_tensor(v) else v)
+def _forward(run: Tuple[torch.device, Optional[torch.dtype], Optional[torch.dtype]], bb: M.Backbone,
+             capture: LayerCapture, batch: Batch, *, decoder: bool, keep: Optional[Keep]) -> TokenStates:
+    """One forward pass over ``batch`` on ``run`` = (device, input dtype, autocast dtype):
+    the kept states of the requested layers."""
+    device, dtype, autocast = run
+    inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
               for k, v in batch.inputs.items()}
-    if plan.dtype is not None and plan.dtype.is_floating_point:
+    if dtype is not None and dtype.is_floating_point:
         for key in ("pixel_values", "input_values", "input_features"):
             if key in inputs and torch.is_tensor(inputs[key]) and inputs[key].is_floating_point():
-                inputs[key] = inputs[key].to(plan.dtype)
+                inputs[key] = inputs[key].to(dtype)
     kwargs = M.forward_kwargs(bb, inputs, decoder=decoder)
-    amp = (torch.autocast(plan.device.type, dtype=plan.autocast) if plan.autocast is not None
+    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
            else contextlib.nullcontext())
-    batch_mask = batch.mask.to(plan.device) if batch.mask is not None else None
+    batch_mask = batch.mask.to(device) if batch.mask is not None else None
     masks: Dict[int, Optional[torch.Tensor]] = {}
 
     def mask_of(h: torch.Tensor) -> Optional[torch.Tensor]:
@@ -597,6 +601,73 @@ def extract_embeddings(
                     random_state=random_state, revision=revision, trust_remote_code=trust_remote_code,
                     processor=processor, tokenizer=tokenizer, collate_fn=collate_fn, gguf_file=gguf_file,
                     model_kwargs=model_kwargs, show_progress=show_progress, verbose=verbose)
+
+
+_CAPTURES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Any, Tuple[M.Backbone, LayerCapture]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def pool_batch(model: torch.nn.Module, inputs: Dict[str, Any], layers: Any = None, pooling: str = "auto", *,
+               mask: Optional[torch.Tensor] = None, include_embeddings: bool = False
+               ) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """Pooled states of the requested layers for one batch of model inputs (the per-batch step
+    of :func:`extract_embeddings`, for workers that feed their own batches, e.g. Ray actors).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A Hugging Face model in eval mode, on its device (or dispatched with a
+        ``device_map``); it is run where and in the dtype it is (fp32 on CUDA under
+        bf16/fp16 autocast) and never changed.
+    inputs : dict of str to tensor
+        Model inputs of B rows as a tokenizer / processor returns them (``input_ids``
+        + ``attention_mask``, ``pixel_values``, ``input_values``, ``input_features``);
+        padded text needs its ``attention_mask``.
+    layers : layer spec, optional
+        As in :func:`extract_embeddings` (``None``: all); kept in increasing order,
+        captured by hooks, the forward stopping after the deepest. The hooks are
+        checked once per (model, layers) against the model's own hidden states.
+    pooling : {"auto", "cls", "mean", "masked_mean", "last_token"}
+    mask : bool tensor of shape (B, T), optional
+        Real positions at input resolution (default: ``inputs["attention_mask"]``).
+    include_embeddings : bool
+
+    Returns
+    -------
+    float32 CPU tensor of shape (B, n_layers, D), or a list of (B, D_l) tensors when
+    the widths differ (CNN stages). Row ``i`` equals row ``i`` of
+    :func:`extract_embeddings` on the same inputs and settings.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise LOESError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if model.training:
+        raise LOESError("the model is in training mode (dropout would make features random): call model.eval()")
+    cfg = ExtractionConfig(pooling=pooling, layers=layers, include_embeddings=include_embeddings)
+    if not isinstance(inputs, dict) or not any(torch.is_tensor(v) for v in inputs.values()):
+        raise LOESError("inputs must be a dict of model-input tensors (e.g. a tokenizer's return_tensors='pt' "
+                        f"output); got {type(inputs).__name__}")
+    modality = M.modality_of(inputs)
+    per_model = _CAPTURES.setdefault(model, {})
+    key = (modality, repr(layers), bool(include_embeddings))
+    if key not in per_model:
+        bb = M.backbone(model, modality)
+        per_model[key] = (bb, LayerCapture(bb.module, layers, include_embeddings=include_embeddings))
+    bb, capture = per_model[key]
+    fam = M.family(model, modality)
+    n = next(int(v.shape[0]) for v in inputs.values() if torch.is_tensor(v))
+    mask = mask if mask is not None else inputs.get("attention_mask")
+    resolved: List[str] = []
+
+    def keep(h: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+        if not resolved:
+            resolved.append(resolve_pooling(cfg.pooling, fam, M.model_type(bb.module) or M.model_type(model), h.ndim))
+        return pool(h, m, resolved[0]).to("cpu", torch.float32)
+
+    item = _forward(_run_settings(model, ExtractionConfig()), bb, capture,
+                    Batch(inputs=dict(inputs), mask=mask, positions=np.arange(n)),
+                    decoder=fam == "decoder", keep=keep)
+    pooled = list(item.hidden_states)
+    return torch.stack(pooled, dim=1) if len({p.shape[1] for p in pooled}) == 1 else pooled
 
 
 def _cache_payload(plan: _Plan, fingerprint: str, task: str) -> Dict[str, Any]:
