@@ -438,6 +438,8 @@ def iter_hidden_states(
     states (batch, tokens, dim) on the model's device and the token/frame mask;
     its tensors are released when the next batch is requested, so at most one
     batch of token states is alive. Pool or copy what you need inside the loop.
+    ``layers=`` keeps only those layers' states (hooks on the blocks, the
+    forward stopping after the deepest; see :func:`extract_embeddings`).
     ``task="label_free"`` (the default here) does not require targets. The
     arguments are checked when the function is called, before the first batch;
     a caller's model is restored when the stream is exhausted or closed.
