@@ -187,3 +187,18 @@ def test_pool_batch_equals_extract_embeddings(name, data):
     model.train()
     with pytest.raises(LOESError, match="training mode"):
         pool_batch(model, dict(inputs))
+
+
+def test_iter_hidden_states_keeps_only_the_requested_token_states(data):
+    from loes.hf import iter_hidden_states
+
+    model = _build(FAMILIES["gpt2"][0]())
+    kw = dict(processor=_processor("gpt2"), batch_size=4, show_progress=False)
+    full = list((b.hidden_states, b.mask, b.layer_names) for b in iter_hidden_states(model, data["text"], **kw))
+    sub = list((b.hidden_states, b.mask, b.layer_names) for b in
+               iter_hidden_states(model, data["text"], layers=[1, -1], **kw))
+    for (hf, mf, nf), (hs, ms, ns) in zip(full, sub):
+        assert ns == [nf[1], nf[-1]] and len(hs) == 2
+        torch.testing.assert_close(ms, mf)
+        torch.testing.assert_close(hs[0], hf[1], atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(hs[1], hf[-1], atol=ATOL, rtol=1e-5)
