@@ -6,9 +6,15 @@ and (b) through :func:`loes.extract_embeddings` (all hidden states, pooling,
 copy to CPU). The table reports the median wall time of each over
 ``--repeats`` alternating runs and the overhead of (b) over (a).
 
+A second table times ``layers=`` (one middle layer and the first+middle pair):
+hooks on the blocks with an early stop, against the all-layer run. A third
+(``--sorting``) runs MiniLM on the 979 packaged drug reviews with ``sort_by_length`` on and
+off and reports the tokens processed (padded batch widths summed) and wall time.
+
 Usage::
 
     python benchmarks/bench_extract.py --device cpu              # BERT-base size
+    python benchmarks/bench_extract.py --device cpu --sorting    # + length sorting on MiniLM
     python benchmarks/bench_extract.py --device cuda             # + a 1.1B Llama decoder
     python benchmarks/bench_extract.py --device cpu --with-1b    # the 1B config on CPU (slow)
 """
@@ -64,13 +70,13 @@ def plain(model, batches, device) -> float:
     return time.perf_counter() - t
 
 
-def with_loes(model, batches, device, pooling) -> float:
+def with_loes(model, batches, device, pooling, layers=None) -> float:
     from loes import extract_embeddings
 
     sync(device)
     t = time.perf_counter()
     emb = extract_embeddings(model, dataloader=batches, task="label_free", max_samples=None,
-                             pooling=pooling, show_progress=False)
+                             pooling=pooling, layers=layers, show_progress=False)
     sync(device)
     elapsed = time.perf_counter() - t
     assert emb.embeddings.device.type == "cpu"
@@ -85,6 +91,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 CPU, 32 CUDA")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--with-1b", action="store_true", help="also run the 1.1B decoder (default on CUDA)")
+    p.add_argument("--sorting", action="store_true", help="also measure sort_by_length on MiniLM")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -96,6 +103,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     rows = []
+    subset_rows = []
     for name, pooling, make in configs(args.with_1b or cuda):
         config = make()
         torch.manual_seed(0)
@@ -104,13 +112,19 @@ def main() -> None:
         batches = make_batches(n, seq, bs, config.vocab_size)
         plain(model, batches[:1], device)          # warm-up (kernels, allocator)
         with_loes(model, batches[:1], device, pooling)
-        times: Dict[str, List[float]] = {"plain": [], "loes": []}
+        n_blocks = config.num_hidden_layers
+        subsets = {"middle": [n_blocks // 2], "first+middle": [0, n_blocks // 2]}
+        times: Dict[str, List[float]] = {"plain": [], "loes": [], **{k: [] for k in subsets}}
         for _ in range(args.repeats):             # alternate to share any drift in machine load
             times["plain"].append(plain(model, batches, device))
             times["loes"].append(with_loes(model, batches, device, pooling))
+            for key, layers in subsets.items():
+                times[key].append(with_loes(model, batches, device, pooling, layers))
         tp, tl = statistics.median(times["plain"]), statistics.median(times["loes"])
         rows.append((name, str(device), str(dtype).replace("torch.", ""), n, seq, bs, tp, tl,
                      100 * (tl / tp - 1), n / tl))
+        subset_rows.extend((name, key, layers, n_blocks, statistics.median(times[key]), tl)
+                           for key, layers in subsets.items())
         del model
         if cuda:
             torch.cuda.empty_cache()
@@ -122,6 +136,50 @@ def main() -> None:
               f"{r[8]:>8.1f}% {r[9]:>15.1f}")
     print(f"(median of {args.repeats} alternating runs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads)")
+    print(f"\n{'model':<22} {'layers=':<14} {'blocks run':>10} {'subset s':>9} {'all s':>7} {'speed-up':>9}")
+    for name, key, layers, n_blocks, ts, ta in subset_rows:
+        print(f"{name:<22} {str(layers):<14} {max(layers) + 1:>4} of {n_blocks:<3} {ts:>9.2f} {ta:>7.2f} "
+              f"{ta / ts:>8.2f}x")
+    if args.sorting:
+        sorting(args.repeats)
+
+
+def sorting(repeats: int, n: int = 1000, batch_size: int = 32) -> None:
+    """MiniLM on ``n`` drug reviews, sort_by_length on/off: padded tokens processed and wall time."""
+    import numpy as np
+    import transformers
+
+    from loes import extract_embeddings
+    from loes.datasets import load_drugreview, minilm_path
+
+    ds = load_drugreview("all")  # 979 reviews: train + test
+    ds = ds.select(range(min(n, len(ds))))
+    n = len(ds)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
+    lengths = np.array([len(ids) for ids in tok(list(ds["text"]), truncation=True, max_length=256)["input_ids"]])
+    out = {}
+    for on in (True, False):
+        order = np.argsort(-lengths, kind="stable") if on else np.arange(n)
+        padded = sum(len(b) * lengths[b].max() for b in np.array_split(order, range(batch_size, n, batch_size)))
+        out[on] = [int(padded), [], [], None]
+    for _ in range(repeats):  # alternate on/off to share any drift in machine load
+        for on in (True, False):
+            t, c = time.perf_counter(), time.process_time()
+            out[on][3] = extract_embeddings(model, ds, tokenizer=tok, max_samples=None, batch_size=batch_size,
+                                            max_length=256, sort_by_length=on, show_progress=False)
+            out[on][1].append(time.perf_counter() - t)
+            out[on][2].append(time.process_time() - c)
+    out = {on: (v[0], min(v[1]), min(v[2]), v[3]) for on, v in out.items()}
+    torch.testing.assert_close(out[True][3].embeddings, out[False][3].embeddings, atol=1e-5, rtol=1e-5)
+    real = int(lengths.sum())
+    print(f"\nMiniLM-L6, {n} drug reviews, batch {batch_size}, max_length 256 ({real} real tokens)")
+    print(f"{'sort_by_length':<15} {'tokens processed':>17} {'padding':>8} {'wall s':>8} {'CPU s':>8}")
+    for on in (True, False):
+        padded, wall, cpu, _ = out[on]
+        print(f"{str(on):<15} {padded:>17} {100 * (padded / real - 1):>7.1f}% {wall:>8.2f} {cpu:>8.2f}")
+    print(f"sorting: {out[False][0] / out[True][0]:.2f}x fewer tokens, {out[False][1] / out[True][1]:.2f}x less "
+          f"wall time, {out[False][2] / out[True][2]:.2f}x less CPU time (best of {repeats}); same features")
 
 
 if __name__ == "__main__":

@@ -217,12 +217,30 @@ def load_model(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     kwargs.setdefault("dtype", parse_dtype(dtype, dev))
-    logger.info("loading %s (revision=%s, dtype=%s) on %s", source, revision, kwargs["dtype"], dev)
+    placed = kwargs.get("device_map") is not None or kwargs.get("quantization_config") is not None
+    logger.info("loading %s (revision=%s, dtype=%s) on %s", source, revision, kwargs["dtype"],
+                kwargs.get("device_map") if placed else dev)
     try:
         model = transformers.AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise LOESError(f"could not load a model from {source!r}: {e}") from e
-    return model.to(dev).eval()
+    return (model if placed else model.to(dev)).eval()
+
+
+def is_placed(model: torch.nn.Module) -> bool:
+    """Whether accelerate dispatched the model (``device_map``) or it is quantised: it stays where it is."""
+    return bool(getattr(model, "hf_device_map", None)) or bool(getattr(model, "is_quantized", False))
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a dispatched model takes its inputs: the first device of its ``hf_device_map``
+    that is not ``"disk"`` (accelerate moves them on between parts), else its first parameter's
+    (the CPU for weights offloaded to disk)."""
+    for where in (getattr(model, "hf_device_map", None) or {}).values():
+        if where != "disk":
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def load_processor(source: str, modality: str, *, revision: Optional[str] = None,

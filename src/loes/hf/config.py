@@ -23,6 +23,7 @@ from loes._exceptions import LOESError
 from loes._rng import check_random_state, seed_of
 from loes.hf import _models as M
 from loes.hf.cache import resolve_cache_dir, resolve_max_bytes
+from loes.hf.capture import check_layer_spec
 from loes.hf.pooling import POOLINGS
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
@@ -65,6 +66,27 @@ class ExtractionConfig:
         Size cap of the cache folder (default ``$LOES_CACHE_MAX_BYTES`` or none);
         least recently used entries are evicted.
     num_workers : int >= 0
+    layers : layer spec, optional
+        Keep only these layers (``None``: every layer): an int (negative counts from
+        the end), a list of ints, ``"1,4,-1"``, ``"first"``, ``"middle"``, ``"last"``,
+        ``"all"`` or ``"sweep:..."`` (:func:`loes.layers.resolve_layers`, in the
+        convention of ``include_embeddings``). They are captured by hooks on the
+        model's blocks and the forward pass stops after the deepest one; the
+        result holds them in increasing order.
+    sort_by_length : bool
+        Batch text rows of similar length together (longest first) to cut padding;
+        results come back in the calibration order either way.
+    device_map : str or dict, optional
+        Passed to ``from_pretrained`` (accelerate): ``"auto"`` spreads a model that
+        does not fit one device over the GPUs, the CPU and ``offload_folder``.
+        Only for models loaded by id; exclusive with ``device``.
+    max_memory : dict, optional
+        Memory cap per device for ``device_map``, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+    offload_folder : str or path, optional
+        Where ``device_map`` puts the weights that fit nowhere else.
+    quantization_config : optional
+        Passed to ``from_pretrained`` (e.g. ``transformers.BitsAndBytesConfig``;
+        needs its package). GGUF checkpoints: ``gguf_file=``.
     """
 
     pooling: str = "auto"
@@ -78,6 +100,12 @@ class ExtractionConfig:
     cache_key: Optional[str] = None
     cache_max_bytes: Optional[int] = None
     num_workers: int = 0
+    layers: Any = None
+    sort_by_length: bool = True
+    device_map: Union[None, str, Mapping[str, Any]] = None
+    max_memory: Optional[Mapping[Any, Any]] = None
+    offload_folder: Union[None, str, os.PathLike] = None
+    quantization_config: Any = None
 
     def __post_init__(self) -> None:
         name = str(self.pooling).lower() if isinstance(self.pooling, str) else None
@@ -97,6 +125,25 @@ class ExtractionConfig:
             raise LOESError(f"cache_key must be a string; got {type(self.cache_key).__name__}")
         if self.cache_max_bytes is not None:
             resolve_max_bytes(self.cache_max_bytes)
+        if self.layers is not None:
+            check_layer_spec(self.layers)
+        if not isinstance(self.sort_by_length, (bool, np.bool_)):
+            raise LOESError(f"sort_by_length must be True or False; got {self.sort_by_length!r}")
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        if self.device_map is not None and not isinstance(self.device_map, (str, Mapping)):
+            raise LOESError(f"device_map must be 'auto', 'balanced', 'sequential', a device name or a dict "
+                            f"of module name to device; got {type(self.device_map).__name__}")
+        if self.device_map is not None and self.device is not None:
+            raise LOESError("pass either device=... or device_map=..., not both (device_map places the "
+                            "model's parts itself)")
+        if self.max_memory is not None and not isinstance(self.max_memory, Mapping):
+            raise LOESError(f"max_memory must be a dict of device to size, e.g. {{0: '20GiB', 'cpu': "
+                            f"'60GiB'}}; got {type(self.max_memory).__name__}")
+        for name in ("max_memory", "offload_folder"):
+            if getattr(self, name) is not None and self.device_map is None:
+                raise LOESError(f"{name}=... needs device_map=... (e.g. device_map='auto')")
 
     @classmethod
     def from_keywords(cls, config: Optional["ExtractionConfig"], **keywords: Any) -> "ExtractionConfig":

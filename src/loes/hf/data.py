@@ -8,6 +8,7 @@ yields :class:`Batch` objects (model inputs, a pooling mask, row positions).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import warnings
@@ -21,7 +22,7 @@ from loes._deps import require
 from loes._exceptions import LOESError, LOESWarning
 from loes.datasets import load_bbc_news, load_drugreview
 from loes.hf._models import MODEL_INPUT_KEYS, check_source, looks_like_path, modality_of
-from loes.hf.sampling import calibration_indices
+from loes.hf.sampling import calibration_indices, stratified_reservoir
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +402,7 @@ def from_dataset(
     random_state: Any = 0,
     collate_fn: Optional[Callable] = None,
     num_workers: int = 0,
+    sort_by_length: bool = True,
 ) -> CalibrationData:
     """Calibration data from a hub id, path, ``Dataset``, ``DatasetDict`` or DataFrame.
 
@@ -471,7 +473,8 @@ def from_dataset(
                 pairs = _check_texts(column_values(sub, in_cols[1]), in_cols[1]) if kind == "text_pair" else None
                 rows = tokenize(tok, texts, pairs, max_length)
             pad_id, side = tokenizer_padding(tok, config) if tok is not None else (0, "right")
-            yield from batches_from_rows(rows, targets, batch_size, pad_token_id=pad_id, padding_side=side)
+            yield from batches_from_rows(rows, targets, batch_size, pad_token_id=pad_id, padding_side=side,
+                                         sort_by_length=sort_by_length)
             return
         proc = get_processor(modality)
         if kind == "audio" and pad_free:
@@ -698,3 +701,95 @@ def warn_dataloader_sample(data: CalibrationData, targets: Optional[np.ndarray],
             LOESWarning,
             stacklevel=4,
         )
+
+
+# ----------------------------------------------------------------- streams
+def _is_row(item: Any) -> bool:
+    """A single row: a dict of scalars, strings, images, audio dicts or token-id lists, or a
+    ``(text, label)`` pair; a batch has tensors or lists of strings instead."""
+    if isinstance(item, (tuple, list)):
+        return len(item) == 2 and isinstance(item[0], str)
+    if not isinstance(item, dict) or not item:
+        return False
+    for v in item.values():
+        if torch.is_tensor(v) or isinstance(v, np.ndarray) and v.ndim > 1:
+            return False
+        if isinstance(v, (list, tuple)) and any(isinstance(x, (str, list, tuple)) for x in v):
+            return False
+    return True
+
+
+def as_row_stream(obj: Any) -> Tuple[Any, bool]:
+    """(the object, or an equivalent iterable if its first item had to be read; whether it is
+    a stream of rows). ``datasets.IterableDataset`` always is; a DataLoader never is; any other
+    iterable is when its first item is a row (:func:`_is_row`)."""
+    if type(obj).__name__ == "IterableDataset" and type(obj).__module__.startswith("datasets"):
+        return obj, True
+    if isinstance(obj, torch.utils.data.DataLoader) or not is_dataloader(obj):
+        return obj, False
+    if isinstance(obj, Sequence):
+        return obj, len(obj) > 0 and _is_row(obj[0])
+    it = iter(obj)
+    try:
+        first = next(it)
+    except StopIteration:
+        return [], False
+    return itertools.chain([first], it), _is_row(first)
+
+
+def from_stream(stream: Any, *, task: str, target_key: Optional[str], max_samples: Optional[int],
+                random_state: Any, **dataset_args: Any) -> CalibrationData:
+    """Calibration data from a row stream (``datasets.IterableDataset`` or an iterable of dicts
+    or ``(text, label)`` pairs), sampled in one pass (:func:`~loes.hf.sampling.stratified_reservoir`,
+    stratified by class for classification); ``max_samples=None`` keeps every row.
+
+    ``indices`` are the stream positions of the sampled rows.
+    """
+    datasets = require("datasets", extra="hf")
+    features = getattr(stream, "features", None)
+    state: Dict[str, Any] = {}
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        for i, row in enumerate(stream):
+            if isinstance(row, (tuple, list)):
+                if not (len(row) == 2 and isinstance(row[0], str)):
+                    raise LOESError(f"stream row {i} is a {type(row).__name__} of length {len(row)}: yield "
+                                    "dicts of columns or (text, label) pairs")
+                row = {"text": row[0], "label": row[1]}
+            elif not isinstance(row, dict):
+                raise LOESError(f"stream row {i} is a {type(row).__name__}: yield dicts of columns or "
+                                "(text, label) pairs")
+            if "key" not in state:
+                state["key"] = find_target_key(list(row), target_key, required=task != "label_free")
+            yield row
+
+    def class_of(row: Dict[str, Any]) -> Any:
+        value = row.get(state["key"])
+        if value is None:
+            raise LOESError(f"a stream row has no value for the target {state['key']!r}: drop such rows first")
+        return value if isinstance(value, (str, int, float, bool, np.generic)) else repr(value)
+
+    stratify = task == "classification"
+    if max_samples is None:
+        sample = list(rows())
+        positions, n_rows = np.arange(len(sample), dtype=np.int64), len(sample)
+    else:
+        positions, sample, counts = stratified_reservoir(rows(), int(max_samples),
+                                                         class_of if stratify else None,
+                                                         random_state=random_state)
+        n_rows = sum(counts.values())
+    if not sample:
+        raise LOESError("the stream yielded no rows")
+    table = (datasets.Dataset.from_list(sample, features=features) if features is not None
+             else datasets.Dataset.from_list(sample))
+    data = from_dataset(table, task=task, target_key=target_key, max_samples=None,
+                        random_state=random_state, **dataset_args)
+    data.indices = positions
+    data.name = f"stream[{type(stream).__name__}]"
+    data.info.update(n_rows=n_rows, sampling="stratified reservoir" if stratify else "reservoir")
+    h = hashlib.sha256((data.fingerprint or "").encode())
+    h.update(positions.tobytes())
+    data.fingerprint = h.hexdigest()[:16]
+    logger.info("streamed %d rows in one pass; kept a seeded %s sample of %d", n_rows,
+                data.info["sampling"], len(positions))
+    return data

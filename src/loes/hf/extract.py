@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -22,22 +23,27 @@ from loes._exceptions import LOESError, LOESWarning
 from loes._progress import (ProgressSetting, find_stacklevel, progress, quiet_third_party,
                             verbose_logger, warnings_at_caller)
 from loes._validation import normalize_task
+from loes.layers import resolve_layers
 from loes.hf import _models as M
 from loes.hf import cache as C
 from loes.hf import fingerprint as F
 from loes.hf.config import ExtractionConfig, check_keywords, sampling_random_state
+from loes.hf.capture import LayerCapture
 from loes.hf.data import (
+    Batch,
     CalibrationData,
+    as_row_stream,
     from_dataloader,
     from_dataset,
+    from_stream,
     group_norm_audio,
     is_dataloader,
     warn_dataloader_sample,
 )
-from loes.hf.pooling import choose_pooling, declared_pooling, pool
+from loes.hf.pooling import choose_pooling, declared_pooling, pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
-__all__ = ["Embeddings", "TokenStates", "extract_embeddings", "iter_hidden_states"]
+__all__ = ["Embeddings", "TokenStates", "extract_embeddings", "iter_hidden_states", "pool_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +156,11 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
     if processor is not None and tokenizer is not None and processor is not tokenizer:
         raise LOESError("pass either processor=... or tokenizer=..., not both")
     processor = processor if processor is not None else tokenizer
-    if dataloader is None and dataset is not None and is_dataloader(dataset):
-        dataloader, dataset = dataset, None
+    stream = False
+    if dataloader is None and dataset is not None:
+        dataset, stream = as_row_stream(dataset)
+        if not stream and is_dataloader(dataset):
+            dataloader, dataset = dataset, None
     if dataloader is None and dataset is None:
         raise LOESError("pass dataset=... (a hub id, path, Dataset, DatasetDict or DataFrame) or dataloader=...")
     if dataloader is not None and dataset is not None:
@@ -175,6 +184,11 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
     if isinstance(k, int) and n_blocks is not None and k > n_blocks + int(cfg.include_embeddings):
         raise LOESError(f"k={k} but the model has {n_blocks + int(cfg.include_embeddings)} layers to "
                         f"select from (config.num_hidden_layers={n_blocks}): pass k<={n_blocks}")
+    if cfg.layers is not None and n_blocks is not None:
+        resolve_layers(cfg.layers, n_blocks + int(cfg.include_embeddings))  # out of range: LOESError now
+    if model is not None and any(v is not None for v in (cfg.device_map, cfg.quantization_config)):
+        raise LOESError("device_map=... and quantization_config=... apply when loes loads the model: pass "
+                        "a model id or folder, or load the model yourself with them")
     max_length = cfg.resolved_max_length(M.position_limit(config))
     cache: Dict[str, Any] = {}
 
@@ -193,14 +207,24 @@ def _prepare(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
         return cache[modality]
 
     data = None
-    if dataset is not None:
+    if stream:
+        data = from_stream(dataset, get_processor=get_processor, config=config, task=task, text_key=text_key,
+                           target_key=target_key, max_samples=cfg.max_samples, batch_size=cfg.batch_size,
+                           max_length=max_length, random_state=random_state, collate_fn=collate_fn,
+                           num_workers=cfg.num_workers, sort_by_length=cfg.sort_by_length)
+    elif dataset is not None:
         data = from_dataset(dataset, get_processor=get_processor, config=config, task=task, split=split,
                             config_name=dataset_config_name, text_key=text_key, target_key=target_key,
                             max_samples=cfg.max_samples, batch_size=cfg.batch_size, max_length=max_length,
-                            random_state=random_state, collate_fn=collate_fn, num_workers=cfg.num_workers)
+                            random_state=random_state, collate_fn=collate_fn, num_workers=cfg.num_workers,
+                            sort_by_length=cfg.sort_by_length)
     if model is None:
+        placement = {k: v for k, v in (("device_map", cfg.device_map), ("max_memory", cfg.max_memory),
+                                       ("offload_folder", cfg.offload_folder),
+                                       ("quantization_config", cfg.quantization_config)) if v is not None}
         model = M.load_model(source, revision=revision, trust_remote_code=trust_remote_code,
-                             device=cfg.device, dtype=cfg.dtype, gguf_file=gguf_file, **(model_kwargs or {}))
+                             device=cfg.device, dtype=cfg.dtype, gguf_file=gguf_file,
+                             **{**placement, **(model_kwargs or {})})
         config = getattr(model, "config", config)
     if data is None:
         bb = M.backbone(model, "unknown")
@@ -221,6 +245,11 @@ def _run_settings(model: torch.nn.Module, cfg: ExtractionConfig) -> Tuple[torch.
         param = next(model.parameters())
     except StopIteration:
         return M.default_device(cfg.device), None, None
+    if M.is_placed(model):
+        if cfg.device is not None or cfg.dtype is not None:
+            raise LOESError("this model is placed by accelerate (device_map) or quantised: it runs where it "
+                            "is; don't pass device=... or dtype=...")
+        return M.input_device(model), None, None
     dev = param.device if cfg.device is None else M.default_device(cfg.device)
     dtype = M.parse_dtype(cfg.dtype, dev) if cfg.dtype is not None else param.dtype
     autocast = None
@@ -255,14 +284,26 @@ def _running(plan: _Plan) -> Iterator[None]:
                 m.training = flag
 
 
-def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]) -> Iterator[TokenStates]:
-    """Run the model batch by batch; only one batch's states are alive at a time."""
-    include_embeddings = plan.settings.include_embeddings
+Keep = Callable[[torch.Tensor, Optional[torch.Tensor]], Any]
+
+
+def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any],
+            keep: Optional[Keep] = None) -> Iterator[TokenStates]:
+    """Run the model batch by batch; only one batch's states are alive at a time.
+
+    Only the layers of ``plan.settings.layers`` are kept (:class:`~loes.hf.capture.LayerCapture`),
+    each passed through ``keep(state, mask)`` as soon as the block has produced it
+    (``mask``: real positions at the state's resolution, or None); without ``keep`` the
+    token states themselves are yielded. On CUDA out-of-memory the batch is split in
+    halves (and later batches too) and the run goes on.
+    """
     names: Optional[List[str]] = None
     bb = None
     decoder = False
     total = None
     warned_padding = False
+    capture: Optional[LayerCapture] = None
+    limit = [plan.settings.batch_size]
     if plan.data.n_samples is not None:
         total = -(-plan.data.n_samples // plan.settings.batch_size)
     for batch in progress(plan.data.batches(), show_progress, desc="loes: extract", total=total, unit="batch"):
@@ -273,6 +314,8 @@ def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]
             info.update(modality=modality, family=M.family(plan.model, modality),
                         module=type(bb.module).__name__,
                         model_type=M.model_type(bb.module) or M.model_type(plan.model))
+            capture = LayerCapture(bb.module, plan.settings.layers,
+                                   include_embeddings=plan.settings.include_embeddings)
         if (not warned_padding and batch.mask is not None and group_norm_audio(plan.config)
                 and not bool(batch.mask.bool().all())):
             warned_padding = True
@@ -282,35 +325,81 @@ def _stream(plan: _Plan, *, show_progress: ProgressSetting, info: Dict[str, Any]
                 "only equal-length clips) or a dataloader with batch_size=1",
                 LOESWarning, stacklevel=find_stacklevel(),
             )
-        inputs = {k: (v.to(plan.device, non_blocking=True) if torch.is_tensor(v) else v)
-                  for k, v in batch.inputs.items()}
-        if plan.dtype is not None and plan.dtype.is_floating_point:
-            for key in ("pixel_values", "input_values", "input_features"):
-                if key in inputs and torch.is_tensor(inputs[key]) and inputs[key].is_floating_point():
-                    inputs[key] = inputs[key].to(plan.dtype)
-        kwargs = M.forward_kwargs(bb, inputs, decoder=decoder)
-        amp = (torch.autocast(plan.device.type, dtype=plan.autocast) if plan.autocast is not None
-               else contextlib.nullcontext())
-        with torch.inference_mode(), amp:
-            outputs = bb.module(**kwargs)
-            states = M.hidden_states_of(outputs, bb.module)
-            del outputs
+        parts = [batch]
+        while parts:
+            part = parts.pop(0)
+            if len(part.positions) > limit[0]:
+                parts[:0] = _split(part, limit[0])
+                continue
+            try:
+                item = _forward((plan.device, plan.dtype, plan.autocast), bb, capture, part, decoder=decoder,
+                                keep=keep)
+            except torch.cuda.OutOfMemoryError:
+                n = len(part.positions)
+                if n == 1:
+                    raise LOESError("CUDA out of memory on a batch of one row: pass a smaller max_length, "
+                                    "dtype='bfloat16', or device_map='auto' with max_memory=...") from None
+                limit[0] = n // 2
+                info["oom_batch_size"] = limit[0]
+                logger.warning("CUDA out of memory on a batch of %d rows: going on with batches of %d",
+                               n, limit[0])
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                parts[:0] = _split(part, limit[0])
+                continue
             if names is None:
-                first = 0 if include_embeddings else 1
-                if len(states) <= first:
-                    raise LOESError(f"the model returned {len(states)} hidden state(s); no block outputs to select from")
-                names = [f"{bb.prefix}hidden_states[{i}]" for i in range(first, len(states))]
-            states = states if include_embeddings else states[1:]
-            mask = batch.mask.to(plan.device) if batch.mask is not None else None
-            if states[0].ndim == 3:
-                mask = M.frame_mask(bb.module, mask, states[0].shape[1])
-            else:
-                mask = None
-        item = TokenStates(hidden_states=states, mask=mask, positions=batch.positions,
-                           targets=batch.targets, layer_names=names)
-        del states, inputs, kwargs, mask
-        yield item
-        item.hidden_states, item.mask = (), None  # release before the next forward
+                names = [f"{bb.prefix}hidden_states[{h}]" for h in capture.states]
+                info.update(hidden_state_indices=list(capture.states),
+                            capture="hooks" if capture.hooked else "full forward")
+            item.layer_names = names
+            yield item
+            item.hidden_states, item.mask = (), None  # release before the next forward
+
+
+def _split(batch: Batch, size: int) -> List[Batch]:
+    """``batch`` as consecutive batches of at most ``size`` rows (same padded width)."""
+    n = len(batch.positions)
+    return [Batch(inputs={k: (v[a:a + size] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v)
+                          for k, v in batch.inputs.items()},
+                  mask=None if batch.mask is None else batch.mask[a:a + size],
+                  positions=batch.positions[a:a + size],
+                  targets=None if batch.targets is None else batch.targets[a:a + size])
+            for a in range(0, n, size)]
+
+
+def _forward(run: Tuple[torch.device, Optional[torch.dtype], Optional[torch.dtype]], bb: M.Backbone,
+             capture: LayerCapture, batch: Batch, *, decoder: bool, keep: Optional[Keep]) -> TokenStates:
+    """One forward pass over ``batch`` on ``run`` = (device, input dtype, autocast dtype):
+    the kept states of the requested layers."""
+    device, dtype, autocast = run
+    inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+              for k, v in batch.inputs.items()}
+    if dtype is not None and dtype.is_floating_point:
+        for key in ("pixel_values", "input_values", "input_features"):
+            if key in inputs and torch.is_tensor(inputs[key]) and inputs[key].is_floating_point():
+                inputs[key] = inputs[key].to(dtype)
+    kwargs = M.forward_kwargs(bb, inputs, decoder=decoder)
+    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
+    batch_mask = batch.mask.to(device) if batch.mask is not None else None
+    masks: Dict[int, Optional[torch.Tensor]] = {}
+
+    def mask_of(h: torch.Tensor) -> Optional[torch.Tensor]:
+        if h.ndim != 3:
+            return None
+        if h.shape[1] not in masks:
+            masks[h.shape[1]] = M.frame_mask(bb.module, batch_mask, h.shape[1])
+        return masks[h.shape[1]]
+
+    with torch.inference_mode(), amp:
+        if capture.states is None:
+            capture.prepare(kwargs, len(batch.positions))
+        kept = capture.run(kwargs, (lambda i, h: h) if keep is None else (lambda i, h: keep(h, mask_of(h))))
+        mask = None
+        if keep is None and kept and kept[0].ndim == 3:
+            mask = mask_of(kept[0])
+    return TokenStates(hidden_states=tuple(kept), mask=mask, positions=batch.positions,
+                       targets=batch.targets, layer_names=[])
 
 
 @warnings_at_caller
@@ -330,6 +419,7 @@ def iter_hidden_states(
     device: Any = None,
     dtype: Any = None,
     include_embeddings: bool = False,
+    layers: Any = None,
     revision: Optional[str] = None,
     random_state: Any = 0,
     show_progress: ProgressSetting = "auto",
@@ -350,6 +440,8 @@ def iter_hidden_states(
     states (batch, tokens, dim) on the model's device and the token/frame mask;
     its tensors are released when the next batch is requested, so at most one
     batch of token states is alive. Pool or copy what you need inside the loop.
+    ``layers=`` keeps only those layers' states (hooks on the blocks, the
+    forward stopping after the deepest; see :func:`extract_embeddings`).
     ``task="label_free"`` (the default here) does not require targets. The
     arguments are checked when the function is called, before the first batch;
     a caller's model is restored when the stream is exhausted or closed.
@@ -362,7 +454,7 @@ def iter_hidden_states(
     """
     cfg = ExtractionConfig.from_keywords(config, max_samples=max_samples, batch_size=batch_size, device=device,
                                          dtype=dtype, include_embeddings=include_embeddings,
-                                         max_length=max_length, num_workers=num_workers)
+                                         max_length=max_length, num_workers=num_workers, layers=layers)
     with quiet_third_party(gguf=gguf_file is not None):
         plan = _prepare(model, dataset, dataloader, cfg, task=task, split=split,
                         dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
@@ -395,6 +487,12 @@ def extract_embeddings(
     device: Any = None,
     dtype: Any = None,
     include_embeddings: bool = False,
+    layers: Any = None,
+    sort_by_length: bool = True,
+    device_map: Union[None, str, Dict[str, Any]] = None,
+    max_memory: Optional[Dict[Any, Any]] = None,
+    offload_folder: Union[None, str, os.PathLike] = None,
+    quantization_config: Any = None,
     cache_dir: Union[None, bool, str, os.PathLike] = None,
     cache_key: Optional[str] = None,
     cache_max_bytes: Optional[int] = None,
@@ -453,8 +551,26 @@ def extract_embeddings(
     device, dtype
         Where and in which precision to run (defaults: CUDA if available; bf16/fp16
         on CUDA for models loaded here, autocast for fp32 models passed in).
+        ``dtype`` is transformers' ``torch_dtype``: "bfloat16", "float16", "float32".
     include_embeddings : bool
         Keep the embedding output as layer 0 (default: index 0 = first block).
+    layers : layer spec, optional
+        Keep only these layers (``None``: all): ints (negative from the end), a
+        list, ``"1,4,-1"``, ``"first"``, ``"middle"``, ``"last"``, ``"all"``,
+        ``"sweep:..."``. Hooks on the blocks pool each requested state as it is
+        produced and the forward stops after the deepest one (layers [3, 7, 12] of a
+        32-block model run 13 blocks); returned in increasing order, named by
+        ``layer_names``.
+    sort_by_length : bool
+        Batch texts of similar length together (longest first) to cut padding;
+        rows come back in the calibration order.
+    device_map, max_memory, offload_folder, quantization_config
+        Big models (loaded by id): passed to ``from_pretrained``. ``device_map="auto"``
+        spreads the model over the GPUs, the CPU and ``offload_folder`` (accelerate)
+        within ``max_memory`` (e.g. ``{0: "20GiB", "cpu": "60GiB"}``);
+        ``quantization_config`` loads a quantised checkpoint (e.g. bitsandbytes).
+        Pooled states go to the CPU per batch; on CUDA out-of-memory the batch is
+        halved and the run goes on.
     cache_dir : str, path or bool, optional
         Cache folder (``True``: ``~/.cache/loes``). A hit needs the same model
         class, config, weights and buffers (every byte), tokenizer/processor,
@@ -489,7 +605,9 @@ def extract_embeddings(
     cfg = ExtractionConfig.from_keywords(
         config, pooling=pooling, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
         device=device, dtype=dtype, include_embeddings=include_embeddings, cache_dir=cache_dir,
-        cache_key=cache_key, cache_max_bytes=cache_max_bytes, num_workers=num_workers)
+        cache_key=cache_key, cache_max_bytes=cache_max_bytes, num_workers=num_workers, layers=layers,
+        sort_by_length=sort_by_length, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder, quantization_config=quantization_config)
     with quiet_third_party(verbose, gguf=gguf_file is not None):
         return _extract(model_or_id, dataset, dataloader, cfg, task=task, split=split,
                         dataset_config_name=dataset_config_name, text_key=text_key, target_key=target_key,
@@ -497,6 +615,73 @@ def extract_embeddings(
                         processor=processor, tokenizer=tokenizer, collate_fn=collate_fn,
                         gguf_file=gguf_file, model_kwargs=model_kwargs, show_progress=show_progress,
                         verbose=verbose)
+
+
+_CAPTURES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Any, Tuple[M.Backbone, LayerCapture]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def pool_batch(model: torch.nn.Module, inputs: Dict[str, Any], layers: Any = None, pooling: str = "auto", *,
+               mask: Optional[torch.Tensor] = None, include_embeddings: bool = False
+               ) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """Pooled states of the requested layers for one batch of model inputs (the per-batch step
+    of :func:`extract_embeddings`, for workers that feed their own batches, e.g. Ray actors).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A Hugging Face model in eval mode, on its device (or dispatched with a
+        ``device_map``); it is run where and in the dtype it is (fp32 on CUDA under
+        bf16/fp16 autocast) and never changed.
+    inputs : dict of str to tensor
+        Model inputs of B rows as a tokenizer / processor returns them (``input_ids``
+        + ``attention_mask``, ``pixel_values``, ``input_values``, ``input_features``);
+        padded text needs its ``attention_mask``.
+    layers : layer spec, optional
+        As in :func:`extract_embeddings` (``None``: all); kept in increasing order,
+        captured by hooks, the forward stopping after the deepest. The hooks are
+        checked once per (model, layers) against the model's own hidden states.
+    pooling : {"auto", "cls", "mean", "masked_mean", "last_token"}
+    mask : bool tensor of shape (B, T), optional
+        Real positions at input resolution (default: ``inputs["attention_mask"]``).
+    include_embeddings : bool
+
+    Returns
+    -------
+    float32 CPU tensor of shape (B, n_layers, D), or a list of (B, D_l) tensors when
+    the widths differ (CNN stages). Row ``i`` equals row ``i`` of
+    :func:`extract_embeddings` on the same inputs and settings.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise LOESError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if model.training:
+        raise LOESError("the model is in training mode (dropout would make features random): call model.eval()")
+    cfg = ExtractionConfig(pooling=pooling, layers=layers, include_embeddings=include_embeddings)
+    if not isinstance(inputs, dict) or not any(torch.is_tensor(v) for v in inputs.values()):
+        raise LOESError("inputs must be a dict of model-input tensors (e.g. a tokenizer's return_tensors='pt' "
+                        f"output); got {type(inputs).__name__}")
+    modality = M.modality_of(inputs)
+    per_model = _CAPTURES.setdefault(model, {})
+    key = (modality, repr(layers), bool(include_embeddings))
+    if key not in per_model:
+        bb = M.backbone(model, modality)
+        per_model[key] = (bb, LayerCapture(bb.module, layers, include_embeddings=include_embeddings))
+    bb, capture = per_model[key]
+    fam = M.family(model, modality)
+    n = next(int(v.shape[0]) for v in inputs.values() if torch.is_tensor(v))
+    mask = mask if mask is not None else inputs.get("attention_mask")
+    resolved: List[str] = []
+
+    def keep(h: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+        if not resolved:
+            resolved.append(resolve_pooling(cfg.pooling, fam, M.model_type(bb.module) or M.model_type(model), h.ndim))
+        return pool(h, m, resolved[0]).to("cpu", torch.float32)
+
+    item = _forward(_run_settings(model, ExtractionConfig()), bb, capture,
+                    Batch(inputs=dict(inputs), mask=mask, positions=np.arange(n)),
+                    decoder=fam == "decoder", keep=keep)
+    pooled = list(item.hidden_states)
+    return torch.stack(pooled, dim=1) if len({p.shape[1] for p in pooled}) == 1 else pooled
 
 
 def _cache_payload(plan: _Plan, fingerprint: str, task: str) -> Dict[str, Any]:
@@ -514,8 +699,20 @@ def _cache_payload(plan: _Plan, fingerprint: str, task: str) -> Dict[str, Any]:
         "data": fingerprint, "n": plan.data.n_samples, "task": task, "pooling": str(cfg.pooling).lower(),
         "declared_pooling": declared_pooling(plan.source) if str(cfg.pooling).lower() == "auto" else None,
         "max_length": plan.max_length, "include_embeddings": bool(cfg.include_embeddings),
+        "layers": _layers_key(cfg, plan.config),
         "device": device.type, "dtype": str(dtype), "autocast": str(autocast),
     }
+
+
+def _layers_key(cfg: ExtractionConfig, config: Any) -> Any:
+    """The layer set for the cache key: resolved when the config gives the block count."""
+    spec = cfg.layers
+    if spec is None:
+        return None
+    n = M.n_hidden_layers(config)
+    if n is not None:
+        return sorted({int(i) for i in resolve_layers(spec, n + int(cfg.include_embeddings))})
+    return spec if isinstance(spec, (int, str)) else [int(i) for i in spec]
 
 
 def _extract(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionConfig, *, task: str,
@@ -543,27 +740,29 @@ def _extract(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
     info.pop("state", None)
     chunks: List[Tuple[np.ndarray, List[torch.Tensor]]] = []
     target_chunks: List[np.ndarray] = []
-    resolved = None
+    resolved: List[str] = []
     names: List[str] = []
+
+    def keep(h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if not resolved:
+            choice, info["pooling_reason"] = choose_pooling(
+                cfg.pooling, info.get("family", "unknown"), info.get("model_type", ""), h.ndim,
+                source=plan.source, module=info.get("module"))
+            resolved.append(choice)
+        return pool(h, mask, resolved[0]).to("cpu", torch.float32)
+
     with _running(plan):
         info.update(device=str(plan.device), dtype=str(plan.autocast or plan.dtype))
-        for item in _stream(plan, show_progress=show_progress, info=info):
-            if resolved is None:
-                resolved, info["pooling_reason"] = choose_pooling(
-                    cfg.pooling, info.get("family", "unknown"), info.get("model_type", ""),
-                    item.hidden_states[0].ndim, source=plan.source, module=info.get("module"))
-                names = item.layer_names
-            with torch.inference_mode():
-                pooled = [pool(h, item.mask, resolved) for h in item.hidden_states]
-                if len({p.shape[1] for p in pooled}) == 1:
-                    moved = [torch.stack(pooled, dim=1).to("cpu", torch.float32)]
-                else:
-                    moved = [p.to("cpu", torch.float32) for p in pooled]
-            del pooled
+        if getattr(plan.model, "hf_device_map", None):
+            info["device_map"] = sorted({str(v) for v in plan.model.hf_device_map.values()})
+        for item in _stream(plan, show_progress=show_progress, info=info, keep=keep):
+            names = item.layer_names
+            pooled = list(item.hidden_states)
+            moved = [torch.stack(pooled, dim=1)] if len({p.shape[1] for p in pooled}) == 1 else pooled
             chunks.append((item.positions, moved))
             if data.targets is None and item.targets is not None:
                 target_chunks.append(np.asarray(item.targets))
-            del item
+            del item, pooled
     if not chunks:
         raise LOESError("no calibration samples were read: the dataset/dataloader is empty")
     stacked = _assemble(chunks)
@@ -573,11 +772,11 @@ def _extract(model_or_id: Any, dataset: Any, dataloader: Any, cfg: ExtractionCon
         warn_dataloader_sample(data, targets, task)
     t_end = time.perf_counter()
     info.update(timings={"prepare": t_prep - t0, "extract": t_end - t_prep}, cache_key=key)
-    emb = Embeddings(embeddings=stacked, targets=targets, layer_names=names, pooling=resolved,
+    emb = Embeddings(embeddings=stacked, targets=targets, layer_names=names, pooling=resolved[0],
                      model_name=plan.name, dataset=data.name, indices=data.indices, info=info)
     n = emb.n_samples
     log.info("extracted %d layers x %d samples (%s pooling) from %s in %.2fs", emb.n_layers, n,
-             resolved, plan.name, t_end - t0)
+             resolved[0], plan.name, t_end - t0)
     if folder is not None and key is not None:
         _save(folder, key, emb, C.resolve_max_bytes(cfg.cache_max_bytes))
     return emb

@@ -46,6 +46,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, t in named:
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.is_meta:  # offloaded by accelerate: the name, shape and dtype only
+                continue
             raw = t.detach().to("cpu").contiguous().reshape(-1)
             if raw.numel():
                 h.update(memoryview(raw.view(torch.uint8).numpy()))
@@ -91,7 +93,11 @@ def processor_fingerprint(processor: Any) -> str:
             data = path.read_bytes()
             if path.suffix == ".json":
                 try:
-                    data = json.dumps(_canonical(json.loads(data)), sort_keys=True).encode()
+                    body = _canonical(json.loads(data))
+                    if path.name == "tokenizer.json" and isinstance(body, dict):
+                        # the fast tokenizer's last call settings, not its content (loes passes its own)
+                        body = {k: v for k, v in body.items() if k not in ("truncation", "padding")}
+                    data = json.dumps(body, sort_keys=True).encode()
                 except ValueError:
                     pass
             h.update(data)

@@ -7,8 +7,9 @@ for classification, and a missing class is reported with a warning.
 
 from __future__ import annotations
 
+import heapq
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from loes._exceptions import LOESError, LOESWarning
 from loes._rng import RandomState, check_random_state
 from loes._splits import allocate
 
-__all__ = ["DEFAULT_MAX_SAMPLES", "calibration_indices"]
+__all__ = ["DEFAULT_MAX_SAMPLES", "calibration_indices", "stratified_reservoir"]
 
 #: Default cap on calibration samples: enough for stable ridge fits at widths
 #: up to ~1k, small enough to extract in minutes on a CPU.
@@ -128,3 +129,71 @@ def _warn_missing(keys: np.ndarray, idx: np.ndarray, all_classes, labels) -> Non
             LOESWarning,
             stacklevel=3,
         )
+
+
+def stratified_reservoir(
+    rows: Iterable[Any],
+    max_samples: int,
+    class_of: Optional[Callable[[Any], Hashable]] = None,
+    *,
+    random_state: RandomState = 0,
+) -> Tuple[np.ndarray, List[Any], Dict[Hashable, int]]:
+    """A seeded, class-stratified sample of a stream, drawn in one pass.
+
+    Priority sampling: row ``i`` gets the key ``u_i`` (the ``i``-th uniform draw of
+    ``random_state``), and each class keeps the ``max_samples`` rows with the
+    smallest keys seen so far (a bounded heap). At the end the budget is split
+    over the classes by their counts in the whole stream with the rule of
+    :func:`calibration_indices` (proportional, largest remainder, each class at
+    least once while the budget allows), and each class gives its ``q`` smallest
+    keys: a uniform random ``q``-subset of that class. The result depends on
+    ``random_state`` and the stream's content and order only; memory is at most
+    ``n_classes * max_samples`` rows.
+
+    Parameters
+    ----------
+    rows : iterable
+        Read once.
+    max_samples : int >= 1
+    class_of : callable, optional
+        A row's class (hashable); ``None``: one class (a plain uniform reservoir).
+    random_state : None, int, numpy Generator/RandomState or torch.Generator
+
+    Returns
+    -------
+    positions : ndarray of int64, shape (n_samples,)
+        Stream positions of the sampled rows, ascending.
+    sample : list
+        The sampled rows, in that order.
+    counts : dict
+        Rows per class in the whole stream.
+
+    Examples
+    --------
+    >>> stream = ((i, i % 10 < 7) for i in range(1000))
+    >>> pos, rows, counts = stratified_reservoir(stream, 100, lambda r: r[1])
+    >>> sum(r[1] for r in rows), counts[True]
+    (70, 700)
+    """
+    rng = check_random_state(random_state)
+    heaps: Dict[Hashable, List[Tuple[float, int, Any]]] = {}
+    counts: Dict[Hashable, int] = {}
+    draws = np.empty(0)
+    for i, row in enumerate(rows):
+        if i % 4096 == 0:
+            draws = rng.random(4096)
+        c = None if class_of is None else class_of(row)
+        counts[c] = counts.get(c, 0) + 1
+        item = (-float(draws[i % 4096]), i, row)  # max-heap of the smallest keys
+        heap = heaps.setdefault(c, [])
+        if len(heap) < max_samples:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+    classes = sorted(counts, key=repr)
+    quota = allocate(max_samples, np.array([counts[c] for c in classes]),
+                     capacity=np.array([counts[c] for c in classes])) if classes else []
+    chosen = [(i, row) for c, q in zip(classes, quota)
+              for _, i, row in sorted(heaps[c], key=lambda t: -t[0])[:int(q)]]
+    chosen.sort(key=lambda t: t[0])
+    return np.array([i for i, _ in chosen], dtype=np.int64), [row for _, row in chosen], counts
