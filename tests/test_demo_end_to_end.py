@@ -47,11 +47,15 @@ def test_verdicts_match_the_numbers(demo):
         assert case.difference()[0] == pytest.approx(d, abs=1e-12)
         picked = case.layers["loes_auto"][0]
         assert line.startswith(("BBC topics: loes picked ", "drug-review rating: loes picked "))
-        assert f"picked {picked}" in line
+        names = case.result.layer_names
+        assert "picked " + ", ".join(f"{i} ({names[i]})" for i in picked) in line
         if all(p == case.layers["last"][0] for p in case.layers["loes_auto"]):
             assert "the pick is the last layer" in line
         else:
             assert f"{100 * d:+.1f}" in line
+            assert f"test accuracy {np.mean(case.scores['loes_auto']):.3f} vs {np.mean(case.scores['last']):.3f}" \
+                in line
+        assert f"majority class {case.majority:.3f}" in line
         assert f"selection {np.mean(case.selection_time):.1f} s" in line
         for m in METHODS:
             assert len(case.scores[m]) == 2 and all(0.0 <= s <= 1.0 for s in case.scores[m])
@@ -90,10 +94,10 @@ def test_verdict_line_says_within_noise_and_gain():
     noisy = verdict_line(case([0.70, 0.66, 0.68], [0.68, 0.67, 0.66], [2, 3]))
     assert "the last layer is as good" in noisy and "within noise" in noisy and "+1.0" in noisy
     gain = verdict_line(case([0.72, 0.71, 0.70], [0.68, 0.67, 0.65], [2, 3]))
-    assert gain == ("drug-review rating: loes picked [2, 3]: +4.3 ± 0.3 points over the last layer "
-                    "(test, 3 splits); selection 0.3 s")
+    assert gain == ("drug-review rating: loes picked 2, 3: +4.3 ± 0.3 points over the last layer "
+                    "(test accuracy 0.710 vs 0.667, majority class 0.600, 3 splits); selection 0.3 s")
     same = verdict_line(case([0.7, 0.7], [0.7, 0.7], [5]))
-    assert "(the last layer): the pick is the last layer" in same
+    assert "picked 5, the last layer: the pick is the last layer (test accuracy 0.700" in same
 
 
 def test_report_command_rebuilds_a_case_report(demo, tmp_path, capsys):

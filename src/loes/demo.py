@@ -36,6 +36,7 @@ import torch
 
 from loes import _json
 from loes._exceptions import LOESError
+from loes._naming import layer_label
 from loes._progress import ProgressSetting
 from loes._splits import split_indices
 from loes.core import select_layers_from_custom_embeddings
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 #: Demo cases: texts used (full / quick) and a description.
 DEMO_TASKS: Dict[str, Dict[str, Any]] = {
-    "bbc": {"samples": 600, "quick": 200, "label": "BBC News topics (5 classes)", "short": "BBC topics"},
+    "bbc": {"samples": 600, "quick": 300, "label": "BBC News topics (5 classes)", "short": "BBC topics"},
     "drugreview": {"samples": 979, "quick": 979, "label": "drug-review rating (negative / neutral / positive)",
                    "short": "drug-review rating"},
 }
@@ -130,18 +131,25 @@ def verdict_line(case: CaseResult) -> str:
     name = DEMO_TASKS[case.task]["short"]
     picked = case.layers["loes_auto"][0]
     last = case.layers["last"][0]
+    names = case.result.layer_names if case.result is not None else None
+    shown = ", ".join(layer_label(i, names) for i in picked)
     n = len(case.scores["last"])
     same = sum(p == last for p in case.layers["loes_auto"])
     seconds = f"selection {np.mean(case.selection_time):.1f} s"
-    head = f"{name}: loes picked {picked}" + (" (the last layer)" if picked == last else "")
+    head = f"{name}: loes picked {shown}" + (", the last layer" if picked == last else "")
     if n > 1 and same < n:
         head += f" on split 0 ({n - same} of {n} splits picked otherwise)" if picked == last else \
             (f" on split 0 (the last layer alone on {same} of {n} splits)" if same else "")
     d, se = case.difference()
+    best = max(METHODS, key=case.mean)
+    if case.mean(best) > case.mean("loes_auto"):
+        seconds = f"best here: {best} {case.mean(best):.3f}; {seconds}"
     gap = f"{100 * d:+.1f} ± {100 * se:.1f} points" if np.isfinite(se) else f"{100 * d:+.1f} points (one split)"
-    where = f"test, {n} split{'s' if n > 1 else ''}"
+    where = (f"test accuracy {case.mean('loes_auto'):.3f} vs {case.mean('last'):.3f}, majority class "
+             f"{case.majority:.3f}, {n} split{'s' if n > 1 else ''}")
     if same == n:
-        return f"{head}: the pick is the last layer ({100 * case.mean('last'):.1f} % on {where}); {seconds}"
+        return (f"{head}: the pick is the last layer (test accuracy {case.mean('last'):.3f}, majority class "
+                f"{case.majority:.3f}, {n} split{'s' if n > 1 else ''}); {seconds}")
     if not np.isfinite(se) or abs(d) <= 2 * se:
         return f"{head}; the last layer is as good: {gap}, within noise ({where}); {seconds}"
     side = "over" if d > 0 else "below"
@@ -177,7 +185,7 @@ def _texts(task: str, n: int):
     return load_bbc_news(max_per_class=max(2, n // 5), random_state=0)  # n / 5 articles per topic
 
 
-def _split(r: int, x: torch.Tensor, y: np.ndarray, names: List[str], probe: str,
+def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], probe: str,
            with_estimate: bool) -> Tuple[Dict[str, List[int]], Dict[str, float], float, Any]:
     """One re-split: LOES selects on calibration, every method's probe is trained on train
     and scored on test. Returns (layers, scores, LOES-auto seconds, LOES-auto result)."""
@@ -185,10 +193,10 @@ def _split(r: int, x: torch.Tensor, y: np.ndarray, names: List[str], probe: str,
     n_layers = x.shape[1]
     t = time.perf_counter()
     auto = select_layers_from_custom_embeddings(x[cal], y[cal], k="auto", show_progress=False,
-                                                layer_names=names, estimate=with_estimate)
+                                                estimate=with_estimate, **provenance)
     seconds = time.perf_counter() - t
     fixed = select_layers_from_custom_embeddings(x[cal], y[cal], k=3, show_progress=False,
-                                                 layer_names=names, estimate=False)
+                                                 estimate=False, **provenance)
     layers = {"loes_auto": list(auto.selected_layers), "loes_3": list(fixed.selected_layers),
               "last": [n_layers - 1], "last_3": list(range(n_layers - 3, n_layers)),
               "all": list(range(n_layers))}
@@ -220,7 +228,8 @@ def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, mod
     timings[f"{task}_extract"] = time.perf_counter() - t
     x = emb.embeddings
     y = np.asarray(emb.targets)
-    names = list(emb.layer_names)
+    provenance = {"layer_names": list(emb.layer_names), "pooling": emb.pooling, "dataset": task,
+                  "model_name": model_label}
     majority = float(np.bincount(np.unique(y, return_inverse=True)[1]).max() / len(y))
     source = "from cache" if emb.from_cache else f"extracted in {timings[f'{task}_extract']:.0f} s"
     echo(f"\n== {spec['label']}: {model_label}, {x.shape[0]} texts x {x.shape[1]} layers x {x.shape[2]} "
@@ -237,7 +246,7 @@ def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, mod
         for r in range(splits):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                picks, split_scores, sec, auto = _split(r, x, y, names, probe, with_estimate=r == 0)
+                picks, split_scores, sec, auto = _split(r, x, y, provenance, probe, with_estimate=r == 0)
             seen = set()
             for w in caught:  # name the split in every warning raised inside it, once per message
                 if (str(w.message), w.category) not in seen:

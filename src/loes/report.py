@@ -338,8 +338,9 @@ def plot_methods(names: Sequence[str], mean: Sequence[float], std: Sequence[floa
     ax.bar(x, mean - bottom, bottom=bottom, yerr=std, color=colors, capsize=3)
     ax.axhline(majority, color="k", lw=1, ls="--")
     ax.text(len(names) - 0.5, majority, f" majority class {majority:.3f}", va="bottom", ha="right", fontsize=8)
-    for xi, m in zip(x, mean):
-        ax.text(xi, m, f"{m:.3f}", ha="center", va="bottom", fontsize=7, color="#333")
+    for xi, m in zip(x, mean):  # the value inside the bar's foot, clear of the error bar
+        ax.text(xi, bottom + 0.04 * (top - bottom), f"{m:.3f}", ha="center", va="bottom", fontsize=8,
+                color="white", fontweight="bold")
     ax.set_ylim(bottom, min(1.0, top + 0.08 * (top - bottom) + 0.005))
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
