@@ -86,8 +86,8 @@ def test_warnings_name_their_split(demo):
 
 def test_verdict_line_says_within_noise_and_gain():
     def case(auto, last, picks):
-        return CaseResult(task="drugreview", scores={"loes_auto": auto, "last": last, "loes_3": auto,
-                                                     "last_3": last, "all": last},
+        return CaseResult(task="drugreview", scores={"loes_auto": auto, "last": last, "loes_k": auto,
+                                                     "last_k": last, "all": last},
                           layers={"loes_auto": [picks] * len(auto), "last": [[5]] * len(auto)},
                           majority=0.6, selection_time=[0.3] * len(auto), result=None, n_samples={})
 

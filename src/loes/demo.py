@@ -58,7 +58,7 @@ DEMO_TASKS: Dict[str, Dict[str, Any]] = {
 #: Shares of the calibration, train and test rows of one split (as in the quality benchmark).
 FRACTIONS = (0.2, 0.5, 0.3)
 #: Methods compared, in display order.
-METHODS = ("loes_auto", "loes_3", "last", "last_3", "all")
+METHODS = ("loes_auto", "loes_k", "last", "last_k", "all")
 #: Inverse regularisation strengths the logistic probe chooses from (on a validation holdout of train).
 PROBE_GRID = (0.01, 0.1, 1.0)
 
@@ -185,7 +185,7 @@ def _texts(task: str, n: int):
     return load_bbc_news(max_per_class=max(2, n // 5), random_state=0)  # n / 5 articles per topic
 
 
-def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], probe: str,
+def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], probe: str, k: int,
            with_estimate: bool) -> Tuple[Dict[str, List[int]], Dict[str, float], float, Any]:
     """One re-split: LOES selects on calibration, every method's probe is trained on train
     and scored on test. Returns (layers, scores, LOES-auto seconds, LOES-auto result)."""
@@ -195,10 +195,10 @@ def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], p
     auto = select_layers_from_custom_embeddings(x[cal], y[cal], k="auto", show_progress=False,
                                                 estimate=with_estimate, **provenance)
     seconds = time.perf_counter() - t
-    fixed = select_layers_from_custom_embeddings(x[cal], y[cal], k=3, show_progress=False,
+    fixed = select_layers_from_custom_embeddings(x[cal], y[cal], k=k, show_progress=False,
                                                  estimate=False, **provenance)
-    layers = {"loes_auto": list(auto.selected_layers), "loes_3": list(fixed.selected_layers),
-              "last": [n_layers - 1], "last_3": list(range(n_layers - 3, n_layers)),
+    layers = {"loes_auto": list(auto.selected_layers), "loes_k": list(fixed.selected_layers),
+              "last": [n_layers - 1], "last_k": list(range(n_layers - k, n_layers)),
               "all": list(range(n_layers))}
     scored: Dict[Tuple[int, ...], float] = {}
     for picks in layers.values():
@@ -210,7 +210,7 @@ def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], p
     return layers, scores, seconds, auto
 
 
-def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, model: Optional[str],
+def _run_case(task: str, out: Path, *, splits: int, k: int, quick: bool, probe: str, model: Optional[str],
               max_samples: Optional[int], max_length: Optional[int], show_progress: ProgressSetting,
               echo: Callable[[str], None], timings: Dict[str, float]) -> CaseResult:
     spec = DEMO_TASKS[task]
@@ -235,6 +235,8 @@ def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, mod
     echo(f"\n== {spec['label']}: {model_label}, {x.shape[0]} texts x {x.shape[1]} layers x {x.shape[2]} "
          f"dims, mean pooled, max_length {max_length} ({source})")
 
+    if k > x.shape[1]:
+        raise LOESError(f"k must be at most the {x.shape[1]} layers of the model; got {k}")
     t = time.perf_counter()
     scores: Dict[str, List[float]] = {m: [] for m in METHODS}
     layers: Dict[str, List[List[int]]] = {m: [] for m in METHODS}
@@ -246,7 +248,7 @@ def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, mod
         for r in range(splits):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                picks, split_scores, sec, auto = _split(r, x, y, provenance, probe, with_estimate=r == 0)
+                picks, split_scores, sec, auto = _split(r, x, y, provenance, probe, k, with_estimate=r == 0)
             seen = set()
             for w in caught:  # name the split in every warning raised inside it, once per message
                 if (str(w.message), w.category) not in seen:
@@ -265,7 +267,7 @@ def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, mod
                       result=first, n_samples={"calibration": len(cal), "train": len(tr), "test": len(te),
                                                "all": len(y)})
 
-    echo(f"{splits} stratified re-splits, calibration {len(cal)} / train {len(tr)} / test {len(te)}; "
+    echo(f"k = {k} for loes_k and last_k; {splits} stratified re-splits, calibration {len(cal)} / train {len(tr)} / test {len(te)}; "
          f"LOES selects on calibration only; {probe} probe trained on train, scored on test")
     echo(f"{'method':<10} {'layers (split 0)':<22} {'test acc':>8} {'± std':>6}")
     for m in METHODS:
@@ -279,7 +281,7 @@ def _run_case(task: str, out: Path, *, splits: int, quick: bool, probe: str, mod
     case.figure.parent.mkdir(parents=True, exist_ok=True)
     plot_methods(list(METHODS), [case.mean(m) for m in METHODS], [case.std(m) for m in METHODS],
                  majority, case.figure, title=f"{spec['short']}: test accuracy, {splits} splits",
-                 ylabel=f"test accuracy (mean ± std, {splits} splits)", highlight=("loes_auto", "loes_3"))
+                 ylabel=f"test accuracy (mean ± std, {splits} splits)", highlight=("loes_auto", "loes_k"))
     first.to_json(str(out / task / "result.json"))
     case.report = write_report(first, out / task, embeddings=x[cal], targets=y[cal],
                                title=f"LOES demo — {model_label}, {spec['label']}",
@@ -291,6 +293,7 @@ def run_demo(
     output: str = "loes-demo-output",
     *,
     task: str = "both",
+    k: int = 3,
     splits: int = 3,
     quick: bool = False,
     probe: str = "logistic",
@@ -307,6 +310,8 @@ def run_demo(
     output : str
         Output folder (created); the feature cache lives in ``output/cache``.
     task : {"both", "bbc", "drugreview"}
+    k : int
+        Layers of the fixed-k LOES (``loes_k``) and of the last-k baseline (``last_k``).
     splits : int
         Stratified re-splits (calibration 20 % / train 50 % / test 30 %).
     quick : bool
@@ -328,6 +333,8 @@ def run_demo(
     tasks = list(DEMO_TASKS) if task == "both" else [task]
     if task != "both" and task not in DEMO_TASKS:
         raise LOESError(f"task must be 'both' or one of {sorted(DEMO_TASKS)}; got {task!r}")
+    if k < 1:
+        raise LOESError(f"k must be at least 1; got {k}")
     if splits < 1:
         raise LOESError(f"splits must be at least 1; got {splits}")
     if probe not in ("logistic", "ridge"):
@@ -336,7 +343,7 @@ def run_demo(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
-    cases = {t: _run_case(t, out, splits=splits, quick=quick, probe=probe, model=model,
+    cases = {t: _run_case(t, out, splits=splits, k=k, quick=quick, probe=probe, model=model,
                           max_samples=max_samples, max_length=max_length, show_progress=show_progress, echo=echo, timings=timings) for t in tasks}
 
     t = time.perf_counter()
