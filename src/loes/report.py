@@ -337,7 +337,6 @@ def plot_methods(names: Sequence[str], mean: Sequence[float], std: Sequence[floa
     bottom = majority - 0.03 * max(top - majority, 0.01)
     ax.bar(x, mean - bottom, bottom=bottom, yerr=std, color=colors, capsize=3)
     ax.axhline(majority, color="k", lw=1, ls="--")
-    ax.text(len(names) - 0.5, majority, f" majority class {majority:.3f}", va="bottom", ha="right", fontsize=8)
     for xi, m in zip(x, mean):  # the value inside the bar's foot, clear of the error bar
         ax.text(xi, bottom + 0.04 * (top - bottom), f"{m:.3f}", ha="center", va="bottom", fontsize=8,
                 color="white", fontweight="bold")
@@ -346,7 +345,7 @@ def plot_methods(names: Sequence[str], mean: Sequence[float], std: Sequence[floa
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\n(axis starts at the majority class {majority:.3f}, dashed)", fontsize=9)
     _save(fig, path)
     return fig
 
