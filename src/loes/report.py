@@ -307,6 +307,49 @@ def plot_comparison(evaluation: Any, path: Optional[Union[str, os.PathLike]] = N
     return fig
 
 
+def plot_methods(names: Sequence[str], mean: Sequence[float], std: Sequence[float], majority: float,
+                 path: Optional[Union[str, os.PathLike]] = None, *, title: str = "",
+                 ylabel: str = "test accuracy (mean ± std)", highlight: Sequence[str] = ("loes",),
+                 figsize: Optional[Sequence[float]] = None):
+    """One bar per method with error bars; the y axis starts at the majority-class rate, drawn as a line.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Methods, in display order (length M).
+    mean, std : sequence of float of length M
+        Mean test accuracy and its standard deviation over splits.
+    majority : float
+        Accuracy of always predicting the majority class.
+    highlight : sequence of str
+        Methods drawn in red (LOES).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    mean, std = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+    fig = _figure(figsize or (5.2, 3.0))
+    ax = fig.subplots()
+    colors = ["#d62728" if n in highlight else "#7f7f7f" for n in names]
+    x = np.arange(len(names))
+    top = float(max((mean + std).max(), majority))
+    bottom = majority - 0.03 * max(top - majority, 0.01)
+    ax.bar(x, mean - bottom, bottom=bottom, yerr=std, color=colors, capsize=3)
+    ax.axhline(majority, color="k", lw=1, ls="--")
+    for xi, m in zip(x, mean):  # the value inside the bar's foot, clear of the error bar
+        ax.text(xi, bottom + 0.04 * (top - bottom), f"{m:.3f}", ha="center", va="bottom", fontsize=8,
+                color="white", fontweight="bold")
+    ax.set_ylim(bottom, min(1.0, top + 0.08 * (top - bottom) + 0.005))
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{title}\n(axis starts at the majority class {majority:.3f}, dashed)", fontsize=9)
+    _save(fig, path)
+    return fig
+
+
 # ------------------------------------------------------------------- HTML
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;
@@ -316,6 +359,8 @@ table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}tr.loes,tr.pick{background:#fdecea;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta{color:#666;font-size:.85em}
+.verdict{background:#f6f8fa;border-left:4px solid #d62728;padding:.4em 1em;margin:1em 0}
+.verdict p{font-size:1.05em;margin:.5em 0}.verdict img{max-width:48%;margin-right:1%}
 """
 
 
@@ -357,6 +402,8 @@ def write_report(
     cka: Optional[np.ndarray] = None,
     targets: Any = None,
     probe: Any = None,
+    verdicts: Optional[Sequence[Sequence[Optional[str]]]] = None,
+    note: Optional[str] = None,
 ) -> Path:
     """Write ``report.html`` and its PNG figures to ``output_dir``.
 
@@ -380,6 +427,12 @@ def write_report(
         beside the LOES scores and used in the why-sentences.
     probe : LayerSweep or mapping of int to float, optional
         Those per-layer probe scores, already computed (instead of ``targets``).
+    verdicts : sequence of (str, str or None), optional
+        The page's opening, before every other section: one line of verdict per
+        case and the path of its comparison figure relative to ``output_dir``
+        (:func:`plot_methods`), or None.
+    note : str, optional
+        HTML placed after the verdicts (e.g. links to other pages).
 
     Returns
     -------
@@ -495,9 +548,14 @@ def write_report(
                         f"<p class='meta'>{html.escape(result.score_formula())}</p>"
                         + _table_html(headers, step_rows, row_classes=classes))
 
+    opening = ""
+    if verdicts:
+        opening = ('<div class="verdict">' + "".join(f"<p><b>{html.escape(text)}</b></p>" for text, _ in verdicts)
+                   + "".join(f'<img src="{html.escape(fig)}" alt="comparison">' for _, fig in verdicts if fig)
+                   + (f'<p class="meta">{note}</p>' if note else "") + "</div>")
     doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-           f"<h1>{html.escape(title)}</h1>" + "\n".join(sections) + "</body></html>")
+           f"<h1>{html.escape(title)}</h1>" + opening + "\n".join(sections) + "</body></html>")
     path = out / "report.html"
     path.write_text(doc, encoding="utf-8")
     logger.info("wrote %s with %d figures", path, len(figures))
