@@ -64,8 +64,9 @@ def task_of(y: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- splits
-def split_indices(y: np.ndarray, seed: int, fractions: tuple[float, float, float] = FRACTIONS
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(
+    y: np.ndarray, seed: int, fractions: tuple[float, float, float] = FRACTIONS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified calibration / train / test rows.
 
     Parameters
@@ -82,8 +83,11 @@ def split_indices(y: np.ndarray, seed: int, fractions: tuple[float, float, float
     cal, train, test : sorted int64 arrays, disjoint, together every row.
     """
     y = np.asarray(y)
-    strata = y if task_of(y) == "classification" else np.digitize(
-        y, np.quantile(y, [0.2, 0.4, 0.6, 0.8]))
+    strata = (
+        y
+        if task_of(y) == "classification"
+        else np.digitize(y, np.quantile(y, [0.2, 0.4, 0.6, 0.8]))
+    )
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[], [], []]
     cuts = np.cumsum(fractions)[:2]
@@ -136,7 +140,10 @@ def _logistic(C: float):
 def _folds(y: np.ndarray, task: str, seed: int, n_splits: int = 3):
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    if task == "classification" and np.bincount(np.unique(y, return_inverse=True)[1]).min() >= n_splits:
+    if (
+        task == "classification"
+        and np.bincount(np.unique(y, return_inverse=True)[1]).min() >= n_splits
+    ):
         return list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(y, y))
     return list(KFold(n_splits, shuffle=True, random_state=seed).split(y))
 
@@ -180,8 +187,9 @@ def cv_scores(x: np.ndarray, y: np.ndarray, task: str, seed: int = 0) -> np.ndar
     return correct / len(y)
 
 
-def probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
-                seed: int = 0) -> tuple[float, float]:
+def probe_score(
+    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, seed: int = 0
+) -> tuple[float, float]:
     """Test score of the probe trained on train: ``(score, setting)``.
 
     Classification: accuracy of ``LogisticRegression(C)``, C from :data:`CS` by
@@ -219,12 +227,17 @@ def layer_kernels(z: Layers, train: np.ndarray, test: np.ndarray) -> tuple[np.nd
 def _targets(ytr: np.ndarray, yte: np.ndarray, task: str):
     if task == "classification":
         classes = np.unique(ytr)
-        return (ytr[:, None] == classes).astype(float), (yte[:, None] == classes).astype(float), classes
+        return (
+            (ytr[:, None] == classes).astype(float),
+            (yte[:, None] == classes).astype(float),
+            classes,
+        )
     return ytr[:, None].astype(float), yte[:, None].astype(float), None
 
 
-def kernel_ridge_score(k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte: np.ndarray
-                       ) -> tuple[float, float]:
+def kernel_ridge_score(
+    k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte: np.ndarray
+) -> tuple[float, float]:
     """Best test score of kernel ridge over :data:`ORACLE_LAMBDAS`.
 
     Kernel ridge with an unpenalised mean: ``f = K_te (K_tr + lam I)^-1 (Y - mean) + mean``
@@ -260,11 +273,14 @@ def kernel_ridge_score(k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte:
     return best
 
 
-def subset_scores(k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte: np.ndarray,
-                  subsets) -> dict[tuple[int, ...], tuple[float, float]]:
+def subset_scores(
+    k_tr: np.ndarray, k_te: np.ndarray, ytr: np.ndarray, yte: np.ndarray, subsets
+) -> dict[tuple[int, ...], tuple[float, float]]:
     """:func:`kernel_ridge_score` of the summed kernels of each subset."""
-    return {s: kernel_ridge_score(k_tr[list(s)].sum(0), k_te[list(s)].sum(0), ytr, yte)
-            for s in map(tuple, subsets)}
+    return {
+        s: kernel_ridge_score(k_tr[list(s)].sum(0), k_te[list(s)].sum(0), ytr, yte)
+        for s in map(tuple, subsets)
+    }
 
 
 def greedy_subset(k_tr, k_te, ytr, yte, k: int) -> tuple[tuple[int, ...], dict]:
@@ -279,8 +295,9 @@ def greedy_subset(k_tr, k_te, ytr, yte, k: int) -> tuple[tuple[int, ...], dict]:
     return picked, seen
 
 
-def oracle_ranking(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
-                   ) -> tuple[list[tuple[tuple[int, ...], tuple[float, float]]], str]:
+def oracle_ranking(
+    k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
+) -> tuple[list[tuple[tuple[int, ...], tuple[float, float]]], str]:
     """k-subsets ranked by their kernel-ridge test score, best first.
 
     Every subset when there are at most ``max_subsets``, else the k-subsets
@@ -290,23 +307,28 @@ def oracle_ranking(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
     """
     n_layers = len(k_tr)
     if comb(n_layers, k) <= max_subsets:
-        scores, mode = subset_scores(k_tr, k_te, ytr, yte, combinations(range(n_layers), k)), "exhaustive"
+        scores, mode = (
+            subset_scores(k_tr, k_te, ytr, yte, combinations(range(n_layers), k)),
+            "exhaustive",
+        )
     else:
         scores, mode = greedy_subset(k_tr, k_te, ytr, yte, k)[1], "greedy"
     ranked = sorted(((s, v) for s, v in scores.items() if len(s) == k), key=lambda sv: sv[0])
     return sorted(ranked, key=lambda sv: sv[1], reverse=True), mode
 
 
-def oracle_subset(k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
-                  ) -> tuple[tuple[int, ...], tuple[float, float], str]:
+def oracle_subset(
+    k_tr, k_te, ytr, yte, k: int, max_subsets: int = MAX_SUBSETS
+) -> tuple[tuple[int, ...], tuple[float, float], str]:
     """The k-subset with the best kernel-ridge test score: ``(subset, (score, -mse), mode)``."""
     ranked, mode = oracle_ranking(k_tr, k_te, ytr, yte, k, max_subsets)
     return ranked[0][0], ranked[0][1], mode
 
 
 # ----------------------------------------------------------------------------- selectors
-def _loes(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int, *, preset: str = "robust",
-          fixed_k=None) -> list[int]:
+def _loes(
+    cal_x: Layers, cal_y: np.ndarray, k: int, seed: int, *, preset: str = "robust", fixed_k=None
+) -> list[int]:
     from loes import select_layers_from_custom_embeddings
 
     dims = {x.shape[1] for x in cal_x}
@@ -314,8 +336,15 @@ def _loes(cal_x: Layers, cal_y: np.ndarray, k: int, seed: int, *, preset: str = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = select_layers_from_custom_embeddings(
-            emb, cal_y, k=fixed_k if fixed_k is not None else k, task=task_of(cal_y),
-            preset=preset, random_state=seed, show_progress=False, estimate=False)
+            emb,
+            cal_y,
+            k=fixed_k if fixed_k is not None else k,
+            task=task_of(cal_y),
+            preset=preset,
+            random_state=seed,
+            show_progress=False,
+            estimate=False,
+        )
     return [int(i) for i in res.selected_layers]
 
 
@@ -356,8 +385,14 @@ REFERENCES = ("best_single_cv", "oracle_single", "oracle_k_top1", "oracle_k")
 
 
 # ----------------------------------------------------------------------------- one split
-def run_split(layers: Layers, y: np.ndarray, seed: int, k: int,
-              methods: Sequence[str] = tuple(SELECTORS), max_subsets: int = MAX_SUBSETS) -> dict:
+def run_split(
+    layers: Layers,
+    y: np.ndarray,
+    seed: int,
+    k: int,
+    methods: Sequence[str] = tuple(SELECTORS),
+    max_subsets: int = MAX_SUBSETS,
+) -> dict:
     """Every method on one stratified split.
 
     Returns
@@ -383,8 +418,9 @@ def run_split(layers: Layers, y: np.ndarray, seed: int, k: int,
     def probe(subset) -> float:
         key = tuple(sorted(subset))
         if key not in memo:
-            memo[key] = probe_score(concat(z, key, train), y[train], concat(z, key, test), y[test],
-                                    seed)[0]
+            memo[key] = probe_score(
+                concat(z, key, train), y[train], concat(z, key, test), y[test], seed
+            )[0]
         return memo[key]
 
     n_layers = len(layers)
@@ -405,15 +441,21 @@ def run_split(layers: Layers, y: np.ndarray, seed: int, k: int,
     select_s["oracle_k"] = time.perf_counter() - t0
     kr = ranked[0][1]
     return {
-        "seed": seed, "n_cal": len(cal), "n_train": len(train), "n_test": len(test),
+        "seed": seed,
+        "n_cal": len(cal),
+        "n_train": len(train),
+        "n_test": len(test),
         "scores": {m: probe(p) for m, p in picks.items()},
-        "layers": picks, "select_s": select_s, "single": single,
+        "layers": picks,
+        "select_s": select_s,
+        "single": single,
         "oracle": {"kernel_ridge_score": kr[0], "kernel_ridge_mse": -kr[1], "search": mode},
     }
 
 
-def add_methods(layers: Layers, y: np.ndarray, seed: int, k: int, out: dict,
-                methods: Sequence[str]) -> dict:
+def add_methods(
+    layers: Layers, y: np.ndarray, seed: int, k: int, out: dict, methods: Sequence[str]
+) -> dict:
     """Fill in the methods a cached :func:`run_split` output lacks (same split and probe)."""
     missing = [m for m in methods if m not in out["layers"]]
     if not missing:
@@ -429,7 +471,8 @@ def add_methods(layers: Layers, y: np.ndarray, seed: int, k: int, out: dict,
         out["select_s"][name] = time.perf_counter() - t0
         out["layers"][name] = picks
         if tuple(picks) not in known:
-            known[tuple(picks)] = probe_score(concat(z, picks, train), y[train], concat(z, picks, test),
-                                              y[test], seed)[0]
+            known[tuple(picks)] = probe_score(
+                concat(z, picks, train), y[train], concat(z, picks, test), y[test], seed
+            )[0]
         out["scores"][name] = known[tuple(picks)]
     return out

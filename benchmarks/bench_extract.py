@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Dict, List, Tuple
 
 import torch
 
@@ -34,15 +33,26 @@ def configs(with_1b: bool):
 
     out = [("bert-base (12x768)", "auto", lambda: transformers.BertConfig())]
     if with_1b:
-        out.append((
-            "llama-1.1B (22x2048)", "last_token",
-            lambda: transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                             num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-        ))
+        out.append(
+            (
+                "llama-1.1B (22x2048)",
+                "last_token",
+                lambda: transformers.LlamaConfig(
+                    hidden_size=2048,
+                    intermediate_size=5632,
+                    num_hidden_layers=22,
+                    num_attention_heads=32,
+                    num_key_value_heads=4,
+                    vocab_size=32000,
+                ),
+            )
+        )
     return out
 
 
-def make_batches(n: int, seq: int, batch_size: int, vocab: int, seed: int = 0) -> List[Tuple[Dict, torch.Tensor]]:
+def make_batches(
+    n: int, seq: int, batch_size: int, vocab: int, seed: int = 0
+) -> list[tuple[dict, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, n, batch_size):
@@ -50,7 +60,9 @@ def make_batches(n: int, seq: int, batch_size: int, vocab: int, seed: int = 0) -
         ids = torch.randint(1000, vocab - 1, (b, seq), generator=g)
         lengths = torch.randint(seq // 2, seq + 1, (b,), generator=g)
         mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-        batches.append(({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 4, (b,), generator=g)))
+        batches.append(
+            ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 4, (b,), generator=g))
+        )
     return batches
 
 
@@ -64,7 +76,9 @@ def plain(model, batches, device) -> float:
     t = time.perf_counter()
     with torch.inference_mode():
         for inputs, _ in batches:
-            out = model(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()}, use_cache=False)
+            out = model(
+                **{k: v.to(device, non_blocking=True) for k, v in inputs.items()}, use_cache=False
+            )
             del out
     sync(device)
     return time.perf_counter() - t
@@ -75,8 +89,15 @@ def with_loes(model, batches, device, pooling, layers=None) -> float:
 
     sync(device)
     t = time.perf_counter()
-    emb = extract_embeddings(model, dataloader=batches, task="label_free", max_samples=None,
-                             pooling=pooling, layers=layers, show_progress=False)
+    emb = extract_embeddings(
+        model,
+        dataloader=batches,
+        task="label_free",
+        max_samples=None,
+        pooling=pooling,
+        layers=layers,
+        show_progress=False,
+    )
     sync(device)
     elapsed = time.perf_counter() - t
     assert emb.embeddings.device.type == "cpu"
@@ -84,13 +105,19 @@ def with_loes(model, batches, device, pooling, layers=None) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=None, help="samples (default: 64 on CPU, 1024 on CUDA)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: 64 CPU, 256 CUDA)")
+    p.add_argument(
+        "--seq", type=int, default=None, help="tokens per sample (default: 64 CPU, 256 CUDA)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 CPU, 32 CUDA")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--with-1b", action="store_true", help="also run the 1.1B decoder (default on CUDA)")
+    p.add_argument(
+        "--with-1b", action="store_true", help="also run the 1.1B decoder (default on CUDA)"
+    )
     p.add_argument("--sorting", action="store_true", help="also measure sort_by_length on MiniLM")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -98,7 +125,11 @@ def main() -> None:
     n = args.n or (1024 if cuda else 64)
     seq = args.seq or (256 if cuda else 64)
     bs = args.batch_size or (32 if cuda else 16)
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    dtype = (
+        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if cuda
+        else torch.float32
+    )
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -110,36 +141,71 @@ def main() -> None:
         with torch.device(device):
             model = transformers.AutoModel.from_config(config, dtype=dtype).eval()
         batches = make_batches(n, seq, bs, config.vocab_size)
-        plain(model, batches[:1], device)          # warm-up (kernels, allocator)
+        plain(model, batches[:1], device)  # warm-up (kernels, allocator)
         with_loes(model, batches[:1], device, pooling)
         n_blocks = config.num_hidden_layers
         subsets = {"middle": [n_blocks // 2], "first+middle": [0, n_blocks // 2]}
-        times: Dict[str, List[float]] = {"plain": [], "loes": [], **{k: [] for k in subsets}}
-        for _ in range(args.repeats):             # alternate to share any drift in machine load
+        times: dict[str, list[float]] = {"plain": [], "loes": [], **{k: [] for k in subsets}}
+        for _ in range(args.repeats):  # alternate to share any drift in machine load
             times["plain"].append(plain(model, batches, device))
             times["loes"].append(with_loes(model, batches, device, pooling))
             for key, layers in subsets.items():
                 times[key].append(with_loes(model, batches, device, pooling, layers))
         tp, tl = statistics.median(times["plain"]), statistics.median(times["loes"])
-        rows.append((name, str(device), str(dtype).replace("torch.", ""), n, seq, bs, tp, tl,
-                     100 * (tl / tp - 1), n / tl))
-        subset_rows.extend((name, key, layers, n_blocks, statistics.median(times[key]), tl)
-                           for key, layers in subsets.items())
+        rows.append(
+            (
+                name,
+                str(device),
+                str(dtype).replace("torch.", ""),
+                n,
+                seq,
+                bs,
+                tp,
+                tl,
+                100 * (tl / tp - 1),
+                n / tl,
+            )
+        )
+        subset_rows.extend(
+            (name, key, layers, n_blocks, statistics.median(times[key]), tl)
+            for key, layers in subsets.items()
+        )
         del model
         if cuda:
             torch.cuda.empty_cache()
-    head = ("model", "device", "dtype", "N", "seq", "batch", "plain s", "loes s", "overhead", "loes samples/s")
-    print(f"{head[0]:<22} {head[1]:<7} {head[2]:<9} {head[3]:>5} {head[4]:>4} {head[5]:>5} "
-          f"{head[6]:>8} {head[7]:>8} {head[8]:>9} {head[9]:>15}")
+    head = (
+        "model",
+        "device",
+        "dtype",
+        "N",
+        "seq",
+        "batch",
+        "plain s",
+        "loes s",
+        "overhead",
+        "loes samples/s",
+    )
+    print(
+        f"{head[0]:<22} {head[1]:<7} {head[2]:<9} {head[3]:>5} {head[4]:>4} {head[5]:>5} "
+        f"{head[6]:>8} {head[7]:>8} {head[8]:>9} {head[9]:>15}"
+    )
     for r in rows:
-        print(f"{r[0]:<22} {r[1]:<7} {r[2]:<9} {r[3]:>5} {r[4]:>4} {r[5]:>5} {r[6]:>8.2f} {r[7]:>8.2f} "
-              f"{r[8]:>8.1f}% {r[9]:>15.1f}")
-    print(f"(median of {args.repeats} alternating runs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads)")
-    print(f"\n{'model':<22} {'layers=':<14} {'blocks run':>10} {'subset s':>9} {'all s':>7} {'speed-up':>9}")
-    for name, key, layers, n_blocks, ts, ta in subset_rows:
-        print(f"{name:<22} {str(layers):<14} {max(layers) + 1:>4} of {n_blocks:<3} {ts:>9.2f} {ta:>7.2f} "
-              f"{ta / ts:>8.2f}x")
+        print(
+            f"{r[0]:<22} {r[1]:<7} {r[2]:<9} {r[3]:>5} {r[4]:>4} {r[5]:>5} {r[6]:>8.2f} {r[7]:>8.2f} "
+            f"{r[8]:>8.1f}% {r[9]:>15.1f}"
+        )
+    print(
+        f"(median of {args.repeats} alternating runs; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads)"
+    )
+    print(
+        f"\n{'model':<22} {'layers=':<14} {'blocks run':>10} {'subset s':>9} {'all s':>7} {'speed-up':>9}"
+    )
+    for name, _key, layers, n_blocks, ts, ta in subset_rows:
+        print(
+            f"{name:<22} {str(layers):<14} {max(layers) + 1:>4} of {n_blocks:<3} {ts:>9.2f} {ta:>7.2f} "
+            f"{ta / ts:>8.2f}x"
+        )
     if args.sorting:
         sorting(args.repeats)
 
@@ -157,29 +223,50 @@ def sorting(repeats: int, n: int = 1000, batch_size: int = 32) -> None:
     n = len(ds)
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
-    lengths = np.array([len(ids) for ids in tok(list(ds["text"]), truncation=True, max_length=256)["input_ids"]])
+    lengths = np.array(
+        [len(ids) for ids in tok(list(ds["text"]), truncation=True, max_length=256)["input_ids"]]
+    )
     out = {}
     for on in (True, False):
         order = np.argsort(-lengths, kind="stable") if on else np.arange(n)
-        padded = sum(len(b) * lengths[b].max() for b in np.array_split(order, range(batch_size, n, batch_size)))
+        padded = sum(
+            len(b) * lengths[b].max()
+            for b in np.array_split(order, range(batch_size, n, batch_size))
+        )
         out[on] = [int(padded), [], [], None]
     for _ in range(repeats):  # alternate on/off to share any drift in machine load
         for on in (True, False):
             t, c = time.perf_counter(), time.process_time()
-            out[on][3] = extract_embeddings(model, ds, tokenizer=tok, max_samples=None, batch_size=batch_size,
-                                            max_length=256, sort_by_length=on, show_progress=False)
+            out[on][3] = extract_embeddings(
+                model,
+                ds,
+                tokenizer=tok,
+                max_samples=None,
+                batch_size=batch_size,
+                max_length=256,
+                sort_by_length=on,
+                show_progress=False,
+            )
             out[on][1].append(time.perf_counter() - t)
             out[on][2].append(time.process_time() - c)
     out = {on: (v[0], min(v[1]), min(v[2]), v[3]) for on, v in out.items()}
-    torch.testing.assert_close(out[True][3].embeddings, out[False][3].embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out[True][3].embeddings, out[False][3].embeddings, atol=1e-5, rtol=1e-5
+    )
     real = int(lengths.sum())
     print(f"\nMiniLM-L6, {n} drug reviews, batch {batch_size}, max_length 256 ({real} real tokens)")
-    print(f"{'sort_by_length':<15} {'tokens processed':>17} {'padding':>8} {'wall s':>8} {'CPU s':>8}")
+    print(
+        f"{'sort_by_length':<15} {'tokens processed':>17} {'padding':>8} {'wall s':>8} {'CPU s':>8}"
+    )
     for on in (True, False):
         padded, wall, cpu, _ = out[on]
-        print(f"{str(on):<15} {padded:>17} {100 * (padded / real - 1):>7.1f}% {wall:>8.2f} {cpu:>8.2f}")
-    print(f"sorting: {out[False][0] / out[True][0]:.2f}x fewer tokens, {out[False][1] / out[True][1]:.2f}x less "
-          f"wall time, {out[False][2] / out[True][2]:.2f}x less CPU time (best of {repeats}); same features")
+        print(
+            f"{str(on):<15} {padded:>17} {100 * (padded / real - 1):>7.1f}% {wall:>8.2f} {cpu:>8.2f}"
+        )
+    print(
+        f"sorting: {out[False][0] / out[True][0]:.2f}x fewer tokens, {out[False][1] / out[True][1]:.2f}x less "
+        f"wall time, {out[False][2] / out[True][2]:.2f}x less CPU time (best of {repeats}); same features"
+    )
 
 
 if __name__ == "__main__":

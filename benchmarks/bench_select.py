@@ -47,7 +47,9 @@ def run_case(n: int, l: int, d: int, k: int, device: str, preset: str) -> dict:
     y = torch.randint(0, 10, (n,), generator=g)
     warm = torch.randn(64, 3, 16, generator=g)
     if device == "cuda":
-        x = torch.randn(n, l, d, generator=g, dtype=torch.float32).to(device=device, dtype=torch.bfloat16)
+        x = torch.randn(n, l, d, generator=g, dtype=torch.float32).to(
+            device=device, dtype=torch.bfloat16
+        )
         select_layers_from_custom_embeddings(warm.cuda(), y[:64], k=2, show_progress=False)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -78,11 +80,20 @@ def run_case(n: int, l: int, d: int, k: int, device: str, preset: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--published", action="store_true", help="also time the published algorithm (slow)")
+    ap.add_argument(
+        "--published", action="store_true", help="also time the published algorithm (slow)"
+    )
     ap.add_argument("--cases", default=None, help="e.g. 1000x12x768x4,256x12x768x3")
-    ap.add_argument("--repeats", type=int, default=1, help="fresh processes per row; the row with the median wall time is shown")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fresh processes per row; the row with the median wall time is shown",
+    )
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default="robust", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -95,7 +106,9 @@ def main() -> None:
         cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
     import torch
 
-    print(f"# loes bench_select  device={args.device}  torch={torch.__version__}  threads={torch.get_num_threads()}")
+    print(
+        f"# loes bench_select  device={args.device}  torch={torch.__version__}  threads={torch.get_num_threads()}"
+    )
     if args.device == "cuda":
         print(f"# gpu: {torch.cuda.get_device_name(0)}")
     header = f"| {'N':>5} | {'L':>3} | {'D':>5} | {'k':>2} | {'method':<22} | {'wall s':>8} | {'prep s':>7} | {'select s':>8} | {'peak MB':>8} | {'peak/input':>10} |"
@@ -108,7 +121,16 @@ def main() -> None:
         if args.device == "cuda" or n * l * d > 2000 * 24 * 1024:
             methods = ["robust"]
         for method in methods:
-            cmd = [sys.executable, __file__, "--case", f"{n}x{l}x{d}x{k}", "--device", args.device, "--preset", method]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                f"{n}x{l}x{d}x{k}",
+                "--device",
+                args.device,
+                "--preset",
+                method,
+            ]
             runs = []
             for _ in range(max(1, args.repeats) if method == "robust" else 1):
                 out = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,11 +138,17 @@ def main() -> None:
                     break
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             if out.returncode != 0:
-                print(f"| {n:>5} | {l:>3} | {d:>5} | {k:>2} | {method:<22} | failed: {out.stderr.strip().splitlines()[-1][:60]}")
+                print(
+                    f"| {n:>5} | {l:>3} | {d:>5} | {k:>2} | {method:<22} | failed: {out.stderr.strip().splitlines()[-1][:60]}"
+                )
                 continue
             r = sorted(runs, key=lambda run: run["wall"])[len(runs) // 2]
             t = r["timings"]
-            name = {"robust": "loes robust", "reference": "loes reference", "published": "published algorithm"}[method]
+            name = {
+                "robust": "loes robust",
+                "reference": "loes reference",
+                "published": "published algorithm",
+            }[method]
             print(
                 f"| {n:>5} | {l:>3} | {d:>5} | {k:>2} | {name:<22} | {r['wall']:>8.3f} | {t.get('prepare', float('nan')):>7.3f} | "
                 f"{t.get('select', float('nan')):>8.3f} | {r['peak'] / 2**20:>8.1f} | {r['peak'] / r['input_fp32']:>10.2f} |",

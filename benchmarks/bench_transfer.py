@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 
@@ -47,49 +47,91 @@ def features(task: str, cache_dir: str, max_length: int = 128, show_progress: An
         ds = ld.load_drugreview("all")
     else:
         ds = ld.load_bbc_news(max_per_class=spec["n"] // 5, random_state=0)
-    kwargs: Dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
     if spec["model"] == "minilm":
         model = ld.minilm_path()
     else:
         model, gguf = ld.smollm2_gguf()
         kwargs["gguf_file"] = gguf
-    emb = extract_embeddings(model, ds, task="classification", max_samples=min(spec["n"], len(ds)),
-                             pooling="masked_mean", max_length=max_length, batch_size=16,
-                             cache_dir=cache_dir, random_state=0, show_progress=show_progress, **kwargs)
+    emb = extract_embeddings(
+        model,
+        ds,
+        task="classification",
+        max_samples=min(spec["n"], len(ds)),
+        pooling="masked_mean",
+        max_length=max_length,
+        batch_size=16,
+        cache_dir=cache_dir,
+        random_state=0,
+        show_progress=show_progress,
+        **kwargs,
+    )
     return emb.embeddings, np.asarray(emb.targets), emb.layer_names
 
 
-def run_task(task: str, args) -> List[Dict[str, Any]]:
+def run_task(task: str, args) -> list[dict[str, Any]]:
     from loes.evaluate import evaluate
 
     t = time.perf_counter()
     x, y, names = features(task, args.cache_dir, show_progress=args.progress)
-    print(f"\n## {task}: {x.shape[0]} texts x {x.shape[1]} layers x {x.shape[2]} dims "
-          f"(features {time.perf_counter() - t:.1f} s); majority-class rate "
-          f"{np.bincount(y).max() / len(y):.3f}", flush=True)
+    print(
+        f"\n## {task}: {x.shape[0]} texts x {x.shape[1]} layers x {x.shape[2]} dims "
+        f"(features {time.perf_counter() - t:.1f} s); majority-class rate "
+        f"{np.bincount(y).max() / len(y):.3f}",
+        flush=True,
+    )
     summary = []
     for k in args.k:
         methods = None
         if x.shape[1] > 12 and k > 3:  # exhaustive over C(30, 4) = 27,405 subsets is too slow here
-            methods = ["loes", "last", "last_k", "all_concat", "layer_weights", "random_k",
-                       "greedy_probe", "label_free"]
+            methods = [
+                "loes",
+                "last",
+                "last_k",
+                "all_concat",
+                "layer_weights",
+                "random_k",
+                "greedy_probe",
+                "label_free",
+            ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t = time.perf_counter()
-            ev = evaluate(x, y, k=k, seeds=list(range(args.seeds)), probe=args.probe, methods=methods,
-                          fractions=args.fractions, per_layer=(k == args.k[0]), show_progress=args.progress)
-        print(f"\n### {task}, k={k}, {args.probe} probe, {args.seeds} seeds "
-              f"(splits {ev.n_samples}; {time.perf_counter() - t:.0f} s)")
+            ev = evaluate(
+                x,
+                y,
+                k=k,
+                seeds=list(range(args.seeds)),
+                probe=args.probe,
+                methods=methods,
+                fractions=args.fractions,
+                per_layer=(k == args.k[0]),
+                show_progress=args.progress,
+            )
+        print(
+            f"\n### {task}, k={k}, {args.probe} probe, {args.seeds} seeds "
+            f"(splits {ev.n_samples}; {time.perf_counter() - t:.0f} s)"
+        )
         print(ev.format_table())
         if ev.per_layer:
-            print("single-layer test accuracy: " + " ".join(
-                f"{i}:{m:.3f}" for i, m in zip(ev.per_layer["layer"], ev.per_layer["mean"])))
-        summary.append({
-            "task": task, "k": k, "loes": ev.mean_score("loes"), "last": ev.mean_score("last"),
-            "last_k": ev.mean_score("last_k"), "p_last": ev.tests["last"]["p"],
-            "p_last_k": ev.tests["last_k"]["p"],
-            "best_baseline": max((m for m in ev.methods if m != "loes"), key=ev.mean_score),
-        })
+            print(
+                "single-layer test accuracy: "
+                + " ".join(
+                    f"{i}:{m:.3f}" for i, m in zip(ev.per_layer["layer"], ev.per_layer["mean"])
+                )
+            )
+        summary.append(
+            {
+                "task": task,
+                "k": k,
+                "loes": ev.mean_score("loes"),
+                "last": ev.mean_score("last"),
+                "last_k": ev.mean_score("last_k"),
+                "p_last": ev.tests["last"]["p"],
+                "p_last_k": ev.tests["last_k"]["p"],
+                "best_baseline": max((m for m in ev.methods if m != "loes"), key=ev.mean_score),
+            }
+        )
         summary[-1]["best_score"] = ev.mean_score(summary[-1]["best_baseline"])
     return summary
 
@@ -115,12 +157,23 @@ def sweep(task: str, args) -> None:
     for opts in grid:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ev = evaluate(x, y, k=args.k[0], seeds=list(range(args.seeds)), methods=["loes"],
-                          per_layer=False, loes_options=opts, show_progress=False)
+            ev = evaluate(
+                x,
+                y,
+                k=args.k[0],
+                seeds=list(range(args.seeds)),
+                methods=["loes"],
+                per_layer=False,
+                loes_options=opts,
+                show_progress=False,
+            )
         scores = ev.scores("loes")
         label = ", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
-        print(f"{label:<18} {np.mean(scores):>7.4f} {np.std(scores, ddof=1):>7.4f}  "
-              f"{ev.selection('loes').selected_layers}", flush=True)
+        print(
+            f"{label:<18} {np.mean(scores):>7.4f} {np.std(scores, ddof=1):>7.4f}  "
+            f"{ev.selection('loes').selected_layers}",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
@@ -129,8 +182,13 @@ def main(argv=None) -> int:
     parser.add_argument("--k", nargs="+", type=int, default=[3, 4])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--probe", default="ridge", choices=("ridge", "logistic", "fusion"))
-    parser.add_argument("--fractions", nargs=4, type=float, default=[0.25, 0.4, 0.15, 0.2],
-                        help="calibration / train / validation / test shares")
+    parser.add_argument(
+        "--fractions",
+        nargs=4,
+        type=float,
+        default=[0.25, 0.4, 0.15, 0.2],
+        help="calibration / train / validation / test shares",
+    )
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/loes-bench"))
     parser.add_argument("--sweep", action="store_true", help="grid over LOES settings instead")
     parser.add_argument("--extract-only", action="store_true")
@@ -154,10 +212,14 @@ def main(argv=None) -> int:
     for task in args.tasks:
         rows.extend(run_task(task, args))
     print("\n## summary (test accuracy, mean over seeds; p: paired t-test)")
-    print(f"{'task':<12} {'k':>2} {'LOES':>7} {'last':>7} {'p':>6} {'last-k':>7} {'p':>6}  best baseline")
+    print(
+        f"{'task':<12} {'k':>2} {'LOES':>7} {'last':>7} {'p':>6} {'last-k':>7} {'p':>6}  best baseline"
+    )
     for r in rows:
-        print(f"{r['task']:<12} {r['k']:>2} {r['loes']:>7.4f} {r['last']:>7.4f} {r['p_last']:>6.3f} "
-              f"{r['last_k']:>7.4f} {r['p_last_k']:>6.3f}  {r['best_baseline']} {r['best_score']:.4f}")
+        print(
+            f"{r['task']:<12} {r['k']:>2} {r['loes']:>7.4f} {r['last']:>7.4f} {r['p_last']:>6.3f} "
+            f"{r['last_k']:>7.4f} {r['p_last_k']:>6.3f}  {r['best_baseline']} {r['best_score']:.4f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

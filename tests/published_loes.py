@@ -6,8 +6,17 @@ import numpy as np
 import torch
 
 
-def published_loes(x: torch.Tensor, y_labels: torch.Tensor, k: int, reg=1e-3, alpha=1.0, gamma=0.5, eta=0.1, seed=0,
-                   dtype=torch.float64):
+def published_loes(
+    x: torch.Tensor,
+    y_labels: torch.Tensor,
+    k: int,
+    reg=1e-3,
+    alpha=1.0,
+    gamma=0.5,
+    eta=0.1,
+    seed=0,
+    dtype=torch.float64,
+):
     """A direct, slow transcription of the published algorithm (spec section 2).
 
     Every candidate recomputes its isotropy, the selected-set solve and the
@@ -36,7 +45,13 @@ def published_loes(x: torch.Tensor, y_labels: torch.Tensor, k: int, reg=1e-3, al
         return v @ w + b
 
     def red(v, sel):
-        return max(float(torch.linalg.norm(v.T @ views[j]) / (torch.linalg.norm(v) * torch.linalg.norm(views[j]) + 1e-8)) for j in sel)
+        return max(
+            float(
+                torch.linalg.norm(v.T @ views[j])
+                / (torch.linalg.norm(v) * torch.linalg.norm(views[j]) + 1e-8)
+            )
+            for j in sel
+        )
 
     def tri(v, labels):
         u = torch.unique(labels)
@@ -46,7 +61,12 @@ def published_loes(x: torch.Tensor, y_labels: torch.Tensor, k: int, reg=1e-3, al
         idx = torch.randint(0, len(u), (min(200, 3 * len(u)), 3), generator=g)
         a, b, d = c[idx[:, 0]], c[idx[:, 1]], c[idx[:, 2]]
         ab, ac = a - b, a - d
-        return float((0.5 * torch.sqrt(((ab**2).sum(1) * (ac**2).sum(1) - (ab * ac).sum(1) ** 2).clamp(min=0))).mean())
+        return float(
+            (
+                0.5
+                * torch.sqrt(((ab**2).sum(1) * (ac**2).sum(1) - (ab * ac).sum(1) ** 2).clamp(min=0))
+            ).mean()
+        )
 
     scores = [float(((ridge(v, y) - y) ** 2).mean()) + alpha * (1 - iso(v)) for v in views]
     best = int(np.argmin(scores))
@@ -61,10 +81,17 @@ def published_loes(x: torch.Tensor, y_labels: torch.Tensor, k: int, reg=1e-3, al
             if l in selected:
                 continue
             vc = v - v.mean(0)
-            b = torch.linalg.solve(xsc.T @ xsc + 1e-6 * torch.eye(xs.shape[1], dtype=v.dtype), xsc.T @ vc)
+            b = torch.linalg.solve(
+                xsc.T @ xsc + 1e-6 * torch.eye(xs.shape[1], dtype=v.dtype), xsc.T @ vc
+            )
             xt = vc - xsc @ b + v.mean(0)
             pred = ridge(xt, r)
-            s = float(((pred - r) ** 2).mean()) + alpha * (1 - iso(v)) + gamma * red(v, selected) - eta * tri(xt, y_labels)
+            s = (
+                float(((pred - r) ** 2).mean())
+                + alpha * (1 - iso(v))
+                + gamma * red(v, selected)
+                - eta * tri(xt, y_labels)
+            )
             cand.append((s, l, pred))
         s, l, pred = min(cand, key=lambda c: c[0])
         selected.append(l)

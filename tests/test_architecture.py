@@ -12,7 +12,6 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 import pytest
 
@@ -20,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Rank of each part of the package, bottom first. The longest matching
 #: prefix decides a module's rank.
-RANKS: Dict[str, int] = {
+RANKS: dict[str, int] = {
     "loes._exceptions": 0,
     "loes._deps": 0,
     "loes._rng": 0,
@@ -53,9 +52,24 @@ RANKS: Dict[str, int] = {
 
 #: Third-party packages that may be imported inside a function (optional extras).
 LAZY_OK = {
-    "transformers", "datasets", "safetensors", "accelerate", "gguf", "matplotlib",
-    "sklearn", "scipy", "ray", "pandas", "PIL", "tqdm", "huggingface_hub", "pyarrow",
-    "torchvision", "timm", "IPython", "psutil",
+    "transformers",
+    "datasets",
+    "safetensors",
+    "accelerate",
+    "gguf",
+    "matplotlib",
+    "sklearn",
+    "scipy",
+    "ray",
+    "pandas",
+    "PIL",
+    "tqdm",
+    "huggingface_hub",
+    "pyarrow",
+    "torchvision",
+    "timm",
+    "IPython",
+    "psutil",
 }
 
 
@@ -68,7 +82,7 @@ def rank_of(module: str) -> int:
     raise KeyError(f"module {module} has no rank in tests/test_architecture.py::RANKS")
 
 
-def module_files(src: Path = SRC) -> Dict[str, Path]:
+def module_files(src: Path = SRC) -> dict[str, Path]:
     out = {}
     for path in (src / "loes").rglob("*.py"):
         parts = list(path.relative_to(src).with_suffix("").parts)
@@ -86,11 +100,13 @@ def _resolve(node: ast.ImportFrom, module: str, is_pkg: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imports_of(module: str, source: str, is_pkg: bool, known: Set[str]) -> List[Tuple[str, bool, int]]:
+def imports_of(
+    module: str, source: str, is_pkg: bool, known: set[str]
+) -> list[tuple[str, bool, int]]:
     """(imported module, inside a function?, line) for each import in ``source``."""
     tree = ast.parse(source)
-    skip: Set[int] = set()
-    local: Set[int] = set()
+    skip: set[int] = set()
+    local: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skip.update(id(n) for b in node.body for n in ast.walk(b))
@@ -100,25 +116,29 @@ def imports_of(module: str, source: str, is_pkg: bool, known: Set[str]) -> List[
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
-        names: List[str] = []
+        names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = _resolve(node, module, is_pkg)
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
         for name in names:
             found.append((name, id(node) in local, node.lineno))
     return found
 
 
-def violations(src: Path = SRC) -> List[str]:
+def violations(src: Path = SRC) -> list[str]:
     files = module_files(src)
     known = set(files)
-    out: List[str] = []
+    out: list[str] = []
     for module, path in sorted(files.items()):
         is_pkg = path.name == "__init__.py"
         mine = rank_of(module)
-        for name, inside, line in imports_of(module, path.read_text(encoding="utf-8"), is_pkg, known):
+        for name, inside, line in imports_of(
+            module, path.read_text(encoding="utf-8"), is_pkg, known
+        ):
             top = name.split(".")[0]
             where = f"{path.relative_to(src)}:{line}"
             if top != "loes":
@@ -154,5 +174,7 @@ def test_no_import_circle():
     tool = SRC.parents[1] / "shared" / "tools" / "import_cycles.py"
     if not tool.exists():
         pytest.skip("shared/tools/import_cycles.py is not beside this checkout")
-    run = subprocess.run([sys.executable, str(tool), str(SRC), "loes"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(tool), str(SRC), "loes"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -63,7 +63,9 @@ def test_fixed_baselines_follow_their_definitions():
 
 def test_random_k_is_seeded_distinct_and_varies():
     x = np.random.default_rng(0).normal(size=(40, 12, 3))
-    picks = [tuple(select_baseline("random_k", x, k=4, random_state=s).selected_layers) for s in range(6)]
+    picks = [
+        tuple(select_baseline("random_k", x, k=4, random_state=s).selected_layers) for s in range(6)
+    ]
     assert all(len(set(p)) == 4 and all(0 <= i < 12 for i in p) for p in picks)
     assert picks[0] == tuple(select_baseline("random_k", x, k=4, random_state=0).selected_layers)
     assert len(set(picks)) > 1
@@ -90,7 +92,9 @@ def test_greedy_equals_its_definition():
 def test_exhaustive_finds_the_true_best_subset():
     x, y = _complementary()
     res = select_baseline("exhaustive", x, y, k=2)
-    brute = {s: _slow_loo_error([x[:, i] for i in s], y) for s in itertools.combinations(range(6), 2)}
+    brute = {
+        s: _slow_loo_error([x[:, i] for i in s], y) for s in itertools.combinations(range(6), 2)
+    }
     best = min(brute.values())
     assert brute[tuple(res.selected_layers)] == pytest.approx(best, abs=1e-12)
     assert 4 in res.selected_layers  # b is only in layer 4: the best pair needs it
@@ -151,9 +155,15 @@ def test_kernel_loo_matches_feature_loo(task):
     labels = rng.integers(0, 3, 40)
     layers = [torch.from_numpy(_standardize(x[:, i])) for i in range(3)]
     if task == "classification":
-        y, lab = torch.nn.functional.one_hot(torch.from_numpy(labels)).double(), torch.from_numpy(labels)
+        y, lab = (
+            torch.nn.functional.one_hot(torch.from_numpy(labels)).double(),
+            torch.from_numpy(labels),
+        )
     else:
-        y, lab = torch.from_numpy(x[:, 0, :2].sum(1, keepdims=True) + rng.normal(size=(40, 1))), None
+        y, lab = (
+            torch.from_numpy(x[:, 0, :2].sum(1, keepdims=True) + rng.normal(size=(40, 1))),
+            None,
+        )
     kernel = sum(layer @ layer.T for layer in layers[:2])
     fast = _kernel_loo_error(kernel, 60, y, lab, 0.1)
     slow = loo_probe_error(layers[:2], y, lab, 0.1)
@@ -170,6 +180,8 @@ def test_exhaustive_dual_path_finds_the_true_best_subset():
     x[:, 3, :10] += 2.0 * b[:, None]
     y = 2 * a + b
     res = select_baseline("exhaustive", x, y, k=2)
-    brute = {s: _slow_loo_error([x[:, i] for i in s], y) for s in itertools.combinations(range(5), 2)}
+    brute = {
+        s: _slow_loo_error([x[:, i] for i in s], y) for s in itertools.combinations(range(5), 2)
+    }
     assert brute[tuple(res.selected_layers)] == pytest.approx(min(brute.values()), abs=1e-12)
     assert res.selected_layers == [1, 3]

@@ -36,8 +36,9 @@ def _brute_force(z, subset, train, test, ytr, yte):
     gram = x[train] @ x[train].T
     best = (-np.inf, -np.inf)
     for lam in Q.ORACLE_LAMBDAS:
-        alpha = np.linalg.solve(gram + lam * np.trace(gram) / len(train) * np.eye(len(train)),
-                                Y - Y.mean(0))
+        alpha = np.linalg.solve(
+            gram + lam * np.trace(gram) / len(train) * np.eye(len(train)), Y - Y.mean(0)
+        )
         pred = x[test] @ x[train].T @ alpha + Y.mean(0)
         if clf:
             score = np.mean(classes[pred.argmax(1)] == yte)
@@ -50,12 +51,18 @@ def _brute_force(z, subset, train, test, ytr, yte):
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_oracle_equals_brute_force(task):
     layers, rng = _layers()
-    y = rng.integers(0, 3, 90) if task == "classification" else rng.normal(size=90) + layers[2][:, 0]
+    y = (
+        rng.integers(0, 3, 90)
+        if task == "classification"
+        else rng.normal(size=90) + layers[2][:, 0]
+    )
     cal, train, test = Q.split_indices(y, seed=1)
     z = Q.zscore(layers, train)
     k_tr, k_te = Q.layer_kernels(z, train, test)
     fast = Q.subset_scores(k_tr, k_te, y[train], y[test], combinations(range(6), 2))
-    slow = {s: _brute_force(z, s, train, test, y[train], y[test]) for s in combinations(range(6), 2)}
+    slow = {
+        s: _brute_force(z, s, train, test, y[train], y[test]) for s in combinations(range(6), 2)
+    }
     assert len(fast) == 15
     for s in slow:
         np.testing.assert_allclose(fast[s], slow[s], rtol=0, atol=1e-8)
@@ -80,7 +87,10 @@ def test_greedy_fallback_agrees_with_exhaustive():
     yr = rng.integers(0, 3, 90)
     _, tr, te = Q.split_indices(yr, seed=0)
     kt, ke = Q.layer_kernels(Q.zscore(rand, tr), tr, te)
-    assert Q.oracle_subset(kt, ke, yr[tr], yr[te], 1)[:2] == Q.oracle_subset(kt, ke, yr[tr], yr[te], 1, 1)[:2]
+    assert (
+        Q.oracle_subset(kt, ke, yr[tr], yr[te], 1)[:2]
+        == Q.oracle_subset(kt, ke, yr[tr], yr[te], 1, 1)[:2]
+    )
     _, seen = Q.greedy_subset(kt, ke, yr[tr], yr[te], 3)
     full = Q.subset_scores(kt, ke, yr[tr], yr[te], list(seen))
     assert seen == full and len(seen) == 6 + 5 + 4
@@ -90,7 +100,12 @@ def test_greedy_fallback_agrees_with_exhaustive():
 def test_splitter_is_stratified_disjoint_with_the_stated_fractions(seed):
     y = np.repeat(np.arange(4), [50, 30, 13, 7])
     cal, train, test = Q.split_indices(y, seed)
-    assert len(np.intersect1d(cal, train)) == len(np.intersect1d(cal, test)) == len(np.intersect1d(train, test)) == 0
+    assert (
+        len(np.intersect1d(cal, train))
+        == len(np.intersect1d(cal, test))
+        == len(np.intersect1d(train, test))
+        == 0
+    )
     np.testing.assert_array_equal(np.sort(np.concatenate([cal, train, test])), np.arange(len(y)))
     for part, share in zip((cal, train, test), Q.FRACTIONS):
         counts = np.bincount(y[part], minlength=4)
@@ -144,4 +159,6 @@ def test_run_split_reports_every_method():
     assert out["scores"]["oracle_single"] == max(out["single"])
     assert out["scores"]["oracle_k"] > out["scores"]["last"] + 0.2
     sizes = np.array([out["n_cal"], out["n_train"], out["n_test"]])
-    assert sizes.sum() == 160 and np.all(np.abs(sizes - 160 * np.array(Q.FRACTIONS)) <= 4)  # 4 classes
+    assert sizes.sum() == 160 and np.all(
+        np.abs(sizes - 160 * np.array(Q.FRACTIONS)) <= 4
+    )  # 4 classes

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict
 
 import numpy as np
 import pytest
@@ -67,15 +67,21 @@ def _truncated_npy(p: Path) -> None:
     p.write_bytes(p.read_bytes()[:200])
 
 
-_BERT: Dict[str, Path] = {}
+_BERT: dict[str, Path] = {}
 
 
 def _tiny_bert(p: Path) -> None:
     """A tiny random BERT (config and weights, no tokenizer), built once per session and copied."""
     if "dir" not in _BERT:
         transformers = pytest.importorskip("transformers")
-        cfg = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=16, max_position_embeddings=32)
+        cfg = transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=32,
+        )
         torch.manual_seed(0)
         _BERT["dir"] = Path(tempfile.mkdtemp(prefix="loes-tiny-bert-"))
         with contextlib.redirect_stderr(io.StringIO()):  # save_pretrained's progress bar
@@ -88,7 +94,7 @@ def _titles_csv(p: Path) -> None:
 
 
 #: Files a case may ask for, by name: builder(path).
-FILES: Dict[str, Callable[[Path], None]] = {
+FILES: dict[str, Callable[[Path], None]] = {
     "feats.npy": _npy(_feats),
     "labels.txt": _write("\n".join(map(str, _labels())) + "\n"),
     "feats.npz": lambda p: np.savez(p, embeddings=_feats(), targets=_labels()),
@@ -102,7 +108,10 @@ FILES: Dict[str, Callable[[Path], None]] = {
     "pickled.npy": lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
     "objects.npz": lambda p: np.savez(p, embeddings=np.array([None, 1], dtype=object)),
     "truncated.npy": _truncated_npy,
-    "archive.npy": lambda p: (np.savez(p.with_suffix(".npz"), a=_feats()), p.with_suffix(".npz").rename(p)),
+    "archive.npy": lambda p: (
+        np.savez(p.with_suffix(".npz"), a=_feats()),
+        p.with_suffix(".npz").rename(p),
+    ),
     "flat.npy": _npy(lambda: _feats()[:, 0, :]),
     "complex.npy": _npy(lambda: _feats().astype(np.complex64)),
     "strings.npy": _npy(lambda: np.full((N, L, D), "a")),
@@ -131,8 +140,22 @@ FILES: Dict[str, Callable[[Path], None]] = {
 }
 
 E, T, R = "feats.npy", "labels.txt", "result.json"
-SEL = ["select", "--embeddings", E, "--targets", T]  # a good --embeddings run, to spoil with one option
-MOD = ["select", "--model", "tiny_bert", "--dataset", "titles.csv", "--k", "1"]  # good until loading
+SEL = [
+    "select",
+    "--embeddings",
+    E,
+    "--targets",
+    T,
+]  # a good --embeddings run, to spoil with one option
+MOD = [
+    "select",
+    "--model",
+    "tiny_bert",
+    "--dataset",
+    "titles.csv",
+    "--k",
+    "1",
+]  # good until loading
 
 # (id, argv, files to create, exit code, stable fragment of the one stderr line)
 CASES = [
@@ -142,151 +165,557 @@ CASES = [
     ("sel-k-word", SEL + ["--k", "two"], (E, T), 2, "must be a positive integer; got 'two'"),
     ("sel-k-missing", SEL, (E, T), 2, "the following arguments are required: --k"),
     ("sel-k-too-big", SEL + ["--k", "9"], (E, T), 2, "k"),
-    ("sel-unknown-option", SEL + ["--k", "2", "--kk", "2"], (E, T), 2, "unrecognized arguments: --kk"),
-    ("sel-bad-task", SEL + ["--k", "2", "--task", "ranking"], (E, T), 2, "invalid choice: 'ranking'"),
-    ("sel-reg-nan", SEL + ["--k", "2", "--reg", "nan"], (E, T), 2, "must be a finite number; got 'nan'"),
+    (
+        "sel-unknown-option",
+        SEL + ["--k", "2", "--kk", "2"],
+        (E, T),
+        2,
+        "unrecognized arguments: --kk",
+    ),
+    (
+        "sel-bad-task",
+        SEL + ["--k", "2", "--task", "ranking"],
+        (E, T),
+        2,
+        "invalid choice: 'ranking'",
+    ),
+    (
+        "sel-reg-nan",
+        SEL + ["--k", "2", "--reg", "nan"],
+        (E, T),
+        2,
+        "must be a finite number; got 'nan'",
+    ),
     ("sel-alpha-inf", SEL + ["--k", "2", "--alpha", "inf"], (E, T), 2, "must be a finite number"),
     ("sel-reg-word", SEL + ["--k", "2", "--reg", "big"], (E, T), 2, "must be a number; got 'big'"),
     ("sel-both-modes", SEL + ["--k", "2", "--model", "m", "--dataset", "d"], (E, T), 2, "not both"),
     ("sel-no-mode", ["select", "--k", "2"], (), 2, "missing --model"),
-    ("sel-model-option", SEL + ["--k", "2", "--device", "cpu"], (E, T), 2,
-     "--device apply to --model/--dataset only"),
+    (
+        "sel-model-option",
+        SEL + ["--k", "2", "--device", "cpu"],
+        (E, T),
+        2,
+        "--device apply to --model/--dataset only",
+    ),
     # select --embeddings: embeddings files
-    ("sel-emb-missing", ["select", "--embeddings", "nope.npz", "--k", "2"], (), 2, "embeddings file not found"),
+    (
+        "sel-emb-missing",
+        ["select", "--embeddings", "nope.npz", "--k", "2"],
+        (),
+        2,
+        "embeddings file not found",
+    ),
     ("sel-emb-dir", ["select", "--embeddings", "adir", "--k", "2"], ("adir",), 2, "is a directory"),
-    ("sel-emb-garbage-npy", ["select", "--embeddings", "garbage.npy", "--targets", T, "--k", "2"],
-     ("garbage.npy", T), 2, "not a .npy file (no NumPy header)"),
-    ("sel-emb-pickled-npy", ["select", "--embeddings", "pickled.npy", "--targets", T, "--k", "2"],
-     ("pickled.npy", T), 2, "pickled Python objects"),
-    ("sel-emb-truncated-npy", ["select", "--embeddings", "truncated.npy", "--targets", T, "--k", "2"],
-     ("truncated.npy", T), 2, "not a readable .npy file"),
-    ("sel-emb-npz-as-npy", ["select", "--embeddings", "archive.npy", "--targets", T, "--k", "2"],
-     ("archive.npy", T), 2, "is an .npz archive"),
-    ("sel-emb-garbage-npz", ["select", "--embeddings", "garbage.npz", "--k", "2"], ("garbage.npz",), 2,
-     "not a readable .npz archive"),
-    ("sel-emb-object-npz", ["select", "--embeddings", "objects.npz", "--k", "2"], ("objects.npz",), 2,
-     "not a readable .npz archive"),
-    ("sel-emb-garbage-safetensors", ["select", "--embeddings", "garbage.safetensors", "--k", "2"],
-     ("garbage.safetensors",), 2, "not a readable safetensors file"),
-    ("sel-emb-garbage-pt", ["select", "--embeddings", "garbage.pt", "--k", "2"], ("garbage.pt",), 2,
-     "not a readable torch file"),
-    ("sel-emb-code-pt", ["select", "--embeddings", "code.pt", "--k", "2"], ("code.pt",), 2,
-     "weights_only=True"),
-    ("sel-emb-list-pt", ["select", "--embeddings", "list.pt", "--k", "2"], ("list.pt",), 2,
-     "expected a tensor or a dict of tensors; found list"),
-    ("sel-emb-2d", ["select", "--embeddings", "flat.npy", "--targets", T, "--k", "2"], ("flat.npy", T), 2,
-     "for a single layer save X[:, None, :]"),
-    ("sel-emb-complex", ["select", "--embeddings", "complex.npy", "--targets", T, "--k", "2"],
-     ("complex.npy", T), 2, "embeddings must be real numbers"),
-    ("sel-emb-strings", ["select", "--embeddings", "strings.npy", "--targets", T, "--k", "2"],
-     ("strings.npy", T), 2, "embeddings must be real numbers"),
-    ("sel-emb-nan", ["select", "--embeddings", "nan.npy", "--targets", T, "--k", "2"], ("nan.npy", T), 2,
-     "NaN/Inf"),
-    ("sel-emb-two-samples", ["select", "--embeddings", "tiny.npy", "--task", "label_free", "--k", "1"],
-     ("tiny.npy",), 2, "at least 3 calibration samples"),
-    ("sel-emb-csv", ["select", "--embeddings", "feats.csv", "--k", "2"], ("feats.csv",), 2,
-     "unsupported file type '.csv'"),
-    ("sel-emb-ambiguous", ["select", "--embeddings", "two.npz", "--k", "2"], ("two.npz",), 2,
-     "cannot tell which entry"),
-    ("sel-emb-key-missing", ["select", "--embeddings", "two.npz", "--embeddings-key", "zz", "--k", "2"],
-     ("two.npz",), 2, "no entry 'zz'"),
+    (
+        "sel-emb-garbage-npy",
+        ["select", "--embeddings", "garbage.npy", "--targets", T, "--k", "2"],
+        ("garbage.npy", T),
+        2,
+        "not a .npy file (no NumPy header)",
+    ),
+    (
+        "sel-emb-pickled-npy",
+        ["select", "--embeddings", "pickled.npy", "--targets", T, "--k", "2"],
+        ("pickled.npy", T),
+        2,
+        "pickled Python objects",
+    ),
+    (
+        "sel-emb-truncated-npy",
+        ["select", "--embeddings", "truncated.npy", "--targets", T, "--k", "2"],
+        ("truncated.npy", T),
+        2,
+        "not a readable .npy file",
+    ),
+    (
+        "sel-emb-npz-as-npy",
+        ["select", "--embeddings", "archive.npy", "--targets", T, "--k", "2"],
+        ("archive.npy", T),
+        2,
+        "is an .npz archive",
+    ),
+    (
+        "sel-emb-garbage-npz",
+        ["select", "--embeddings", "garbage.npz", "--k", "2"],
+        ("garbage.npz",),
+        2,
+        "not a readable .npz archive",
+    ),
+    (
+        "sel-emb-object-npz",
+        ["select", "--embeddings", "objects.npz", "--k", "2"],
+        ("objects.npz",),
+        2,
+        "not a readable .npz archive",
+    ),
+    (
+        "sel-emb-garbage-safetensors",
+        ["select", "--embeddings", "garbage.safetensors", "--k", "2"],
+        ("garbage.safetensors",),
+        2,
+        "not a readable safetensors file",
+    ),
+    (
+        "sel-emb-garbage-pt",
+        ["select", "--embeddings", "garbage.pt", "--k", "2"],
+        ("garbage.pt",),
+        2,
+        "not a readable torch file",
+    ),
+    (
+        "sel-emb-code-pt",
+        ["select", "--embeddings", "code.pt", "--k", "2"],
+        ("code.pt",),
+        2,
+        "weights_only=True",
+    ),
+    (
+        "sel-emb-list-pt",
+        ["select", "--embeddings", "list.pt", "--k", "2"],
+        ("list.pt",),
+        2,
+        "expected a tensor or a dict of tensors; found list",
+    ),
+    (
+        "sel-emb-2d",
+        ["select", "--embeddings", "flat.npy", "--targets", T, "--k", "2"],
+        ("flat.npy", T),
+        2,
+        "for a single layer save X[:, None, :]",
+    ),
+    (
+        "sel-emb-complex",
+        ["select", "--embeddings", "complex.npy", "--targets", T, "--k", "2"],
+        ("complex.npy", T),
+        2,
+        "embeddings must be real numbers",
+    ),
+    (
+        "sel-emb-strings",
+        ["select", "--embeddings", "strings.npy", "--targets", T, "--k", "2"],
+        ("strings.npy", T),
+        2,
+        "embeddings must be real numbers",
+    ),
+    (
+        "sel-emb-nan",
+        ["select", "--embeddings", "nan.npy", "--targets", T, "--k", "2"],
+        ("nan.npy", T),
+        2,
+        "NaN/Inf",
+    ),
+    (
+        "sel-emb-two-samples",
+        ["select", "--embeddings", "tiny.npy", "--task", "label_free", "--k", "1"],
+        ("tiny.npy",),
+        2,
+        "at least 3 calibration samples",
+    ),
+    (
+        "sel-emb-csv",
+        ["select", "--embeddings", "feats.csv", "--k", "2"],
+        ("feats.csv",),
+        2,
+        "unsupported file type '.csv'",
+    ),
+    (
+        "sel-emb-ambiguous",
+        ["select", "--embeddings", "two.npz", "--k", "2"],
+        ("two.npz",),
+        2,
+        "cannot tell which entry",
+    ),
+    (
+        "sel-emb-key-missing",
+        ["select", "--embeddings", "two.npz", "--embeddings-key", "zz", "--k", "2"],
+        ("two.npz",),
+        2,
+        "no entry 'zz'",
+    ),
     ("sel-emb-no-targets", ["select", "--embeddings", E, "--k", "2"], (E,), 2, "holds no targets"),
     # select --embeddings: targets files
-    ("sel-tgt-missing", ["select", "--embeddings", E, "--targets", "nope.txt", "--k", "2"], (E,), 2,
-     "targets file not found"),
-    ("sel-tgt-latin1", ["select", "--embeddings", E, "--targets", "latin1.txt", "--k", "2"], (E, "latin1.txt"),
-     2, "not UTF-8 text"),
-    ("sel-tgt-empty", ["select", "--embeddings", E, "--targets", "empty.txt", "--k", "2"], (E, "empty.txt"), 2,
-     "the file is empty"),
-    ("sel-tgt-gap", ["select", "--embeddings", E, "--targets", "gap.txt", "--k", "2"], (E, "gap.txt"), 2,
-     "line 3 has no value"),
-    ("sel-tgt-short", ["select", "--embeddings", E, "--targets", "short.npy", "--k", "2"], (E, "short.npy"), 2,
-     "10"),
-    ("sel-tgt-two-columns", ["select", "--embeddings", E, "--targets", "idname.csv", "--k", "2"],
-     (E, "idname.csv"), 2, "pass --targets-column NAME"),
-    ("sel-tgt-column-missing", ["select", "--embeddings", E, "--targets", "idname.csv", "--targets-column",
-                                "zz", "--k", "2"], (E, "idname.csv"), 2, "no column 'zz'"),
-    ("sel-tgt-ragged", ["select", "--embeddings", E, "--targets", "ragged.csv", "--k", "2"], (E, "ragged.csv"),
-     2, "line 3 has 1 fields"),
-    ("sel-tgt-bad-json", ["select", "--embeddings", E, "--targets", "bad.json", "--k", "2"], (E, "bad.json"), 2,
-     "not valid JSON"),
-    ("sel-tgt-json-keys", ["select", "--embeddings", E, "--targets", "keys.json", "--k", "2"],
-     (E, "keys.json"), 2, "no targets entry"),
-    ("sel-tgt-xlsx", ["select", "--embeddings", E, "--targets", "labels.xlsx", "--k", "2"], (E, "labels.xlsx"),
-     2, "unsupported targets file type '.xlsx'"),
-    ("sel-tgt-npz-no-entry", ["select", "--embeddings", E, "--targets", "two.npz", "--k", "2"], (E, "two.npz"),
-     2, "no targets entry"),
+    (
+        "sel-tgt-missing",
+        ["select", "--embeddings", E, "--targets", "nope.txt", "--k", "2"],
+        (E,),
+        2,
+        "targets file not found",
+    ),
+    (
+        "sel-tgt-latin1",
+        ["select", "--embeddings", E, "--targets", "latin1.txt", "--k", "2"],
+        (E, "latin1.txt"),
+        2,
+        "not UTF-8 text",
+    ),
+    (
+        "sel-tgt-empty",
+        ["select", "--embeddings", E, "--targets", "empty.txt", "--k", "2"],
+        (E, "empty.txt"),
+        2,
+        "the file is empty",
+    ),
+    (
+        "sel-tgt-gap",
+        ["select", "--embeddings", E, "--targets", "gap.txt", "--k", "2"],
+        (E, "gap.txt"),
+        2,
+        "line 3 has no value",
+    ),
+    (
+        "sel-tgt-short",
+        ["select", "--embeddings", E, "--targets", "short.npy", "--k", "2"],
+        (E, "short.npy"),
+        2,
+        "10",
+    ),
+    (
+        "sel-tgt-two-columns",
+        ["select", "--embeddings", E, "--targets", "idname.csv", "--k", "2"],
+        (E, "idname.csv"),
+        2,
+        "pass --targets-column NAME",
+    ),
+    (
+        "sel-tgt-column-missing",
+        [
+            "select",
+            "--embeddings",
+            E,
+            "--targets",
+            "idname.csv",
+            "--targets-column",
+            "zz",
+            "--k",
+            "2",
+        ],
+        (E, "idname.csv"),
+        2,
+        "no column 'zz'",
+    ),
+    (
+        "sel-tgt-ragged",
+        ["select", "--embeddings", E, "--targets", "ragged.csv", "--k", "2"],
+        (E, "ragged.csv"),
+        2,
+        "line 3 has 1 fields",
+    ),
+    (
+        "sel-tgt-bad-json",
+        ["select", "--embeddings", E, "--targets", "bad.json", "--k", "2"],
+        (E, "bad.json"),
+        2,
+        "not valid JSON",
+    ),
+    (
+        "sel-tgt-json-keys",
+        ["select", "--embeddings", E, "--targets", "keys.json", "--k", "2"],
+        (E, "keys.json"),
+        2,
+        "no targets entry",
+    ),
+    (
+        "sel-tgt-xlsx",
+        ["select", "--embeddings", E, "--targets", "labels.xlsx", "--k", "2"],
+        (E, "labels.xlsx"),
+        2,
+        "unsupported targets file type '.xlsx'",
+    ),
+    (
+        "sel-tgt-npz-no-entry",
+        ["select", "--embeddings", E, "--targets", "two.npz", "--k", "2"],
+        (E, "two.npz"),
+        2,
+        "no targets entry",
+    ),
     # select: output paths (checked before any work)
     ("sel-out-dir", SEL + ["--k", "2", "--output", "adir"], (E, T, "adir"), 2, "is a folder"),
     ("sel-out-slash", SEL + ["--k", "2", "--output", "new/"], (E, T), 2, "is a folder"),
-    ("sel-out-parent-file", SEL + ["--k", "2", "--output", "afile/r.json"], (E, T, "afile"), 2,
-     "is a file, not a folder"),
+    (
+        "sel-out-parent-file",
+        SEL + ["--k", "2", "--output", "afile/r.json"],
+        (E, T, "afile"),
+        2,
+        "is a file, not a folder",
+    ),
     # select --model: everything cheap fails before any load
-    ("mod-missing-folder", ["select", "--model", "./no-such-model", "--dataset", "titles.csv", "--k", "1"],
-     ("titles.csv",), 2, "--model ./no-such-model: no such file or folder"),
-    ("mod-missing-abs", ["select", "--model", "/nonexistent/a/model", "--dataset", "titles.csv", "--k", "1"],
-     ("titles.csv",), 2, "no such file or folder"),
-    ("mod-missing-dataset", ["select", "--model", "tiny_bert", "--dataset", "gone.csv", "--k", "1"],
-     ("tiny_bert",), 2, "--dataset gone.csv: no such file or folder"),
-    ("mod-no-dataset", ["select", "--model", "tiny_bert", "--k", "1"], ("tiny_bert",), 2, "missing --dataset"),
-    ("mod-no-model", ["select", "--dataset", "titles.csv", "--k", "1"], ("titles.csv",), 2, "missing --model"),
-    ("mod-batch0", MOD + ["--batch-size", "0"], ("tiny_bert", "titles.csv"), 2,
-     "--batch-size: must be a positive integer; got 0"),
-    ("mod-max-length0", MOD + ["--max-length", "0"], ("tiny_bert", "titles.csv"), 2, "positive integer"),
-    ("mod-max-samples-neg", MOD + ["--max-samples", "-3"], ("tiny_bert", "titles.csv"), 2, "integer >= 0"),
-    ("mod-device-bad", MOD + ["--device", "banana"], ("tiny_bert", "titles.csv"), 2, "not a device name"),
-    ("mod-dtype-bad", MOD + ["--dtype", "float8"], ("tiny_bert", "titles.csv"), 2, "invalid choice: 'float8'"),
-    ("mod-targets", MOD + ["--targets", T], ("tiny_bert", "titles.csv", T), 2, "apply to --embeddings only"),
-    ("mod-cache-file", MOD + ["--cache-dir", "afile"], ("tiny_bert", "titles.csv", "afile"), 2,
-     "is a file, not a folder"),
-    ("mod-out-parent-file", MOD + ["--output", "afile/x.json"], ("tiny_bert", "titles.csv", "afile"), 2,
-     "is a file, not a folder"),
-    ("mod-packaged-unknown", ["select", "--model", "tiny_bert", "--dataset", "loes:nope", "--k", "1",
-                              "--device", "cpu"], ("tiny_bert",), 2, "unknown packaged dataset"),
-    ("mod-dataset-txt", ["select", "--model", "tiny_bert", "--dataset", "titles.txt", "--k", "1",
-                         "--device", "cpu"], ("tiny_bert", "titles.txt"), 2, "cannot read"),
-    ("mod-empty-folder", ["select", "--model", "empty_model", "--dataset", "titles.csv", "--k", "1"],
-     ("empty_model", "titles.csv"), 2, "the folder has no config.json"),
-    ("mod-gguf-missing", ["select", "--model", "empty_model", "--gguf-file", "m.gguf", "--dataset",
-                          "titles.csv", "--k", "1"], ("empty_model", "titles.csv"), 2, "the folder has no m.gguf"),
-    ("mod-no-target-column", ["select", "--model", "tiny_bert", "--dataset", "titles.csv", "--k", "1",
-                              "--device", "cpu"], ("tiny_bert", "titles.csv"), 2, "no target column found"),
+    (
+        "mod-missing-folder",
+        ["select", "--model", "./no-such-model", "--dataset", "titles.csv", "--k", "1"],
+        ("titles.csv",),
+        2,
+        "--model ./no-such-model: no such file or folder",
+    ),
+    (
+        "mod-missing-abs",
+        ["select", "--model", "/nonexistent/a/model", "--dataset", "titles.csv", "--k", "1"],
+        ("titles.csv",),
+        2,
+        "no such file or folder",
+    ),
+    (
+        "mod-missing-dataset",
+        ["select", "--model", "tiny_bert", "--dataset", "gone.csv", "--k", "1"],
+        ("tiny_bert",),
+        2,
+        "--dataset gone.csv: no such file or folder",
+    ),
+    (
+        "mod-no-dataset",
+        ["select", "--model", "tiny_bert", "--k", "1"],
+        ("tiny_bert",),
+        2,
+        "missing --dataset",
+    ),
+    (
+        "mod-no-model",
+        ["select", "--dataset", "titles.csv", "--k", "1"],
+        ("titles.csv",),
+        2,
+        "missing --model",
+    ),
+    (
+        "mod-batch0",
+        MOD + ["--batch-size", "0"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "--batch-size: must be a positive integer; got 0",
+    ),
+    (
+        "mod-max-length0",
+        MOD + ["--max-length", "0"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "positive integer",
+    ),
+    (
+        "mod-max-samples-neg",
+        MOD + ["--max-samples", "-3"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "integer >= 0",
+    ),
+    (
+        "mod-device-bad",
+        MOD + ["--device", "banana"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "not a device name",
+    ),
+    (
+        "mod-dtype-bad",
+        MOD + ["--dtype", "float8"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "invalid choice: 'float8'",
+    ),
+    (
+        "mod-targets",
+        MOD + ["--targets", T],
+        ("tiny_bert", "titles.csv", T),
+        2,
+        "apply to --embeddings only",
+    ),
+    (
+        "mod-cache-file",
+        MOD + ["--cache-dir", "afile"],
+        ("tiny_bert", "titles.csv", "afile"),
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "mod-out-parent-file",
+        MOD + ["--output", "afile/x.json"],
+        ("tiny_bert", "titles.csv", "afile"),
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "mod-packaged-unknown",
+        ["select", "--model", "tiny_bert", "--dataset", "loes:nope", "--k", "1", "--device", "cpu"],
+        ("tiny_bert",),
+        2,
+        "unknown packaged dataset",
+    ),
+    (
+        "mod-dataset-txt",
+        [
+            "select",
+            "--model",
+            "tiny_bert",
+            "--dataset",
+            "titles.txt",
+            "--k",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        ("tiny_bert", "titles.txt"),
+        2,
+        "cannot read",
+    ),
+    (
+        "mod-empty-folder",
+        ["select", "--model", "empty_model", "--dataset", "titles.csv", "--k", "1"],
+        ("empty_model", "titles.csv"),
+        2,
+        "the folder has no config.json",
+    ),
+    (
+        "mod-gguf-missing",
+        [
+            "select",
+            "--model",
+            "empty_model",
+            "--gguf-file",
+            "m.gguf",
+            "--dataset",
+            "titles.csv",
+            "--k",
+            "1",
+        ],
+        ("empty_model", "titles.csv"),
+        2,
+        "the folder has no m.gguf",
+    ),
+    (
+        "mod-no-target-column",
+        [
+            "select",
+            "--model",
+            "tiny_bert",
+            "--dataset",
+            "titles.csv",
+            "--k",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "no target column found",
+    ),
     # profile
     ("prof-nothing", ["profile"], (), 2, "either an embeddings file"),
-    ("prof-both", ["profile", E, "--model", "tiny_bert"], (E, "tiny_bert"), 2, "either an embeddings file"),
-    ("prof-model-no-dataset", ["profile", "--model", "tiny_bert"], ("tiny_bert",), 2, "--model needs --dataset"),
-    ("prof-metric-unknown", ["profile", E, "--metrics", "vibes"], (E,), 2, "unknown metric 'vibes'"),
-    ("prof-metric-typo", ["profile", E, "--metrics", "isotropi"], (E,), 2, "did you mean 'isotropy'"),
-    ("prof-views-1", ["profile", "--model", "tiny_bert", "--dataset", "titles.csv", "--views", "1"],
-     ("tiny_bert", "titles.csv"), 2, "--views must be 0"),
+    (
+        "prof-both",
+        ["profile", E, "--model", "tiny_bert"],
+        (E, "tiny_bert"),
+        2,
+        "either an embeddings file",
+    ),
+    (
+        "prof-model-no-dataset",
+        ["profile", "--model", "tiny_bert"],
+        ("tiny_bert",),
+        2,
+        "--model needs --dataset",
+    ),
+    (
+        "prof-metric-unknown",
+        ["profile", E, "--metrics", "vibes"],
+        (E,),
+        2,
+        "unknown metric 'vibes'",
+    ),
+    (
+        "prof-metric-typo",
+        ["profile", E, "--metrics", "isotropi"],
+        (E,),
+        2,
+        "did you mean 'isotropy'",
+    ),
+    (
+        "prof-views-1",
+        ["profile", "--model", "tiny_bert", "--dataset", "titles.csv", "--views", "1"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "--views must be 0",
+    ),
     ("prof-views-file-mode", ["profile", E, "--views", "2"], (E,), 2, "go with --model"),
     ("prof-one-view-file", ["profile", E, "--view-files", E], (E,), 2, "at least 2 files"),
     ("prof-plot-dir", ["profile", E, "--plot", "adir"], (E, "adir"), 2, "is a folder"),
-    ("prof-plot-suffix", ["profile", E, "--plot", "p.txt"], (E,), 2, "unsupported file type '.txt'"),
-    ("prof-plot-parent-file", ["profile", E, "--plot", "afile/p.png"], (E, "afile"), 2, "is a file, not a folder"),
+    (
+        "prof-plot-suffix",
+        ["profile", E, "--plot", "p.txt"],
+        (E,),
+        2,
+        "unsupported file type '.txt'",
+    ),
+    (
+        "prof-plot-parent-file",
+        ["profile", E, "--plot", "afile/p.png"],
+        (E, "afile"),
+        2,
+        "is a file, not a folder",
+    ),
     ("prof-alpha0", ["profile", E, "--alpha", "0"], (E,), 2, "must be a number > 0"),
     ("prof-alpha-nan", ["profile", E, "--alpha", "nan"], (E,), 2, "finite"),
     ("prof-garbage-pt", ["profile", "garbage.pt"], ("garbage.pt",), 2, "not a readable torch file"),
     ("prof-missing", ["profile", "nope.npy"], (), 2, "embeddings file not found"),
     ("prof-2d", ["profile", "flat.npy"], ("flat.npy",), 2, "for a single layer"),
-    ("prof-batch0", ["profile", "--model", "tiny_bert", "--dataset", "titles.csv", "--batch-size", "0"],
-     ("tiny_bert", "titles.csv"), 2, "positive integer"),
-    ("prof-model-missing", ["profile", "--model", "./gone", "--dataset", "titles.csv"], ("titles.csv",), 2,
-     "no such file or folder"),
+    (
+        "prof-batch0",
+        ["profile", "--model", "tiny_bert", "--dataset", "titles.csv", "--batch-size", "0"],
+        ("tiny_bert", "titles.csv"),
+        2,
+        "positive integer",
+    ),
+    (
+        "prof-model-missing",
+        ["profile", "--model", "./gone", "--dataset", "titles.csv"],
+        ("titles.csv",),
+        2,
+        "no such file or folder",
+    ),
     # report
     ("rep-missing", ["report", "nope.json"], (), 2, "LOESResult file not found"),
-    ("rep-bad-json", ["report", "bad.json"], ("bad.json",), 2, "not valid JSON (Expecting property name"),
+    (
+        "rep-bad-json",
+        ["report", "bad.json"],
+        ("bad.json",),
+        2,
+        "not valid JSON (Expecting property name",
+    ),
     ("rep-list", ["report", "list.json"], ("list.json",), 2, "holds an object; found a list"),
     ("rep-wrong-keys", ["report", "keys.json"], ("keys.json",), 2, "not LOESResult JSON"),
     ("rep-latin1", ["report", "latin1.json"], ("latin1.json",), 2, "not UTF-8 text"),
     ("rep-no-result", ["report"], (), 2, "the following arguments are required: result"),
-    ("rep-eval-bad", ["report", R, "--evaluation", "bad.json"], (R, "bad.json"), 2, "not valid JSON"),
-    ("rep-eval-keys", ["report", R, "--evaluation", "keys.json"], (R, "keys.json"), 2, "not EvaluationResult JSON"),
-    ("rep-out-file", ["report", R, "--output", "afile"], (R, "afile"), 2, "is a file, not a folder"),
-    ("rep-emb-garbage", ["report", R, "--embeddings", "garbage.npy", "--output", "o"], (R, "garbage.npy"), 2,
-     "not a .npy file"),
-    ("rep-emb-layers", ["report", R, "--embeddings", "three_layers.npy", "--output", "o"],
-     (R, "three_layers.npy"), 2, "has 3 layers, the result"),
+    (
+        "rep-eval-bad",
+        ["report", R, "--evaluation", "bad.json"],
+        (R, "bad.json"),
+        2,
+        "not valid JSON",
+    ),
+    (
+        "rep-eval-keys",
+        ["report", R, "--evaluation", "keys.json"],
+        (R, "keys.json"),
+        2,
+        "not EvaluationResult JSON",
+    ),
+    (
+        "rep-out-file",
+        ["report", R, "--output", "afile"],
+        (R, "afile"),
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "rep-emb-garbage",
+        ["report", R, "--embeddings", "garbage.npy", "--output", "o"],
+        (R, "garbage.npy"),
+        2,
+        "not a .npy file",
+    ),
+    (
+        "rep-emb-layers",
+        ["report", R, "--embeddings", "three_layers.npy", "--output", "o"],
+        (R, "three_layers.npy"),
+        2,
+        "has 3 layers, the result",
+    ),
     # demo (all fail before any model is loaded)
     ("demo-k0", ["demo", "--k", "0"], (), 2, "--k: must be a positive integer"),
     ("demo-seeds0", ["demo", "--seeds", "0"], (), 2, "--seeds: must be a positive integer"),
@@ -294,7 +723,13 @@ CASES = [
     ("demo-probe", ["demo", "--probe", "svm"], (), 2, "invalid choice: 'svm'"),
     ("demo-max-samples0", ["demo", "--max-samples", "0"], (), 2, "positive integer"),
     ("demo-out-file", ["demo", "--output", "afile"], ("afile",), 2, "is a file, not a folder"),
-    ("demo-model-missing", ["demo", "--model", "./gone", "--output", "o"], (), 2, "no such file or folder"),
+    (
+        "demo-model-missing",
+        ["demo", "--model", "./gone", "--output", "o"],
+        (),
+        2,
+        "no such file or folder",
+    ),
     # the top level
     ("top-unknown-command", ["selekt"], (), 2, "invalid choice: 'selekt'"),
     ("top-no-command", [], (), 2, "no command given; choose one of select, profile, demo, report"),
@@ -314,15 +749,24 @@ PROGRESS = re.compile(r"\[[^\]]*(/s|s/it)\]\s*$")
 
 def _one_error_line(err: str, command: str, fragment: str) -> None:
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines()
-             if line.strip() and not line.startswith("loes: LOESWarning") and not PROGRESS.search(line)]
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.strip() and not line.startswith("loes: LOESWarning") and not PROGRESS.search(line)
+    ]
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"loes {command}: error: ") if command else lines[0].startswith("loes"), err
+    assert (
+        lines[0].startswith(f"loes {command}: error: ") if command else lines[0].startswith("loes")
+    ), err
     assert fragment in lines[0], err
 
 
-@pytest.mark.parametrize("argv, files, code, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_invocation_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, files, code, fragment):
+@pytest.mark.parametrize(
+    "argv, files, code, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_invocation_is_one_clear_line(
+    tmp_path, monkeypatch, capsys, argv, files, code, fragment
+):
     monkeypatch.chdir(tmp_path)
     if "cuda" in argv and torch.cuda.is_available():  # pragma: no cover
         pytest.skip("this machine has CUDA")
@@ -345,8 +789,11 @@ def test_case_table_is_large_and_unique():
 def test_cuda_without_cuda_fails_before_loading(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
     # an empty model folder: anything but the device check first would fail differently
-    argv = _materialise(tmp_path, ("empty_model", "titles.csv"), [
-        command, "--model", "empty_model", "--dataset", "titles.csv", "--device", "cuda"])
+    argv = _materialise(
+        tmp_path,
+        ("empty_model", "titles.csv"),
+        [command, "--model", "empty_model", "--dataset", "titles.csv", "--device", "cuda"],
+    )
     assert main(argv + (["--k", "1"] if command == "select" else [])) == 2
     _one_error_line(capsys.readouterr().err, argv[0], "CUDA is not available")
 
@@ -364,14 +811,22 @@ def _spy(monkeypatch, module, name):
     return calls
 
 
-@pytest.mark.parametrize("argv, module, name", [
-    (SEL + ["--k", "2", "--output", "afile/r.json"], cli_select, "select_layers_from_custom_embeddings"),
-    (SEL + ["--k", "2", "--output", "adir"], cli_select, "load_embeddings_file"),
-    (MOD + ["--output", "afile/r.json"], cli_select, "select_layers_from_hf_id"),
-    (["profile", E, "--plot", "afile/p.png"], cli_profile, "profile"),
-    (["profile", E, "--plot", "p.gif"], cli_profile, "load_embeddings_file"),
-    (["report", R, "--embeddings", E, "--output", "afile"], cli_report, "load_embeddings_file"),
-], ids=["select-emb", "select-read", "select-model", "profile", "profile-read", "report"])
+@pytest.mark.parametrize(
+    "argv, module, name",
+    [
+        (
+            SEL + ["--k", "2", "--output", "afile/r.json"],
+            cli_select,
+            "select_layers_from_custom_embeddings",
+        ),
+        (SEL + ["--k", "2", "--output", "adir"], cli_select, "load_embeddings_file"),
+        (MOD + ["--output", "afile/r.json"], cli_select, "select_layers_from_hf_id"),
+        (["profile", E, "--plot", "afile/p.png"], cli_profile, "profile"),
+        (["profile", E, "--plot", "p.gif"], cli_profile, "load_embeddings_file"),
+        (["report", R, "--embeddings", E, "--output", "afile"], cli_report, "load_embeddings_file"),
+    ],
+    ids=["select-emb", "select-read", "select-model", "profile", "profile-read", "report"],
+)
 def test_output_path_is_checked_before_any_work(tmp_path, monkeypatch, capsys, argv, module, name):
     monkeypatch.chdir(tmp_path)
     argv = _materialise(tmp_path, (E, T, R, "afile", "adir", "tiny_bert", "titles.csv"), argv)
@@ -397,8 +852,10 @@ def test_a_failed_write_prints_the_result_instead(tmp_path, monkeypatch, capsys)
     assert main(argv) == 2
     out, err = capsys.readouterr()
     _one_error_line(err, "select", "the result follows on stdout")
-    assert LOESResult.from_dict(json.loads(out)).selected_layers == real(
-        _feats(), _labels(), k=2, show_progress=False).selected_layers
+    assert (
+        LOESResult.from_dict(json.loads(out)).selected_layers
+        == real(_feats(), _labels(), k=2, show_progress=False).selected_layers
+    )
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
@@ -422,25 +879,47 @@ def test_a_bug_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli_select, "select_layers_from_custom_embeddings", broken)
     assert main(argv) == 1
-    _one_error_line(capsys.readouterr().err, "select", "unexpected TypeError: unsupported operand; this is a bug")
+    _one_error_line(
+        capsys.readouterr().err,
+        "select",
+        "unexpected TypeError: unsupported operand; this is a bug",
+    )
 
 
 # -------------------------------------------------------------- the one file reader
-@pytest.mark.parametrize("name, text", [
-    ("ids.csv", "id,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(_labels()))),
-    ("texts.csv", "text,Label\n" + "".join(f'"a, text {i}",{v}\n' for i, v in enumerate(_labels()))),
-    ("col.tsv", "rating\tid\n" + "".join(f"{v}\t{i}\n" for i, v in enumerate(_labels()))),
-    ("header.csv", "label\n" + "".join(f"{v}\n" for v in _labels())),
-    ("labels.json", json.dumps([int(v) for v in _labels()])),
-], ids=["id-label", "text-Label-quoted", "tsv-column", "one-column-header", "json-list"])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("ids.csv", "id,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(_labels()))),
+        (
+            "texts.csv",
+            "text,Label\n" + "".join(f'"a, text {i}",{v}\n' for i, v in enumerate(_labels())),
+        ),
+        ("col.tsv", "rating\tid\n" + "".join(f"{v}\t{i}\n" for i, v in enumerate(_labels()))),
+        ("header.csv", "label\n" + "".join(f"{v}\n" for v in _labels())),
+        ("labels.json", json.dumps([int(v) for v in _labels()])),
+    ],
+    ids=["id-label", "text-Label-quoted", "tsv-column", "one-column-header", "json-list"],
+)
 def test_every_targets_format_gives_the_same_selection(tmp_path, capsys, name, text):
     np.save(tmp_path / E, _feats())
     (tmp_path / name).write_text(text)
-    argv = ["select", "--embeddings", str(tmp_path / E), "--targets", str(tmp_path / name), "--k", "2", "--json"]
+    argv = [
+        "select",
+        "--embeddings",
+        str(tmp_path / E),
+        "--targets",
+        str(tmp_path / name),
+        "--k",
+        "2",
+        "--json",
+    ]
     if name == "col.tsv":
         argv += ["--targets-column", "rating"]
     assert main(argv) == 0
-    printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    printed = json.loads(
+        capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")
+    )
     api = select_layers_from_custom_embeddings(_feats(), _labels(), k=2, show_progress=False)
     assert printed["selected_layers"] == api.selected_layers
 
@@ -460,10 +939,18 @@ def _console(args, cwd):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("argv, files, fragment", [
-    (["select", "--embeddings", "garbage.npy", "--k", "2"], ("garbage.npy",), "not a .npy file"),
-    (["profile", E, "--batch-size", "0"], (E,), "--batch-size: must be a positive integer"),
-], ids=["select-file", "profile-option"])
+@pytest.mark.parametrize(
+    "argv, files, fragment",
+    [
+        (
+            ["select", "--embeddings", "garbage.npy", "--k", "2"],
+            ("garbage.npy",),
+            "not a .npy file",
+        ),
+        (["profile", E, "--batch-size", "0"], (E,), "--batch-size: must be a positive integer"),
+    ],
+    ids=["select-file", "profile-option"],
+)
 def test_console_script(tmp_path, argv, files, fragment):
     argv = _materialise(tmp_path, files, argv)
     run = _console(argv, tmp_path)
@@ -475,10 +962,14 @@ def test_verbose_logs_the_traceback(tmp_path):
     FILES["bad.json"](tmp_path / "bad.json")
     run = _console(["report", "bad.json", "-v"], tmp_path)
     assert run.returncode == 2
-    assert "Traceback" in run.stderr and run.stderr.strip().splitlines()[-1].startswith("loes report: error:")
+    assert "Traceback" in run.stderr and run.stderr.strip().splitlines()[-1].startswith(
+        "loes report: error:"
+    )
 
 
 def test_the_cli_imports_no_heavy_package():
-    code = ("import sys, loes.cli; print(sorted(m for m in ('transformers', 'datasets', 'matplotlib', "
-            "'sklearn', 'scipy', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys, loes.cli; print(sorted(m for m in ('transformers', 'datasets', 'matplotlib', "
+        "'sklearn', 'scipy', 'pandas') if m in sys.modules))"
+    )
     assert run_python(code).stdout.strip() == "[]"

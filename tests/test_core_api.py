@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import planted, run_python
+
 from loes import LOESError, LOESSelector, LOESWarning, select_layers_from_custom_embeddings
 
 
@@ -24,7 +24,10 @@ Y = np.arange(30) % 3
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(x=X[:, 0]), r"got 2-D array of shape \(30, 8\): for a single layer use X\[:, None, :\]"),
+        (
+            dict(x=X[:, 0]),
+            r"got 2-D array of shape \(30, 8\): for a single layer use X\[:, None, :\]",
+        ),
         (dict(x=X[None]), r"shape \(n_samples, n_layers, dim\)"),
         (dict(x=np.zeros((0, 4, 8))), "no samples"),
         (dict(x=[]), "empty"),
@@ -34,7 +37,10 @@ Y = np.arange(30) % 3
         (dict(x=X, y=Y[:20]), r"one row per sample \(30\)"),
         (dict(x=X, y=np.zeros(30)), "at least 2 classes"),
         (dict(x=X, y=None), "targets are required"),
-        (dict(x=X, y=np.array(["a", "b", "c"] * 10), task="regression"), "regression targets must be numeric"),
+        (
+            dict(x=X, y=np.array(["a", "b", "c"] * 10), task="regression"),
+            "regression targets must be numeric",
+        ),
         (dict(x=X, task="segmentation"), "task must be"),
         (dict(x=X, preset="fast"), "preset must be one of"),
         (dict(x=X, alpha=-1.0), "alpha must be a non-negative"),
@@ -126,7 +132,9 @@ def test_estimator_repr_feature_names_and_pandas_output():
     assert len(names) == 16 and names[0] == f"layer{first}_0" and names[8].endswith("_0")
     frame = sel.set_output(transform="pandas").transform(x)
     assert list(frame.columns) == list(names)
-    np.testing.assert_array_equal(frame.to_numpy(), np.concatenate([x[:, i] for i in sel.selected_layers_], 1))
+    np.testing.assert_array_equal(
+        frame.to_numpy(), np.concatenate([x[:, i] for i in sel.selected_layers_], 1)
+    )
     with pytest.raises(LOESError, match="set_output"):
         sel.set_output(transform="polars")
 
@@ -158,5 +166,7 @@ def test_warnings_point_at_the_callers_line():
         warnings.simplefilter("always")
         select_layers_from_custom_embeddings(x, y, k=3, show_progress=False)
     found = {str(w.message): w.filename for w in caught if issubclass(w.category, LOESWarning)}
-    assert any("constant" in m for m in found) and any("no layer explains" in m for m in found), found
+    assert any("constant" in m for m in found) and any("no layer explains" in m for m in found), (
+        found
+    )
     assert set(found.values()) == {__file__}

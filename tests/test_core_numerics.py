@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from loes._linalg import cka_matrix, sym_gram, triplets
 from loes.core import (
     isotropy,
     linear_cka,
@@ -17,7 +18,6 @@ from loes.core import (
     ridge_loo_residuals,
     triangle_geometry,
 )
-from loes._linalg import cka_matrix, sym_gram, triplets
 from loes.core._robust import (
     LayerFactor,
     _gcv_residual,
@@ -75,7 +75,9 @@ def test_isotropy_matches_spectrum_formula_and_is_bounded(rng):
     assert isotropy(np.zeros((10, 4))) == 0.0
     # isotropic noise is near the maximum; a rank-1 layer is at the minimum 1/r
     assert isotropy(rng.normal(size=(5000, 16))) > 0.98
-    assert isotropy(np.outer(rng.normal(size=50), rng.normal(size=10))) == pytest.approx(1 / 10, rel=1e-6)
+    assert isotropy(np.outer(rng.normal(size=50), rng.normal(size=10))) == pytest.approx(
+        1 / 10, rel=1e-6
+    )
 
 
 def test_reference_isotropy_is_unbounded_for_noise(rng):
@@ -87,7 +89,9 @@ def test_linear_cka_textbook_and_invariances(rng):
     x = rng.normal(size=(60, 10))
     y = x @ rng.normal(size=(10, 7)) + 0.5 * rng.normal(size=(60, 7))
     xc, yc = x - x.mean(0), y - y.mean(0)
-    textbook = np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    textbook = np.linalg.norm(yc.T @ xc) ** 2 / (
+        np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    )
     assert linear_cka(x, y) == pytest.approx(textbook, rel=1e-10)
     assert linear_cka(x, x) == pytest.approx(1.0)
     assert linear_cka(x, y) == pytest.approx(linear_cka(y, x))
@@ -103,7 +107,9 @@ def _hsic1(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(lt, 0)
     one = np.ones(n)
     return (
-        np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ kt @ lt @ one
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ kt @ lt @ one
     ) / (n * (n - 3))
 
 
@@ -117,7 +123,9 @@ def test_cka_matrix_matches_pairwise_twins(rng):
     deb = cka_matrix(t, torch.float64, debiased=True).numpy()
     grams = [(a - a.mean(0)) @ (a - a.mean(0)).T for a in layers]
     for i, j in itertools.combinations(range(3), 2):
-        expected = _hsic1(grams[i], grams[j]) / math.sqrt(_hsic1(grams[i], grams[i]) * _hsic1(grams[j], grams[j]))
+        expected = _hsic1(grams[i], grams[j]) / math.sqrt(
+            _hsic1(grams[i], grams[i]) * _hsic1(grams[j], grams[j])
+        )
         assert deb[i, j] == pytest.approx(min(max(expected, 0), 1), rel=1e-8, abs=1e-10)
     assert np.allclose(np.diag(deb), 1.0)
 
@@ -151,10 +159,14 @@ def test_triplets_sampled_above_twenty_classes_are_seeded_and_distinct():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     a, b = triplets(30, generator=g1), triplets(30, generator=g2)
     assert torch.equal(a, b)
-    assert bool((a[:, 0] != a[:, 1]).all() and (a[:, 1] != a[:, 2]).all() and (a[:, 0] != a[:, 2]).all())
+    assert bool(
+        (a[:, 0] != a[:, 1]).all() and (a[:, 1] != a[:, 2]).all() and (a[:, 0] != a[:, 2]).all()
+    )
 
 
-@pytest.mark.parametrize("n,d,dual", [(40, 12, False), (40, 12, True), (20, 35, True), (20, 35, False)])
+@pytest.mark.parametrize(
+    "n,d,dual", [(40, 12, False), (40, 12, True), (20, 35, True), (20, 35, False)]
+)
 def test_layer_factor_hat_diagonal_and_step1_loo(rng, n, d, dual):
     x = torch.from_numpy(rng.normal(size=(n, d)))
     y = torch.from_numpy(rng.normal(size=(n, 3)))
@@ -165,7 +177,9 @@ def test_layer_factor_hat_diagonal_and_step1_loo(rng, n, d, dual):
     torch.testing.assert_close(loo, expected, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("n,d,dual", [(50, 10, False), (50, 10, True), (25, 40, True), (25, 40, False)])
+@pytest.mark.parametrize(
+    "n,d,dual", [(50, 10, False), (50, 10, True), (25, 40, True), (25, 40, False)]
+)
 def test_woodbury_orthogonalised_loo_equals_explicit_projection(rng, n, d, dual):
     """The candidate's fit after projecting out P = U W Uᵀ, against forming T X explicitly."""
     x = torch.from_numpy(rng.normal(size=(n, d)))
@@ -227,7 +241,9 @@ def test_recursive_triangular_inverse_equals_solve(rng, n):
     torch.testing.assert_close(tri_inverse(chol, base=32), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,d,dual", [(40, 12, False), (40, 12, True), (20, 35, True), (20, 35, False)])
+@pytest.mark.parametrize(
+    "n,d,dual", [(40, 12, False), (40, 12, True), (20, 35, True), (20, 35, False)]
+)
 def test_layer_factor_gcv_step1_equals_plain_twin(rng, n, d, dual):
     x = torch.from_numpy(rng.normal(size=(n, d)))
     y = torch.from_numpy(rng.normal(size=(n, 3)))
@@ -237,7 +253,9 @@ def test_layer_factor_gcv_step1_equals_plain_twin(rng, n, d, dual):
     torch.testing.assert_close(res, ridge_gcv_residuals(x, y, reg=0.1), rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("n,d,dual", [(50, 10, False), (50, 10, True), (25, 40, True), (25, 40, False)])
+@pytest.mark.parametrize(
+    "n,d,dual", [(50, 10, False), (50, 10, True), (25, 40, True), (25, 40, False)]
+)
 def test_orthogonalised_gcv_equals_explicit_projection_over_growing_blocks(rng, n, d, dual):
     """Cached small-matrix GCV after projecting out P = U W Uᵀ, against forming T X
     and its hat matrix explicitly; the projection grows by a second block as in

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import planted, run_python
 from published_loes import published_loes
+
 from loes import LOESResult, LOESWarning, select_layers_from_custom_embeddings
 from loes.core.select import DEFAULTS
 
@@ -21,7 +21,15 @@ def select(x, y, k=2, **kw):
 @pytest.mark.parametrize("n,d", [(120, 256), (600, 64)])  # N < D and N > D
 @pytest.mark.parametrize("seed", [0, 1])
 def test_robust_finds_planted_layers_among_noise_dead_duplicated_rescaled(n, d, seed):
-    x, y = planted(n, d, informative=(6, 2), dead=(0,), duplicate_of={9: 6}, rescale={2: 1e3, 4: 1e-3}, seed=seed)
+    x, y = planted(
+        n,
+        d,
+        informative=(6, 2),
+        dead=(0,),
+        duplicate_of={9: 6},
+        rescale={2: 1e3, 4: 1e-3},
+        seed=seed,
+    )
     res = select(x, y, k=2)
     assert res.selected_layers == [6, 2]
     assert res.excluded_layers == [0]
@@ -42,7 +50,11 @@ def test_regression_planted_layer_found_at_n_below_d():
     x, y = planted(80, 200, informative=(3,), regression=True, seed=2)
     res = select(x, y, k=1, task="regression")
     assert res.selected_layers == [3]
-    assert res.steps[0].row(3)["fit"] < 0.5 < min(v for l, v in zip(res.steps[0].candidates, res.steps[0].terms["fit"]) if l != 3)
+    assert (
+        res.steps[0].row(3)["fit"]
+        < 0.5
+        < min(v for l, v in zip(res.steps[0].candidates, res.steps[0].terms["fit"]) if l != 3)
+    )
 
 
 def test_labels_matter_supervised_differs_from_label_free():
@@ -107,7 +119,9 @@ def test_layer_permutation_permutes_selection():
 
 # ------------------------------------------------------------------ determinism
 def test_deterministic_and_global_rng_untouched():
-    x, y = planted(150, 40, n_classes=25, informative=(3,), n_layers=5, seed=3)  # > 20 classes: sampled triplets
+    x, y = planted(
+        150, 40, n_classes=25, informative=(3,), n_layers=5, seed=3
+    )  # > 20 classes: sampled triplets
     torch.manual_seed(0)
     np.random.seed(0)
     state_t, state_np = torch.get_rng_state(), np.random.get_state()[1].copy()
@@ -217,7 +231,9 @@ def test_json_round_trip(tmp_path):
     res.to_json(str(path))
     back = LOESResult.from_json(str(path))
     assert back == res
-    assert LOESResult.from_dict(res.to_dict()).steps[2].row(back.selected_layers[2]) == res.steps[2].row(res.selected_layers[2])
+    assert LOESResult.from_dict(res.to_dict()).steps[2].row(back.selected_layers[2]) == res.steps[
+        2
+    ].row(res.selected_layers[2])
     assert "hidden_states" in res.summary()
 
 
@@ -231,7 +247,11 @@ def test_verbose_prints_without_logging_configuration():
     out = run_python(code)
     assert "step 1: layer" in out.stderr and "selected layers" in out.stderr
     # a quiet run after a verbose one stays quiet
-    both = code + "; import sys; print('QUIET', file=sys.stderr); " + code.split("; ", 1)[1].replace("verbose=True", "verbose=False")
+    both = (
+        code
+        + "; import sys; print('QUIET', file=sys.stderr); "
+        + code.split("; ", 1)[1].replace("verbose=True", "verbose=False")
+    )
     out = run_python(both)
     before, after = out.stderr.split("QUIET")
     assert "step 1" in before and "step 1" not in after
@@ -313,7 +333,9 @@ def test_step1_fit_equals_the_plain_twin(cv, n, d):
     for layer in range(5):
         feats = x[:, layer] / x[:, layer].std(0)
         e = twin(feats, target, reg=DEFAULTS["robust"]["reg"]).numpy()
-        assert res.steps[0].row(layer)["fit"] == pytest.approx(float((e**2).sum() / (target**2).sum()), rel=1e-6)
+        assert res.steps[0].row(layer)["fit"] == pytest.approx(
+            float((e**2).sum() / (target**2).sum()), rel=1e-6
+        )
 
 
 @pytest.mark.parametrize("n,d", [(120, 256), (600, 64)])
@@ -354,13 +376,17 @@ def test_constant_features_do_not_count_towards_a_layer():
     x[:, :10] = 3.7  # ten constant features in float32
     for dual in (False, True):
         f = LayerFactor(x, 1.0, torch.float32, dual=dual, standardize=True)
-        assert f.tr == pytest.approx(40 * 300, rel=1e-4)  # 40 unit-variance features over 300 samples
+        assert f.tr == pytest.approx(
+            40 * 300, rel=1e-4
+        )  # 40 unit-variance features over 300 samples
         assert bool((f.scale[0, :10] == 0).all()) and bool((f.scale[0, 10:] > 0).all())
 
 
 def test_unknown_options_are_named_with_the_presets_options():
     x, y = _planted_small()
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['foo'\] for preset='robust'.*'cv'"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['foo'\] for preset='robust'.*'cv'"
+    ):
         select(x, y, foo=1)
     with pytest.raises(ValueError, match=r"\['cv'\] for preset='reference'"):
         select(x, y, preset="reference", cv="gcv")
@@ -371,8 +397,8 @@ def test_unknown_options_are_named_with_the_presets_options():
 def test_step1_geometry_equals_the_plain_twin(cv, n, d):
     """Class geometry at step 1: the scale-free triangle term of the centroids of
     the standardised layer, as computed by the plain function."""
-    from loes.core import triangle_geometry
     from loes._linalg import triplets
+    from loes.core import triangle_geometry
 
     x, y = planted(n, d, informative=(3,), n_layers=5, n_classes=6, seed=4)
     res = select(x.astype(np.float64), y, k=1, cv=cv)
@@ -380,7 +406,9 @@ def test_step1_geometry_equals_the_plain_twin(cv, n, d):
     for layer in range(5):
         feats = torch.from_numpy(x[:, layer] / x[:, layer].std(0))
         cent = torch.stack([feats[torch.from_numpy(y == c)].mean(0) for c in range(6)])
-        assert res.steps[0].row(layer)["geometry"] == pytest.approx(triangle_geometry(cent, index), rel=1e-8)
+        assert res.steps[0].row(layer)["geometry"] == pytest.approx(
+            triangle_geometry(cent, index), rel=1e-8
+        )
 
 
 def test_constant_feature_test_equals_the_plain_twin():
@@ -390,17 +418,24 @@ def test_constant_feature_test_equals_the_plain_twin():
 
     g = np.random.default_rng(0)
     x = g.normal(size=(200, 6)).astype(np.float32)
-    x[:, 0] = 0.1                      # constant, centres to rounding noise
-    x[:, 1] += 1e5                     # offset 1e5, unit spread: informative
-    x[:, 2] = 0.0                      # zeros
-    x[:, 3] = np.float32(3.0) + np.float32(3.0) * np.finfo(np.float32).eps * g.integers(-1, 2, 200)  # ±1 ulp
-    x[:, 4] *= 1e-30                   # tiny but varying
+    x[:, 0] = 0.1  # constant, centres to rounding noise
+    x[:, 1] += 1e5  # offset 1e5, unit spread: informative
+    x[:, 2] = 0.0  # zeros
+    x[:, 3] = np.float32(3.0) + np.float32(3.0) * np.finfo(np.float32).eps * g.integers(
+        -1, 2, 200
+    )  # ±1 ulp
+    x[:, 4] *= 1e-30  # tiny but varying
     xt = torch.from_numpy(x)
     mean = xt.mean(0, keepdim=True)
     fast = constant_features(xt - mean, mean)[0].tolist()
     eps = np.finfo(np.float32).eps
-    slow = [bool(np.std(x[:, j].astype(np.float64)) <= 10 * eps * abs(np.mean(x[:, j].astype(np.float64))))
-            for j in range(6)]
+    slow = [
+        bool(
+            np.std(x[:, j].astype(np.float64))
+            <= 10 * eps * abs(np.mean(x[:, j].astype(np.float64)))
+        )
+        for j in range(6)
+    ]
     assert fast == slow == [True, False, True, True, False, False]
 
 
@@ -419,7 +454,9 @@ def test_power_of_two_rescale_of_extreme_layers_is_exact(cv, dual, power):
     fit = _gcv_residual if cv == "gcv" else _loo_residual
     for standardize in (False, True):
         plain = LayerFactor(x, 1.0, torch.float32, dual=dual, standardize=standardize, cv=cv)
-        big = LayerFactor(x * 2.0**power, 1.0, torch.float32, dual=dual, standardize=standardize, cv=cv)
+        big = LayerFactor(
+            x * 2.0**power, 1.0, torch.float32, dual=dual, standardize=standardize, cv=cv
+        )
         assert plain.unit == 1.0 and big.unit in (2.0 ** -(power + 2), 2.0 ** -(power + 3))
         assert big.iso == pytest.approx(plain.iso, rel=1e-6)
         a = fit(plain, y, y, None, torch.float32, want_xt=False).residual()

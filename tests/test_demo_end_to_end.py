@@ -1,7 +1,5 @@
 """``loes demo`` end to end offline (a small run): verdicts that match the numbers, the report's opening."""
 
-import contextlib
-import io
 import json
 import re
 import warnings
@@ -31,15 +29,21 @@ def demo(tmp_path_factory):
     lines = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run_demo(str(out), splits=2, max_samples=150, max_length=32, show_progress=False,
-                          echo=lines.append)
+        result = run_demo(
+            str(out),
+            splits=2,
+            max_samples=150,
+            max_length=32,
+            show_progress=False,
+            echo=lines.append,
+        )
     return out, result, "\n".join(lines), [str(w.message) for w in caught]
 
 
 def test_verdicts_match_the_numbers(demo):
     _, result, text, _ = demo
     assert set(result.cases) == {"bbc", "drugreview"}
-    verdict_block = text[text.index("\nverdict"):]
+    verdict_block = text[text.index("\nverdict") :]
     for case in result.cases.values():
         line = case.verdict()
         assert line in verdict_block
@@ -53,8 +57,10 @@ def test_verdicts_match_the_numbers(demo):
             assert "the pick is the last layer" in line
         else:
             assert f"{100 * d:+.1f}" in line
-            assert f"test accuracy {np.mean(case.scores['loes_auto']):.3f} vs {np.mean(case.scores['last']):.3f}" \
+            assert (
+                f"test accuracy {np.mean(case.scores['loes_auto']):.3f} vs {np.mean(case.scores['last']):.3f}"
                 in line
+            )
         assert f"majority class {case.majority:.3f}" in line
         assert f"selection {np.mean(case.selection_time):.1f} s" in line
         for m in METHODS:
@@ -86,23 +92,32 @@ def test_warnings_name_their_split(demo):
 
 def test_verdict_line_says_within_noise_and_gain():
     def case(auto, last, picks):
-        return CaseResult(task="drugreview", scores={"loes_auto": auto, "last": last, "loes_k": auto,
-                                                     "last_k": last, "all": last},
-                          layers={"loes_auto": [picks] * len(auto), "last": [[5]] * len(auto)},
-                          majority=0.6, selection_time=[0.3] * len(auto), result=None, n_samples={})
+        return CaseResult(
+            task="drugreview",
+            scores={"loes_auto": auto, "last": last, "loes_k": auto, "last_k": last, "all": last},
+            layers={"loes_auto": [picks] * len(auto), "last": [[5]] * len(auto)},
+            majority=0.6,
+            selection_time=[0.3] * len(auto),
+            result=None,
+            n_samples={},
+        )
 
     noisy = verdict_line(case([0.70, 0.66, 0.68], [0.68, 0.67, 0.66], [2, 3]))
     assert "the last layer is as good" in noisy and "within noise" in noisy and "+1.0" in noisy
     gain = verdict_line(case([0.72, 0.71, 0.70], [0.68, 0.67, 0.65], [2, 3]))
-    assert gain == ("drug-review rating: loes picked 2, 3: +4.3 ± 0.3 points over the last layer "
-                    "(test accuracy 0.710 vs 0.667, majority class 0.600, 3 splits); selection 0.3 s")
+    assert gain == (
+        "drug-review rating: loes picked 2, 3: +4.3 ± 0.3 points over the last layer "
+        "(test accuracy 0.710 vs 0.667, majority class 0.600, 3 splits); selection 0.3 s"
+    )
     same = verdict_line(case([0.7, 0.7], [0.7, 0.7], [5]))
     assert "picked 5, the last layer: the pick is the last layer (test accuracy 0.700" in same
 
 
 def test_report_command_rebuilds_a_case_report(demo, tmp_path, capsys):
     out, _, _, _ = demo
-    code = main(["report", str(out / "drugreview" / "result.json"), "--output", str(tmp_path), "--json"])
+    code = main(
+        ["report", str(out / "drugreview" / "result.json"), "--output", str(tmp_path), "--json"]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["report"].endswith("report.html")

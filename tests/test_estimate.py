@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from loes import LOESError
+from loes._estimate import _fold_predictions, _standardized, cv_estimate, standard_sets
 from loes._linalg import RidgePath
 from loes._splits import kfold
-from loes._estimate import _fold_predictions, _standardized, cv_estimate, standard_sets
 
 
 def _planted(n=240, layers=5, dim=12, signal=(2,), strength=1.5, classes=3, seed=0):
@@ -71,7 +71,10 @@ def test_scores_match_an_explicit_loop():
     for name, idx in sets.items():
         z = torch.cat([_standardized(xs[i]) for i in idx], 1)
         by_reg = {reg: _explicit(z @ z.T, y1h, folds, reg, z.shape[1]) for reg in (1e-2, 1e-1, 1.0)}
-        preds = min(by_reg.values(), key=lambda ps: sum(float(((y1h[h] - p) ** 2).sum()) for p, h in zip(ps, folds)))
+        preds = min(
+            by_reg.values(),
+            key=lambda ps: sum(float(((y1h[h] - p) ** 2).sum()) for p, h in zip(ps, folds)),
+        )
         accs = [float((p.argmax(1) == y[h]).double().mean()) for p, h in zip(preds, folds)]
         assert est.mean[name] == pytest.approx(np.mean(accs), abs=1e-12)
         assert est.se[name] == pytest.approx(np.std(accs, ddof=1) / 2.0, abs=1e-12)
@@ -98,16 +101,21 @@ def test_noise_only_is_at_chance():
 def test_regression_r2():
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(200, 6, generator=g, dtype=torch.float64) for _ in range(3)]
-    t = xs[0] @ torch.arange(1.0, 7.0, dtype=torch.float64) + 0.1 * torch.randn(200, generator=g, dtype=torch.float64)
+    t = xs[0] @ torch.arange(1.0, 7.0, dtype=torch.float64) + 0.1 * torch.randn(
+        200, generator=g, dtype=torch.float64
+    )
     est = cv_estimate(xs, t[:, None], "regression", standard_sets([0], 3))
     assert est.metric == "r2"
     assert est.mean["selected"] > 0.9 and est.mean["last"] < 0.1
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"task": "label_free"}, "an estimate needs targets"),
-    ({"n": 6}, "at least 2 rows of every class"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"task": "label_free"}, "an estimate needs targets"),
+        ({"n": 6}, "at least 2 rows of every class"),
+    ],
+)
 def test_bad_estimate_inputs(kwargs, message):
     n = kwargs.get("n", 60)
     xs, y, y1h = _planted(n=n, classes=4 if n == 6 else 3)

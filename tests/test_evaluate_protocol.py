@@ -45,12 +45,20 @@ def test_paired_ttest_degenerate_cases():
 
 def test_loes_beats_last_layer_and_finds_planted_layers():
     x, y = _planted()
-    ev = evaluate(x, y, k=2, methods=["loes", "last", "last_k", "greedy_probe"], seeds=[0, 1, 2],
-                  show_progress=False)
+    ev = evaluate(
+        x,
+        y,
+        k=2,
+        methods=["loes", "last", "last_k", "greedy_probe"],
+        seeds=[0, 1, 2],
+        show_progress=False,
+    )
     assert ev.mean_score("loes") > ev.mean_score("last") + 0.2
     assert ev.mean_score("loes") > ev.mean_score("last_k") + 0.1
     assert all(r["layers"][0] == 2 for r in ev.rows if r["method"] == "loes")
-    assert ev.tests["last"]["mean_diff"] == pytest.approx(ev.mean_score("loes") - ev.mean_score("last"))
+    assert ev.tests["last"]["mean_diff"] == pytest.approx(
+        ev.mean_score("loes") - ev.mean_score("last")
+    )
     assert ev.tests["last"]["p"] < 0.05
     # the per-layer probe sweep ranks the planted layers first
     best_two = np.argsort(ev.per_layer["mean"])[-2:]
@@ -77,8 +85,16 @@ def test_selection_sees_only_the_calibration_split():
         return select_baseline("last", emb, targets, k, task=task)
 
     fractions = (0.3, 0.3, 0.2, 0.2)
-    evaluate(x, y, k=1, methods=[("spy", spy)], seeds=[3, 4], fractions=fractions,
-             per_layer=False, show_progress=False)
+    evaluate(
+        x,
+        y,
+        k=1,
+        methods=[("spy", spy)],
+        seeds=[3, 4],
+        fractions=fractions,
+        per_layer=False,
+        show_progress=False,
+    )
     for seed in (3, 4):
         cal = split_indices(200, fractions, seed, y)[0]
         assert seen[seed] == cal.tolist()
@@ -89,25 +105,51 @@ def test_regression_evaluation_reports_r2():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 5, 8))
     y = x[:, 1] @ rng.normal(size=8)
-    ev = evaluate(x, y, k=1, task="regression", methods=["loes", "last"], seeds=[0, 1],
-                  per_layer=False, show_progress=False)
+    ev = evaluate(
+        x,
+        y,
+        k=1,
+        task="regression",
+        methods=["loes", "last"],
+        seeds=[0, 1],
+        per_layer=False,
+        show_progress=False,
+    )
     assert ev.metric == "r2"  # higher is better, like accuracy (was "rmse", lower is better)
     assert ev.mean_score("loes") > 0.95 and ev.mean_score("last") < 0.2
-    assert ev.tests["last"]["mean_diff"] > 0  # LOES minus the last layer: positive means LOES is better
+    assert (
+        ev.tests["last"]["mean_diff"] > 0
+    )  # LOES minus the last layer: positive means LOES is better
 
 
 def test_exhaustive_dropped_by_default_when_too_large_but_refused_when_asked():
     x = np.random.default_rng(0).normal(size=(120, 14, 3))
     y = np.arange(120) % 2
     with pytest.raises(LOESError, match="max_combinations"):
-        evaluate(x, y, k=3, methods=["exhaustive"], seeds=[0], show_progress=False,
-                 baseline_options={"max_combinations": 100})
+        evaluate(
+            x,
+            y,
+            k=3,
+            methods=["exhaustive"],
+            seeds=[0],
+            show_progress=False,
+            baseline_options={"max_combinations": 100},
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ev = evaluate(x, y, k=3, seeds=[0], per_layer=False, show_progress=False,
-                      baseline_options={"max_combinations": 100})
+        ev = evaluate(
+            x,
+            y,
+            k=3,
+            seeds=[0],
+            per_layer=False,
+            show_progress=False,
+            baseline_options={"max_combinations": 100},
+        )
     assert "exhaustive" not in ev.methods and "greedy_probe" in ev.methods
-    assert any(issubclass(w.category, LOESWarning) and "exhaustive" in str(w.message) for w in caught)
+    assert any(
+        issubclass(w.category, LOESWarning) and "exhaustive" in str(w.message) for w in caught
+    )
 
 
 def test_bad_protocol_settings():
@@ -122,9 +164,17 @@ def test_bad_protocol_settings():
 
 def test_fusion_head_probe_with_georeg_in_the_protocol():
     x, y = _planted(n=300)
-    ev = evaluate(x, y, k=2, methods=["loes", "last"], seeds=[0], probe="fusion", per_layer=False,
-                  fusion_options={"epochs": 40, "georeg": 0.1, "hidden": 32, "batch_size": 32},
-                  show_progress=False)
+    ev = evaluate(
+        x,
+        y,
+        k=2,
+        methods=["loes", "last"],
+        seeds=[0],
+        probe="fusion",
+        per_layer=False,
+        fusion_options={"epochs": 40, "georeg": 0.1, "hidden": 32, "batch_size": 32},
+        show_progress=False,
+    )
     assert ev.probe == "fusion"
     assert ev.mean_score("loes") > ev.mean_score("last") + 0.2
     assert all(r["training_time"] > 0 and 0 < r["val_score"] <= 1 for r in ev.rows)

@@ -33,9 +33,12 @@ def duplicate():
 
 def _select(x, y, preset, **kw):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # N <= D and uninformative-step warnings are not tested here
-        return select_layers_from_custom_embeddings(x, y, k=3, preset=preset, show_progress=False,
-                                                    layer_names=NAMES, **kw)
+        warnings.simplefilter(
+            "ignore"
+        )  # N <= D and uninformative-step warnings are not tested here
+        return select_layers_from_custom_embeddings(
+            x, y, k=3, preset=preset, show_progress=False, layer_names=NAMES, **kw
+        )
 
 
 # ----------------------------------------------------------- terms and total
@@ -49,13 +52,22 @@ def test_total_is_the_documented_sum_of_the_term_columns(duplicate, preset):
         f"total = {'fit (in-sample MSE)' if preset == 'reference' else 'fit (unexplained fraction)'}"
         f" + {'' if w['alpha'] == 1 else format(w['alpha'], 'g') + '·'}isotropy penalty"
         f" + {format(w['gamma'], 'g')}·redundancy penalty − {format(w['eta'], 'g')}·geometry bonus;"
-        " lower is better")
+        " lower is better"
+    )
     frame = res.to_frame()
     assert isinstance(frame, pd.DataFrame)
-    assert frame.attrs["weights"] == {"fit": 1.0, "isotropy_penalty": w["alpha"],
-                                      "redundancy_penalty": w["gamma"], "geometry_bonus": -w["eta"]}
-    recomputed = (frame["fit"] + w["alpha"] * frame["isotropy_penalty"]
-                  + w["gamma"] * frame["redundancy_penalty"] - w["eta"] * frame["geometry_bonus"])
+    assert frame.attrs["weights"] == {
+        "fit": 1.0,
+        "isotropy_penalty": w["alpha"],
+        "redundancy_penalty": w["gamma"],
+        "geometry_bonus": -w["eta"],
+    }
+    recomputed = (
+        frame["fit"]
+        + w["alpha"] * frame["isotropy_penalty"]
+        + w["gamma"] * frame["redundancy_penalty"]
+        - w["eta"] * frame["geometry_bonus"]
+    )
     np.testing.assert_allclose(frame["total"], recomputed, rtol=0, atol=1e-9)
     for table in res.steps:  # the rows of score_table are the same numbers
         for row in res.score_table(table.step):
@@ -83,12 +95,16 @@ def test_penalty_columns_hold_their_definitions(duplicate, preset):
 def test_label_free_total_has_only_the_isotropy_and_redundancy_terms(duplicate):
     x, _ = duplicate
     res = select_layers_label_free(x, 3, method="loes", show_progress=False)
-    assert res.score_formula() == "total = 0.1·isotropy penalty + 0.1·redundancy penalty; lower is better"
+    assert (
+        res.score_formula()
+        == "total = 0.1·isotropy penalty + 0.1·redundancy penalty; lower is better"
+    )
     for table in res.steps:
         for row in res.score_table(table.step):
             assert set(row) == {"layer", "isotropy_penalty", "redundancy_penalty", "total"}
-            assert row["total"] == pytest.approx(0.1 * row["isotropy_penalty"] + 0.1 * row["redundancy_penalty"],
-                                                 abs=1e-12)
+            assert row["total"] == pytest.approx(
+                0.1 * row["isotropy_penalty"] + 0.1 * row["redundancy_penalty"], abs=1e-12
+            )
 
 
 def test_metric_selector_states_its_sign(duplicate):
@@ -96,9 +112,12 @@ def test_metric_selector_states_its_sign(duplicate):
     res = select_layers_label_free(x, 2, method="effective_rank", show_progress=False)
     direction = res.config["direction"]
     assert res.score_formula() == (
-        f"total = {'' if direction == 'lower' else '−'}effective_rank; lower is better")
+        f"total = {'' if direction == 'lower' else '−'}effective_rank; lower is better"
+    )
     row = res.score_table(1)[0]
-    assert row["total"] == pytest.approx((1 if direction == "lower" else -1) * row["effective_rank"])
+    assert row["total"] == pytest.approx(
+        (1 if direction == "lower" else -1) * row["effective_rank"]
+    )
 
 
 # ------------------------------------------------------------------ why
@@ -118,10 +137,12 @@ def test_why_names_the_repeated_layer_and_its_cka(duplicate):
     assert f"over {layer_label(twin, NAMES)} (best own probe score" in why[1]
     assert expected in why[1], why[1]
     # the redundancy is the largest reason, and its share is gamma × the CKA difference
-    reasons = why[1][why[1].index("), total"):].split(": ", 1)[1].split("); ")
+    reasons = why[1][why[1].index("), total") :].split(": ", 1)[1].split("); ")
     assert reasons[0].startswith(layer_label(twin, NAMES) + " repeats")
     row = {int(r["layer"]): r for r in res.score_table(2)}
-    share = 0.1 * (row[twin]["redundancy_penalty"] - row[res.selected_layers[1]]["redundancy_penalty"])
+    share = 0.1 * (
+        row[twin]["redundancy_penalty"] - row[res.selected_layers[1]]["redundancy_penalty"]
+    )
     assert f"; {share:+.3g}" in reasons[0]
     # summary shows the same sentences, the formula and the probe column
     text = res.summary(probe=sweep)
@@ -137,8 +158,10 @@ def test_why_without_probe_compares_with_the_runner_up(duplicate):
     for table, sentence in zip(res.steps, res.explain()):
         ranked = res.score_table(table.step)
         runner = int(ranked[1]["layer"])
-        assert f"over {layer_label(runner, NAMES)} (runner-up), total {ranked[0]['total']:.4f} vs " \
-               f"{ranked[1]['total']:.4f}" in sentence
+        assert (
+            f"over {layer_label(runner, NAMES)} (runner-up), total {ranked[0]['total']:.4f} vs "
+            f"{ranked[1]['total']:.4f}" in sentence
+        )
 
 
 def test_probe_must_be_a_sweep_or_a_mapping(duplicate):

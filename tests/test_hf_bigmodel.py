@@ -23,15 +23,25 @@ ATOL = 1e-5
 def tiny(tmp_path_factory):
     """A 6-block Llama and its tokenizer saved to a folder (loaded by path, as from the Hub)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(num_hidden_layers=6, hidden_size=64, num_attention_heads=2,
-                                   num_key_value_heads=1, intermediate_size=1024, vocab_size=30522,
-                                   bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=6,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=1024,
+        vocab_size=30522,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     model = transformers.LlamaModel(cfg).eval()
     folder = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     ds = load_drugreview("test").select(range(30))
-    ds = datasets.Dataset.from_dict({"text": [t[:300] for t in ds["text"]], "label": list(ds["label"])})
+    ds = datasets.Dataset.from_dict(
+        {"text": [t[:300] for t in ds["text"]], "label": list(ds["label"])}
+    )
     return folder, model, ds
 
 
@@ -40,19 +50,32 @@ def test_disk_offload_split_by_max_memory_equals_the_plain_model(tiny, tmp_path)
     plain = extract_embeddings(str(folder), ds, device="cpu", batch_size=8, show_progress=False)
     offload = tmp_path / "offload"
     for layers in (None, [1, 3]):
-        split = extract_embeddings(str(folder), ds, device_map="auto", max_memory={"cpu": "10MiB"},
-                                   offload_folder=offload, batch_size=8, layers=layers, show_progress=False)
+        split = extract_embeddings(
+            str(folder),
+            ds,
+            device_map="auto",
+            max_memory={"cpu": "10MiB"},
+            offload_folder=offload,
+            batch_size=8,
+            layers=layers,
+            show_progress=False,
+        )
         idx = list(range(plain.n_layers)) if layers is None else layers
         assert split.layer_names == [plain.layer_names[i] for i in idx]
         torch.testing.assert_close(split.embeddings, plain.embeddings[:, idx], atol=ATOL, rtol=1e-5)
         assert split.info["capture"] == ("full forward" if layers is None else "hooks")
-        assert split.info["device_map"] == ["cpu", "disk"]  # really split: part of the weights on disk
+        assert split.info["device_map"] == [
+            "cpu",
+            "disk",
+        ]  # really split: part of the weights on disk
 
 
 def test_bf16_on_cpu_close_to_fp32(tiny):
     folder, _, ds = tiny
     a = extract_embeddings(str(folder), ds, device="cpu", max_samples=8, show_progress=False)
-    b = extract_embeddings(str(folder), ds, device="cpu", dtype="bfloat16", max_samples=8, show_progress=False)
+    b = extract_embeddings(
+        str(folder), ds, device="cpu", dtype="bfloat16", max_samples=8, show_progress=False
+    )
     assert b.info["dtype"] == "torch.bfloat16" and b.embeddings.dtype == torch.float32
     torch.testing.assert_close(a.embeddings, b.embeddings, atol=0.1, rtol=0.1)
 
@@ -61,7 +84,9 @@ def test_length_sorting_changes_nothing_but_padding(tiny):
     _, model, ds = tiny
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     a = extract_embeddings(model, ds, tokenizer=tok, batch_size=4, show_progress=False)
-    b = extract_embeddings(model, ds, tokenizer=tok, batch_size=4, sort_by_length=False, show_progress=False)
+    b = extract_embeddings(
+        model, ds, tokenizer=tok, batch_size=4, sort_by_length=False, show_progress=False
+    )
     np.testing.assert_array_equal(a.indices, b.indices)
     torch.testing.assert_close(a.embeddings, b.embeddings, atol=ATOL, rtol=1e-5)
 

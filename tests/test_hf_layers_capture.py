@@ -16,51 +16,147 @@ from loes.layers import resolve_layers  # noqa: E402
 
 ATOL = 1e-5
 H = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37)
-AUDIO_KW = dict(conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
-                num_conv_pos_embedding_groups=2, vocab_size=10, feat_extract_norm="layer",
-                do_stable_layer_norm=True, **H)
+AUDIO_KW = dict(
+    conv_dim=(16, 16),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    vocab_size=10,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+    **H,
+)
 DEC = dict(vocab_size=30522, bos_token_id=101, eos_token_id=102)
 
 FAMILIES = {
     # name: (config factory, modality)
     "bert": (lambda: transformers.BertConfig(num_hidden_layers=4, vocab_size=30522, **H), "text"),
-    "roberta": (lambda: transformers.RobertaConfig(num_hidden_layers=4, vocab_size=30522, pad_token_id=0,
-                                                   max_position_embeddings=128, **H), "text"),
-    "deberta-v2": (lambda: transformers.DebertaV2Config(num_hidden_layers=4, vocab_size=30522, pad_token_id=0,
-                                                        **H), "text"),
-    "modernbert": (lambda: transformers.ModernBertConfig(
-        num_hidden_layers=4, vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-        cls_token_id=101, sep_token_id=102, **H), "text"),
-    "mpnet": (lambda: transformers.MPNetConfig(num_hidden_layers=4, vocab_size=30522, pad_token_id=0, **H), "text"),
-    "xlm-roberta": (lambda: transformers.XLMRobertaConfig(num_hidden_layers=4, vocab_size=30522, pad_token_id=0,
-                                                          max_position_embeddings=128, **H), "text"),
-    "llama": (lambda: transformers.LlamaConfig(num_hidden_layers=4, num_key_value_heads=1, pad_token_id=None,
-                                               **DEC, **H), "text"),
+    "roberta": (
+        lambda: transformers.RobertaConfig(
+            num_hidden_layers=4, vocab_size=30522, pad_token_id=0, max_position_embeddings=128, **H
+        ),
+        "text",
+    ),
+    "deberta-v2": (
+        lambda: transformers.DebertaV2Config(
+            num_hidden_layers=4, vocab_size=30522, pad_token_id=0, **H
+        ),
+        "text",
+    ),
+    "modernbert": (
+        lambda: transformers.ModernBertConfig(
+            num_hidden_layers=4,
+            vocab_size=30522,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+            cls_token_id=101,
+            sep_token_id=102,
+            **H,
+        ),
+        "text",
+    ),
+    "mpnet": (
+        lambda: transformers.MPNetConfig(
+            num_hidden_layers=4, vocab_size=30522, pad_token_id=0, **H
+        ),
+        "text",
+    ),
+    "xlm-roberta": (
+        lambda: transformers.XLMRobertaConfig(
+            num_hidden_layers=4, vocab_size=30522, pad_token_id=0, max_position_embeddings=128, **H
+        ),
+        "text",
+    ),
+    "llama": (
+        lambda: transformers.LlamaConfig(
+            num_hidden_layers=4, num_key_value_heads=1, pad_token_id=None, **DEC, **H
+        ),
+        "text",
+    ),
     "gpt2": (lambda: transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, **DEC), "text"),
-    "qwen2": (lambda: transformers.Qwen2Config(num_hidden_layers=4, num_key_value_heads=1, **DEC, **H), "text"),
-    "gemma": (lambda: transformers.GemmaConfig(num_hidden_layers=4, num_key_value_heads=1, head_dim=16,
-                                               pad_token_id=0, **DEC, **H), "text"),
-    "t5": (lambda: transformers.T5Config(num_layers=4, num_decoder_layers=1, d_model=32, num_heads=2, d_ff=37,
-                                         d_kv=16, vocab_size=30522, pad_token_id=0, decoder_start_token_id=0),
-           "text"),
-    "vit": (lambda: transformers.ViTConfig(num_hidden_layers=4, image_size=32, patch_size=8, **H), "image"),
-    "deit": (lambda: transformers.DeiTConfig(num_hidden_layers=4, image_size=32, patch_size=8, **H), "image"),
-    "dinov2": (lambda: transformers.Dinov2Config(num_hidden_layers=4, image_size=32, patch_size=8, **H), "image"),
-    "beit": (lambda: transformers.BeitConfig(num_hidden_layers=4, image_size=32, patch_size=8, vocab_size=64,
-                                             **H), "image"),
-    "clip": (lambda: transformers.CLIPConfig(
-        text_config=dict(num_hidden_layers=2, vocab_size=30522, **H),
-        vision_config=dict(num_hidden_layers=4, image_size=32, patch_size=8, **H), projection_dim=16), "image"),
-    "convnext": (lambda: transformers.ConvNextConfig(num_stages=4, hidden_sizes=[8, 16, 16, 24],
-                                                     depths=[1, 1, 1, 1], image_size=32), "image"),
+    "qwen2": (
+        lambda: transformers.Qwen2Config(num_hidden_layers=4, num_key_value_heads=1, **DEC, **H),
+        "text",
+    ),
+    "gemma": (
+        lambda: transformers.GemmaConfig(
+            num_hidden_layers=4, num_key_value_heads=1, head_dim=16, pad_token_id=0, **DEC, **H
+        ),
+        "text",
+    ),
+    "t5": (
+        lambda: transformers.T5Config(
+            num_layers=4,
+            num_decoder_layers=1,
+            d_model=32,
+            num_heads=2,
+            d_ff=37,
+            d_kv=16,
+            vocab_size=30522,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        ),
+        "text",
+    ),
+    "vit": (
+        lambda: transformers.ViTConfig(num_hidden_layers=4, image_size=32, patch_size=8, **H),
+        "image",
+    ),
+    "deit": (
+        lambda: transformers.DeiTConfig(num_hidden_layers=4, image_size=32, patch_size=8, **H),
+        "image",
+    ),
+    "dinov2": (
+        lambda: transformers.Dinov2Config(num_hidden_layers=4, image_size=32, patch_size=8, **H),
+        "image",
+    ),
+    "beit": (
+        lambda: transformers.BeitConfig(
+            num_hidden_layers=4, image_size=32, patch_size=8, vocab_size=64, **H
+        ),
+        "image",
+    ),
+    "clip": (
+        lambda: transformers.CLIPConfig(
+            text_config=dict(num_hidden_layers=2, vocab_size=30522, **H),
+            vision_config=dict(num_hidden_layers=4, image_size=32, patch_size=8, **H),
+            projection_dim=16,
+        ),
+        "image",
+    ),
+    "convnext": (
+        lambda: transformers.ConvNextConfig(
+            num_stages=4, hidden_sizes=[8, 16, 16, 24], depths=[1, 1, 1, 1], image_size=32
+        ),
+        "image",
+    ),
     "wav2vec2": (lambda: transformers.Wav2Vec2Config(num_hidden_layers=4, **AUDIO_KW), "audio"),
     "hubert": (lambda: transformers.HubertConfig(num_hidden_layers=4, **AUDIO_KW), "audio"),
     "wavlm": (lambda: transformers.WavLMConfig(num_hidden_layers=4, **AUDIO_KW), "audio"),
-    "ast": (lambda: transformers.ASTConfig(num_hidden_layers=4, max_length=64, num_mel_bins=32, **H), "audio"),
-    "whisper": (lambda: transformers.WhisperConfig(
-        encoder_layers=4, decoder_layers=1, d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=64, num_mel_bins=80, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), "audio"),
+    "ast": (
+        lambda: transformers.ASTConfig(num_hidden_layers=4, max_length=64, num_mel_bins=32, **H),
+        "audio",
+    ),
+    "whisper": (
+        lambda: transformers.WhisperConfig(
+            encoder_layers=4,
+            decoder_layers=1,
+            d_model=32,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            vocab_size=64,
+            num_mel_bins=80,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
+        "audio",
+    ),
 }
 
 
@@ -77,13 +173,20 @@ def data():
     text = datasets.Dataset.from_dict({"text": list(ds["title"]), "label": list(ds["label"])})
     g = np.random.default_rng(0)
     images = [Image.fromarray(g.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(7)]
-    image = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1, 0, 1, 0]},
-                                       features=datasets.Features({"image": datasets.Image(),
-                                                                   "label": datasets.Value("int64")}))
-    clips = [(np.sin(np.arange(n) / (3 + i)) + 0.1 * g.normal(size=n)).astype(np.float32)
-             for i, n in enumerate([1600, 4000, 2400, 3200, 1900, 3600, 2000])]
-    audio = datasets.Dataset.from_dict({"audio": [{"array": a, "sampling_rate": 16000} for a in clips],
-                                        "label": [0, 1, 0, 1, 0, 1, 0]})
+    image = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 1, 0, 1, 0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    clips = [
+        (np.sin(np.arange(n) / (3 + i)) + 0.1 * g.normal(size=n)).astype(np.float32)
+        for i, n in enumerate([1600, 4000, 2400, 3200, 1900, 3600, 2000])
+    ]
+    audio = datasets.Dataset.from_dict(
+        {
+            "audio": [{"array": a, "sampling_rate": 16000} for a in clips],
+            "label": [0, 1, 0, 1, 0, 1, 0],
+        }
+    )
     return {"text": text, "image": image, "audio": audio}
 
 
@@ -111,12 +214,20 @@ def test_layer_subset_equals_the_full_forward_sliced(name, data):
     model = _build(FAMILIES[name][0]())
     ds, proc = data[FAMILIES[name][1]], _processor(name)
     for include in (False, True):
-        full = extract_embeddings(model, ds, processor=proc, batch_size=3, include_embeddings=include,
-                                  show_progress=False)
+        full = extract_embeddings(
+            model, ds, processor=proc, batch_size=3, include_embeddings=include, show_progress=False
+        )
         assert full.info["capture"] == "full forward"
         for spec in ("middle", [0, -1], -2):
-            sub = extract_embeddings(model, ds, processor=proc, batch_size=3, include_embeddings=include,
-                                     layers=spec, show_progress=False)
+            sub = extract_embeddings(
+                model,
+                ds,
+                processor=proc,
+                batch_size=3,
+                include_embeddings=include,
+                layers=spec,
+                show_progress=False,
+            )
             idx = sorted(set(resolve_layers(spec, full.n_layers)))
             assert sub.info["capture"] == "hooks", (name, spec)
             assert sub.layer_names == [full.layer_names[i] for i in idx]
@@ -127,14 +238,22 @@ def test_layer_subset_equals_the_full_forward_sliced(name, data):
 
 
 def test_early_stop_runs_exactly_the_blocks_up_to_the_deepest(data):
-    cfg = transformers.LlamaConfig(num_hidden_layers=32, num_key_value_heads=1, pad_token_id=None, **DEC, **H)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=32, num_key_value_heads=1, pad_token_id=None, **DEC, **H
+    )
     model = _build(cfg)
     calls = [0] * 32
     for b, block in enumerate(model.layers):
         block.register_forward_hook(lambda m, a, o, b=b: calls.__setitem__(b, calls[b] + 1))
     ds = data["text"]
-    emb = extract_embeddings(model, ds, processor=_processor("llama"), batch_size=4, layers=[3, 7, 12],
-                             show_progress=False)
+    emb = extract_embeddings(
+        model,
+        ds,
+        processor=_processor("llama"),
+        batch_size=4,
+        layers=[3, 7, 12],
+        show_progress=False,
+    )
     assert emb.layer_names == ["hidden_states[4]", "hidden_states[8]", "hidden_states[13]"]
     n_batches = -(-len(ds) // 4)
     # one row of the first batch is run through every block to check the hooks; then 13 blocks per batch
@@ -172,7 +291,9 @@ def test_pool_batch_equals_extract_embeddings(name, data):
     ds, proc = data[FAMILIES[name][1]], _processor(name)
     if FAMILIES[name][1] == "text" and proc.pad_token is None:
         proc.pad_token = proc.sep_token  # left padding with a pad token of its own
-    emb = extract_embeddings(model, ds, processor=proc, layers=[0, -1], max_samples=None, show_progress=False)
+    emb = extract_embeddings(
+        model, ds, processor=proc, layers=[0, -1], max_samples=None, show_progress=False
+    )
     if FAMILIES[name][1] == "text":
         inputs = proc(list(ds["text"]), padding=True, truncation=True, return_tensors="pt")
     else:
@@ -194,9 +315,14 @@ def test_iter_hidden_states_keeps_only_the_requested_token_states(data):
 
     model = _build(FAMILIES["gpt2"][0]())
     kw = dict(processor=_processor("gpt2"), batch_size=4, show_progress=False)
-    full = list((b.hidden_states, b.mask, b.layer_names) for b in iter_hidden_states(model, data["text"], **kw))
-    sub = list((b.hidden_states, b.mask, b.layer_names) for b in
-               iter_hidden_states(model, data["text"], layers=[1, -1], **kw))
+    full = list(
+        (b.hidden_states, b.mask, b.layer_names)
+        for b in iter_hidden_states(model, data["text"], **kw)
+    )
+    sub = list(
+        (b.hidden_states, b.mask, b.layer_names)
+        for b in iter_hidden_states(model, data["text"], layers=[1, -1], **kw)
+    )
     for (hf, mf, nf), (hs, ms, ns) in zip(full, sub):
         assert ns == [nf[1], nf[-1]] and len(hs) == 2
         torch.testing.assert_close(ms, mf)

@@ -15,7 +15,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from loes import LOESError, LOESResult, LOESWarning, extract_embeddings, select_layers_from_hf, select_layers_from_hf_id  # noqa: E402,E501
+from loes import (  # noqa: E402,E501
+    LOESError,
+    LOESResult,
+    LOESWarning,
+    extract_embeddings,
+    select_layers_from_hf,
+    select_layers_from_hf_id,
+)
 from loes.datasets import load_bbc_news, load_drugreview, minilm_path  # noqa: E402
 from loes.hf import iter_hidden_states  # noqa: E402
 
@@ -43,9 +50,12 @@ def reviews():
 @pytest.fixture(scope="module")
 def titles():
     ds = load_bbc_news(max_per_class=12, random_state=0)
-    return datasets.Dataset.from_dict({"text": list(ds["title"]), "label": list(ds["label"])},
-                                      features=datasets.Features({"text": datasets.Value("string"),
-                                                                  "label": ds.features["label"]}))
+    return datasets.Dataset.from_dict(
+        {"text": list(ds["title"]), "label": list(ds["label"])},
+        features=datasets.Features(
+            {"text": datasets.Value("string"), "label": ds.features["label"]}
+        ),
+    )
 
 
 def _own_states(model, tokenizer, text, max_length):
@@ -56,8 +66,17 @@ def _own_states(model, tokenizer, text, max_length):
 
 @pytest.mark.parametrize("pooling", ["cls", "masked_mean"])
 def test_extracted_layers_equal_hand_pooled_hidden_states(model, tokenizer, reviews, pooling):
-    emb = extract_embeddings(MINILM, reviews, max_samples=12, batch_size=5, max_length=48,
-                             pooling=pooling, include_embeddings=True, random_state=3, show_progress=False)
+    emb = extract_embeddings(
+        MINILM,
+        reviews,
+        max_samples=12,
+        batch_size=5,
+        max_length=48,
+        pooling=pooling,
+        include_embeddings=True,
+        random_state=3,
+        show_progress=False,
+    )
     assert emb.embeddings.shape == (12, 7, 384) and emb.embeddings.dtype == torch.float32
     assert emb.layer_names[0] == "hidden_states[0]" and emb.layer_names[-1] == "hidden_states[6]"
     for row, idx in enumerate(emb.indices):
@@ -69,30 +88,51 @@ def test_extracted_layers_equal_hand_pooled_hidden_states(model, tokenizer, revi
 
 def test_default_drops_the_embedding_output(model, titles):
     a = extract_embeddings(model, titles, max_samples=8, show_progress=False)
-    b = extract_embeddings(model, titles, max_samples=8, include_embeddings=True, show_progress=False)
+    b = extract_embeddings(
+        model, titles, max_samples=8, include_embeddings=True, show_progress=False
+    )
     assert a.layer_names == [f"hidden_states[{i}]" for i in range(1, 7)]
     torch.testing.assert_close(a.embeddings, b.embeddings[:, 1:])
 
 
 def test_ragged_pretokenized_dataset_equals_raw_text(model, tokenizer, titles):
     enc = tokenizer(list(titles["text"]), truncation=True, max_length=512)
-    tokenized = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                                            "label": list(titles["label"])})
+    tokenized = datasets.Dataset.from_dict(
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "label": list(titles["label"]),
+        }
+    )
     assert len({len(r) for r in enc["input_ids"]}) > 1  # really ragged
-    a = extract_embeddings(model, tokenized, tokenizer=tokenizer, max_samples=20, pooling="masked_mean",
-                           show_progress=False)
-    b = extract_embeddings(model, titles, tokenizer=tokenizer, max_samples=20, pooling="masked_mean",
-                           show_progress=False)
+    a = extract_embeddings(
+        model,
+        tokenized,
+        tokenizer=tokenizer,
+        max_samples=20,
+        pooling="masked_mean",
+        show_progress=False,
+    )
+    b = extract_embeddings(
+        model,
+        titles,
+        tokenizer=tokenizer,
+        max_samples=20,
+        pooling="masked_mean",
+        show_progress=False,
+    )
     np.testing.assert_array_equal(a.indices, b.indices)
     torch.testing.assert_close(a.embeddings, b.embeddings, atol=1e-5, rtol=1e-5)
 
 
 def test_token_stream_matches_pooled_extraction(model, titles):
-    emb = extract_embeddings(model, titles, max_samples=16, pooling="masked_mean", batch_size=6,
-                             show_progress=False)
+    emb = extract_embeddings(
+        model, titles, max_samples=16, pooling="masked_mean", batch_size=6, show_progress=False
+    )
     rows = {}
-    for b in iter_hidden_states(model, titles, task="classification", max_samples=16, batch_size=6,
-                                show_progress=False):
+    for b in iter_hidden_states(
+        model, titles, task="classification", max_samples=16, batch_size=6, show_progress=False
+    ):
         assert len(b.hidden_states) == 6 and b.hidden_states[0].shape[:2] == b.mask.shape
         for j, pos in enumerate(b.positions):
             m = b.mask[j]
@@ -105,18 +145,24 @@ def test_at_most_one_batch_of_token_states_alive(model, titles):
     alive = []
 
     def hook(module, args, output):
-        assert all(ref() is None for ref in alive), "an earlier batch's token states are still alive"
+        assert all(ref() is None for ref in alive), (
+            "an earlier batch's token states are still alive"
+        )
         alive.extend(weakref.ref(h) for h in output.hidden_states)
 
     def pre(module, args, kwargs):
         gc.collect()
-        assert all(ref() is None for ref in alive), "an earlier batch's token states are still alive"
+        assert all(ref() is None for ref in alive), (
+            "an earlier batch's token states are still alive"
+        )
 
     h1 = model.register_forward_hook(hook)
     h2 = model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         extract_embeddings(model, titles, max_samples=20, batch_size=4, show_progress=False)
-        for _ in iter_hidden_states(model, titles, max_samples=20, batch_size=4, show_progress=False):
+        for _ in iter_hidden_states(
+            model, titles, max_samples=20, batch_size=4, show_progress=False
+        ):
             pass
     finally:
         h1.remove()
@@ -137,8 +183,10 @@ def _loaders(tokenizer, titles):
         return {**enc, "labels": labels[rows]}
 
     idx = list(range(len(texts)))
-    return (torch.utils.data.DataLoader(idx, batch_size=8, shuffle=False, collate_fn=as_tuples),
-            torch.utils.data.DataLoader(idx, batch_size=8, shuffle=False, collate_fn=as_dicts))
+    return (
+        torch.utils.data.DataLoader(idx, batch_size=8, shuffle=False, collate_fn=as_tuples),
+        torch.utils.data.DataLoader(idx, batch_size=8, shuffle=False, collate_fn=as_dicts),
+    )
 
 
 def test_readme_dataloader_snippet_runs_as_written(tokenizer, titles):
@@ -154,8 +202,14 @@ def test_readme_dataloader_snippet_runs_as_written(tokenizer, titles):
     )
     assert isinstance(result, LOESResult) and len(set(result.selected_layers)) == 4
     assert result.num_calibration_samples == len(titles) and result.model_name == MINILM
-    again = select_layers_from_hf_id(MINILM, dataloader=dict_loader, task="classification", k=4,
-                                     max_calibration_samples=512, show_progress=False)
+    again = select_layers_from_hf_id(
+        MINILM,
+        dataloader=dict_loader,
+        task="classification",
+        k=4,
+        max_calibration_samples=512,
+        show_progress=False,
+    )
     assert again.selected_layers == result.selected_layers
 
 
@@ -185,7 +239,9 @@ def test_sequential_dataloader_over_sorted_labels_is_resampled(model):
     assert np.bincount(emb.targets).tolist() == [20, 20, 20]
     np.testing.assert_array_equal(emb.targets, y.numpy()[emb.indices])
 
-    batches = [(x[i:i + 30], y[i:i + 30]) for i in range(0, 300, 30)]  # a plain iterable: read in order
+    batches = [
+        (x[i : i + 30], y[i : i + 30]) for i in range(0, 300, 30)
+    ]  # a plain iterable: read in order
     with pytest.warns(LOESWarning, match="first 60 samples"):
         emb2 = extract_embeddings(model, dataloader=batches, max_samples=60, show_progress=False)
     assert emb2.n_samples == 60
@@ -196,18 +252,30 @@ def test_cache_is_reused_and_keyed(model, titles, tmp_path):
     calls = []
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        first = extract_embeddings(model, titles, max_samples=12, cache_dir=tmp_path, show_progress=False)
+        first = extract_embeddings(
+            model, titles, max_samples=12, cache_dir=tmp_path, show_progress=False
+        )
         n_calls = len(calls)
-        second = extract_embeddings(model, titles, max_samples=12, cache_dir=tmp_path, show_progress=False)
+        second = extract_embeddings(
+            model, titles, max_samples=12, cache_dir=tmp_path, show_progress=False
+        )
         assert len(calls) == n_calls and second.from_cache and not first.from_cache
         torch.testing.assert_close(first.embeddings, second.embeddings, atol=0, rtol=0)
         np.testing.assert_array_equal(first.targets, second.targets)
         np.testing.assert_array_equal(first.indices, second.indices)
         assert second.layer_names == first.layer_names and second.pooling == first.pooling
-        other = extract_embeddings(model, titles, max_samples=12, pooling="masked_mean", cache_dir=tmp_path,
-                                   show_progress=False)
+        other = extract_embeddings(
+            model,
+            titles,
+            max_samples=12,
+            pooling="masked_mean",
+            cache_dir=tmp_path,
+            show_progress=False,
+        )
         assert not other.from_cache and len(calls) > n_calls
-        more = extract_embeddings(model, titles, max_samples=13, cache_dir=tmp_path, show_progress=False)
+        more = extract_embeddings(
+            model, titles, max_samples=13, cache_dir=tmp_path, show_progress=False
+        )
         assert not more.from_cache
     finally:
         handle.remove()
@@ -218,13 +286,19 @@ def test_cache_is_reused_and_keyed(model, titles, tmp_path):
 
 
 def test_corrupt_cache_entry_is_recomputed(model, titles, tmp_path):
-    first = extract_embeddings(model, titles, max_samples=8, cache_dir=tmp_path, show_progress=False)
+    first = extract_embeddings(
+        model, titles, max_samples=8, cache_dir=tmp_path, show_progress=False
+    )
     (st,) = [p for p in tmp_path.iterdir() if p.suffix == ".safetensors"]
     st.write_bytes(b"garbage")
-    again = extract_embeddings(model, titles, max_samples=8, cache_dir=tmp_path, show_progress=False)
+    again = extract_embeddings(
+        model, titles, max_samples=8, cache_dir=tmp_path, show_progress=False
+    )
     assert not again.from_cache
     torch.testing.assert_close(first.embeddings, again.embeddings)
-    assert extract_embeddings(model, titles, max_samples=8, cache_dir=tmp_path, show_progress=False).from_cache
+    assert extract_embeddings(
+        model, titles, max_samples=8, cache_dir=tmp_path, show_progress=False
+    ).from_cache
 
 
 def test_changed_weights_miss_the_cache(titles, tmp_path):
@@ -232,7 +306,9 @@ def test_changed_weights_miss_the_cache(titles, tmp_path):
     extract_embeddings(m, titles, max_samples=8, cache_dir=tmp_path, show_progress=False)
     with torch.no_grad():
         m.encoder.layer[0].output.dense.weight.mul_(0.5)
-    assert not extract_embeddings(m, titles, max_samples=8, cache_dir=tmp_path, show_progress=False).from_cache
+    assert not extract_embeddings(
+        m, titles, max_samples=8, cache_dir=tmp_path, show_progress=False
+    ).from_cache
 
 
 # ------------------------------------------------------------------ errors
@@ -244,7 +320,9 @@ def test_missing_keys_list_the_columns(model, titles):
     unlabeled = titles.remove_columns("label")
     with pytest.raises(LOESError, match=r"no target column.*\['text'\].*label_free"):
         extract_embeddings(model, unlabeled, show_progress=False)
-    emb = extract_embeddings(model, unlabeled, task="label_free", max_samples=5, show_progress=False)
+    emb = extract_embeddings(
+        model, unlabeled, task="label_free", max_samples=5, show_progress=False
+    )
     assert emb.targets is None and emb.n_samples == 5
 
 
@@ -270,7 +348,9 @@ def test_label_sorted_split_is_not_one_class(model):
 def test_select_layers_from_hf_with_a_loaded_model(model, titles):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LOESWarning)
-        res = select_layers_from_hf(model, titles, k=3, max_calibration_samples=40, show_progress=False)
+        res = select_layers_from_hf(
+            model, titles, k=3, max_calibration_samples=40, show_progress=False
+        )
     assert res.model_name == MINILM or res.model_name.endswith("model")
     assert len(res.selected_layers) == 3 and res.config["extraction"]["n_rows_sampled"] == 40
     assert res.layer_names == [f"hidden_states[{i}]" for i in range(1, 7)]

@@ -23,7 +23,7 @@ def _padded(side: str, seed: int = 0):
         if side == "right":
             mask[i, :n] = True
         else:
-            mask[i, T - n:] = True
+            mask[i, T - n :] = True
     states[~mask] = float("nan")  # padded positions must never leak in
     return states, mask, lengths
 

@@ -68,8 +68,9 @@ def test_auto_needs_targets_and_a_fixed_k_still_works():
         select_layers_from_custom_embeddings(x, None, k="auto", task="label_free")
     with pytest.raises(LOESError, match="k must be an integer"):
         select_layers_from_custom_embeddings(x, np.arange(60) % 2, k="three")
-    fixed = select_layers_from_custom_embeddings(x, np.arange(60) % 2, k=3, show_progress=False,
-                                                 estimate=False)
+    fixed = select_layers_from_custom_embeddings(
+        x, np.arange(60) % 2, k=3, show_progress=False, estimate=False
+    )
     assert len(fixed.selected_layers) == 3 and fixed.estimate is None
 
 

@@ -15,11 +15,25 @@ def rng():
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        (3, [3]), (-1, [11]), (-12, [0]), ([0, -1, 5], [0, 11, 5]), (range(2, 5), [2, 3, 4]),
-        ("first", [0]), ("middle", [6]), ("last", [11]), ("all", list(range(12))),
-        ("sweep", list(range(12))), ("sweep:4", [0, 4, 8]), ("sweep:5", [0, 5, 10]),
-        ("sweep:2-5", [2, 3, 4, 5]), ("sweep:-3--1", [9, 10, 11]), ("sweep:3--3", list(range(3, 10))),
-        ("-2", [10]), ("1, 4,-1", [1, 4, 11]), (" LAST ", [11]), (np.int64(2), [2]),
+        (3, [3]),
+        (-1, [11]),
+        (-12, [0]),
+        ([0, -1, 5], [0, 11, 5]),
+        (range(2, 5), [2, 3, 4]),
+        ("first", [0]),
+        ("middle", [6]),
+        ("last", [11]),
+        ("all", list(range(12))),
+        ("sweep", list(range(12))),
+        ("sweep:4", [0, 4, 8]),
+        ("sweep:5", [0, 5, 10]),
+        ("sweep:2-5", [2, 3, 4, 5]),
+        ("sweep:-3--1", [9, 10, 11]),
+        ("sweep:3--3", list(range(3, 10))),
+        ("-2", [10]),
+        ("1, 4,-1", [1, 4, 11]),
+        (" LAST ", [11]),
+        (np.int64(2), [2]),
     ],
 )
 def test_static_specs(spec, expected):
@@ -29,9 +43,17 @@ def test_static_specs(spec, expected):
 @pytest.mark.parametrize(
     "spec, match",
     [
-        (12, "out of range"), (-13, "out of range"), ([1, 1], "more than once"), ([], "empty"),
-        (True, "bool"), ([1.5], "integers"), ("sweep:0", "step must be >= 1"), ("sweep:5-2", "empty"),
-        ("sweep:x", "malformed"), ("penultimate", "unknown layer spec"), (2.0, "must be an int"),
+        (12, "out of range"),
+        (-13, "out of range"),
+        ([1, 1], "more than once"),
+        ([], "empty"),
+        (True, "bool"),
+        ([1.5], "integers"),
+        ("sweep:0", "step must be >= 1"),
+        ("sweep:5-2", "empty"),
+        ("sweep:x", "malformed"),
+        ("penultimate", "unknown layer spec"),
+        (2.0, "must be an int"),
         ("loes", "needs embeddings"),
     ],
 )
@@ -59,8 +81,9 @@ def test_loes_spec_is_the_core_selector(rng):
     ref = select_layers_from_custom_embeddings(x, y, 2, preset="reference", show_progress=False)
     assert got == ref.selected_layers
     free = resolve_layers("loes", 5, embeddings=x, k=2, preset="reference")
-    ref_free = select_layers_from_custom_embeddings(x, None, 2, task="label_free", preset="reference",
-                                                     show_progress=False)
+    ref_free = select_layers_from_custom_embeddings(
+        x, None, 2, task="label_free", preset="reference", show_progress=False
+    )
     assert free == ref_free.selected_layers
 
 
@@ -85,7 +108,9 @@ def test_auto_recovers_planted_layers_multiclass(rng):
     assert set(model.selected_layers_[:2]) == {2, 5}
     noise = [i for i in range(8) if i not in (2, 5)]
     assert model.block_norms_[noise].max() < 0.2 * model.block_norms_[[2, 5]].min()
-    assert resolve_layers("auto", 8, embeddings=x, targets=y, k=2, cv=4) == model.selected_layers_[:2]
+    assert (
+        resolve_layers("auto", 8, embeddings=x, targets=y, k=2, cv=4) == model.selected_layers_[:2]
+    )
     assert set(resolve_layers("fast_auto", 8, embeddings=x, targets=y, k=2)) == {2, 5}
 
 
@@ -117,7 +142,9 @@ def test_singleton_groups_match_sklearn_lasso(rng):
 
     x = rng.normal(size=(150, 6, 1)) * np.array([1, 2, 0.5, 1, 3, 1])[None, :, None]
     y = 1.5 * x[:, 0, 0] - 0.7 * x[:, 3, 0] + 0.5 * rng.normal(size=150)
-    model = GroupLassoLayers("regression", cv=None, n_lambdas=8, max_iter=20000, tol=1e-10).fit(x, y)
+    model = GroupLassoLayers("regression", cv=None, n_lambdas=8, max_iter=20000, tol=1e-10).fit(
+        x, y
+    )
     z = (x[:, :, 0] - x[:, :, 0].mean(0)) / x[:, :, 0].std(0)
     ys = (y - y.mean()) / y.std()
     ref = Lasso(alpha=model.lambda_, tol=1e-12, max_iter=100000).fit(z, ys)
@@ -132,7 +159,7 @@ def test_multinomial_solution_satisfies_kkt(rng):
     grad, grad_b = model._gradient(xs, ys, model.coef_, model.intercept_)
     lam = model.lambda_
     np.testing.assert_allclose(grad_b, 0, atol=1e-6)
-    for (a, b) in groups:
+    for a, b in groups:
         w, g = model.coef_[a:b], grad[a:b]
         if np.linalg.norm(w) == 0:
             assert np.linalg.norm(g) <= lam * (1 + 1e-6)

@@ -76,7 +76,9 @@ def test_ridge_path_gcv_weights_and_predictions_equal_the_hat_matrix(rng, n, d):
         got_w, got_b = path.coef(reg)
         np.testing.assert_allclose(got_w.numpy(), w, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(got_b.numpy(), b, rtol=1e-8, atol=1e-10)
-        np.testing.assert_allclose(path.predict(reg, torch.from_numpy(xv)).numpy(), xv @ w + b, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(
+            path.predict(reg, torch.from_numpy(xv)).numpy(), xv @ w + b, rtol=1e-8, atol=1e-10
+        )
 
 
 def test_ridge_path_kernel_form_equals_feature_form(rng):
@@ -85,8 +87,12 @@ def test_ridge_path_kernel_form_equals_feature_form(rng):
     a = RidgePath(torch.from_numpy(x), torch.from_numpy(y))
     b = RidgePath(y=torch.from_numpy(y), kernel=torch.from_numpy(xc @ xc.T), dim=40)
     for reg in (1e-3, 0.3):
-        np.testing.assert_allclose(b.loo_residuals(reg).numpy(), a.loo_residuals(reg).numpy(), rtol=1e-7, atol=1e-9)
-        np.testing.assert_allclose(b.gcv_residuals(reg).numpy(), a.gcv_residuals(reg).numpy(), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(
+            b.loo_residuals(reg).numpy(), a.loo_residuals(reg).numpy(), rtol=1e-7, atol=1e-9
+        )
+        np.testing.assert_allclose(
+            b.gcv_residuals(reg).numpy(), a.gcv_residuals(reg).numpy(), rtol=1e-7, atol=1e-9
+        )
 
 
 def test_relative_ridge_is_scale_free_and_absolute_is_not(rng):
@@ -136,7 +142,11 @@ def _hsic(k, l, debiased):
         return (k * l).sum()
     kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
     one = np.ones(n)
-    return np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ kt @ lt @ one
+    return (
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ kt @ lt @ one
+    )
 
 
 def _textbook_cka(a, b, debiased):
@@ -149,11 +159,15 @@ def _textbook_cka(a, b, debiased):
 def test_cka_matrix_forms_equal_the_textbook_formula(rng, debiased, method):
     layers = [rng.normal(size=(30, d)) for d in (4, 50, 7)]
     layers[2] = layers[0] @ rng.normal(size=(4, 7)) + 0.2 * rng.normal(size=(30, 7))
-    got = cka_matrix([torch.from_numpy(a) for a in layers], debiased=debiased, method=method).numpy()
+    got = cka_matrix(
+        [torch.from_numpy(a) for a in layers], debiased=debiased, method=method
+    ).numpy()
     for i, j in itertools.product(range(3), repeat=2):
         want = min(max(_textbook_cka(layers[i], layers[j], debiased), 0.0), 1.0)
         assert got[i, j] == pytest.approx(want, rel=1e-8, abs=1e-10)
-        assert linear_cka(layers[i], layers[j], debiased=debiased) == pytest.approx(want, rel=1e-8, abs=1e-10)
+        assert linear_cka(layers[i], layers[j], debiased=debiased) == pytest.approx(
+            want, rel=1e-8, abs=1e-10
+        )
 
 
 def test_biased_and_debiased_cka_differ_on_noise_at_n_below_d(rng):
@@ -171,9 +185,15 @@ def test_cka_sampling_rule_is_a_seeded_randperm_of_rows(rng):
 def test_metrics_and_report_use_the_same_cka(rng):
     x = rng.normal(size=(60, 4, 9))
     layers = [torch.from_numpy(x[:, i]) for i in range(4)]
-    torch.testing.assert_close(metrics_cka_matrix(x), cka_matrix(layers, debiased=False), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(metrics_cka_matrix(x, debiased=True), cka_matrix(layers), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(cka_heatmap_matrix(x), cka_matrix(layers).numpy(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        metrics_cka_matrix(x), cka_matrix(layers, debiased=False), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        metrics_cka_matrix(x, debiased=True), cka_matrix(layers), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        cka_heatmap_matrix(x), cka_matrix(layers).numpy(), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_report_heatmap_is_the_redundancy_the_selector_saw(rng):
@@ -214,7 +234,9 @@ def test_georeg_and_selector_triangles_use_the_same_area(rng):
     labels = torch.arange(30) % 3
     cents = np.stack([f[labels == c].mean(0).numpy() for c in range(3)])
     area = _heron(*cents)
-    assert float(triangle_log_area(f, labels, torch.tensor([0, 1, 2]), eps=0.0)) == pytest.approx(math.log(area))
+    assert float(triangle_log_area(f, labels, torch.tensor([0, 1, 2]), eps=0.0)) == pytest.approx(
+        math.log(area)
+    )
     got = triangle_geometry(torch.from_numpy(cents), triplets(3), normalize=False)
     assert got == pytest.approx(area, rel=1e-10)
 
@@ -222,7 +244,9 @@ def test_georeg_and_selector_triangles_use_the_same_area(rng):
 # -------------------------------------------------------------- masked mean
 def test_masked_mean_equals_a_loop_and_ignores_nan_padding(rng):
     x = torch.from_numpy(rng.normal(size=(4, 6, 3)))
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [0] * 6, [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0, 0], [1] * 6, [0] * 6, [0, 0, 1, 1, 0, 0]], dtype=torch.bool
+    )
     x[~mask] = float("nan")
     got = masked_mean(x, mask)
     for b in range(4):

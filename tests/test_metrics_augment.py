@@ -30,7 +30,9 @@ def test_split_words_only_inserts_spaces():
     assert split_words(TEXT, p=0.5, random_state=1) != split_words(TEXT, p=0.5, random_state=2)
 
 
-@pytest.mark.parametrize("action, delta", [("substitute", 0), ("insert", 1), ("delete", -1), ("swap", 0)])
+@pytest.mark.parametrize(
+    "action, delta", [("substitute", 0), ("insert", 1), ("delete", -1), ("swap", 0)]
+)
 def test_char_changes_change_one_char_per_word(action, delta):
     words = TEXT.split(" ")
     out = random_char_changes(TEXT, p=1.0, action=action, random_state=0).split(" ")
@@ -54,7 +56,9 @@ def test_keyboard_typos_use_neighbouring_keys():
         else:
             assert a == b  # spaces, punctuation untouched
     assert set(KEYBOARD_NEIGHBOURS["g"]) == set("tyfhvb")
-    assert all(a in KEYBOARD_NEIGHBOURS[b] for a in KEYBOARD_NEIGHBOURS for b in KEYBOARD_NEIGHBOURS[a])
+    assert all(
+        a in KEYBOARD_NEIGHBOURS[b] for a in KEYBOARD_NEIGHBOURS for b in KEYBOARD_NEIGHBOURS[a]
+    )
 
 
 def test_text_augmenter_is_reproducible_and_varies():
@@ -68,12 +72,16 @@ def test_text_augmenter_is_reproducible_and_varies():
         split_words(TEXT, p=1.5)
     with pytest.raises(LOESError, match="random_state must be None, an int seed"):
         keyboard_typos(TEXT, random_state=1.5)
-    assert isinstance(keyboard_typos(TEXT, random_state=None), str)  # None: fresh randomness (sklearn)
+    assert isinstance(
+        keyboard_typos(TEXT, random_state=None), str
+    )  # None: fresh randomness (sklearn)
 
 
 def test_make_views_align_rows():
     items = ["alpha beta", "gamma delta", "epsilon"]
-    views = make_views(items, TextAugmenter(methods=("split",), p=1.0), n_views=3, include_original=True)
+    views = make_views(
+        items, TextAugmenter(methods=("split",), p=1.0), n_views=3, include_original=True
+    )
     assert views[0] == items
     for view in views[1:]:
         assert [v.replace(" ", "") for v in view] == [i.replace(" ", "") for i in items]

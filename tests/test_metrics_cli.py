@@ -44,8 +44,21 @@ def test_profile_json_matches_library(saved, capsys, fmt):
 def test_profile_table_and_png(saved, capsys, tmp_path):
     _, paths, _ = saved
     png = tmp_path / "profile.png"
-    assert main(["profile", str(paths["npy"]), "--metrics", "isotropy,twonn", "--plot", str(png),
-                 "--progress", "off"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(paths["npy"]),
+                "--metrics",
+                "isotropy,twonn",
+                "--plot",
+                str(png),
+                "--progress",
+                "off",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "isotropy" in text and "twonn" in text and "dataset_entropy" not in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -53,18 +66,28 @@ def test_profile_table_and_png(saved, capsys, tmp_path):
 
 def test_profile_cli_errors(saved, capsys):
     _, paths, _ = saved
-    for argv, message in ((["profile"], "either an embeddings file"),
-                          (["profile", __file__], "unsupported file type '.py'"),
-                          (["profile", str(paths["npy"]), "--metrics", "vibes"], "unknown metric 'vibes'")):
+    for argv, message in (
+        (["profile"], "either an embeddings file"),
+        (["profile", __file__], "unsupported file type '.py'"),
+        (["profile", str(paths["npy"]), "--metrics", "vibes"], "unknown metric 'vibes'"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith("loes profile: error: ") and message in err and len(err.splitlines()) == 1
+        assert (
+            err.startswith("loes profile: error: ")
+            and message in err
+            and len(err.splitlines()) == 1
+        )
 
 
 def test_metrics_import_stays_light():
-    code = ("import sys, loes, loes.metrics, loes.layers, loes.sweep, loes.augment; "
-            "print([m for m in ('transformers', 'datasets', 'matplotlib', 'sklearn') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, loes, loes.metrics, loes.layers, loes.sweep, loes.augment; "
+        "print([m for m in ('transformers', 'datasets', 'matplotlib', 'sklearn') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -76,8 +99,15 @@ def test_profile_model_matches_direct_forward_on_minilm():
 
     texts = list(load_drugreview("test")["text"][:12])
     ds = __import__("datasets").Dataset.from_dict({"text": texts})
-    prof = profile_model(minilm_path(), ds, max_samples=None, batch_size=5, max_length=64,
-                         show_progress=False, metrics=["prompt_entropy", "curvature", "isotropy"])
+    prof = profile_model(
+        minilm_path(),
+        ds,
+        max_samples=None,
+        batch_size=5,
+        max_length=64,
+        show_progress=False,
+        metrics=["prompt_entropy", "curvature", "isotropy"],
+    )
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
     pooled, pe, cu = [], [], []
@@ -91,5 +121,7 @@ def test_profile_model_matches_direct_forward_on_minilm():
     pooled = torch.stack(pooled)
     np.testing.assert_allclose(prof.values["prompt_entropy"], np.mean(pe, 0), rtol=1e-4)
     np.testing.assert_allclose(prof.values["curvature"], np.mean(cu, 0), rtol=1e-4)
-    np.testing.assert_allclose(prof.values["isotropy"], [isotropy(pooled[:, i]) for i in range(6)], rtol=1e-3)
+    np.testing.assert_allclose(
+        prof.values["isotropy"], [isotropy(pooled[:, i]) for i in range(6)], rtol=1e-3
+    )
     assert prof.layer_names[0] == "hidden_states[1]"

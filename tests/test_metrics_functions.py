@@ -128,7 +128,9 @@ def test_effective_rank_matches_twin(rng):
     xc = x - x.mean(0)
     s = np.linalg.svd(xc, compute_uv=False)
     p = s / s.sum()
-    assert effective_rank(x, center=True) == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-10)
+    assert effective_rank(x, center=True) == pytest.approx(
+        np.exp(-np.sum(p * np.log(p))), rel=1e-10
+    )
 
 
 # --------------------------------------------------------------- curvature
@@ -182,7 +184,9 @@ def test_twonn_matches_brute_force_and_chunking(rng):
     np.fill_diagonal(dist, np.inf)
     two = np.sort(dist, axis=1)[:, :2]
     mu = np.sort(two[:, 1] / two[:, 0])
-    assert twonn_dimension(x, method="mle") == pytest.approx((len(mu) - 1) / np.log(mu).sum(), rel=1e-9)
+    assert twonn_dimension(x, method="mle") == pytest.approx(
+        (len(mu) - 1) / np.log(mu).sum(), rel=1e-9
+    )
     keep = int(np.floor(len(mu) * 0.9))
     xs = np.log(mu[:keep])
     ys = -np.log(1 - np.arange(1, len(mu) + 1)[:keep] / len(mu))
@@ -253,7 +257,9 @@ def slow_lidar(views, delta=1e-4, eps=1e-8):
     mu_i = e.mean(1)
     mu = mu_i.mean(0)
     sb = sum(np.outer(m - mu, m - mu) for m in mu_i) / (n - 1)
-    sw = sum(np.outer(e[i, j] - mu_i[i], e[i, j] - mu_i[i]) for i in range(n) for j in range(q)) / (n * (q - 1))
+    sw = sum(np.outer(e[i, j] - mu_i[i], e[i, j] - mu_i[i]) for i in range(n) for j in range(q)) / (
+        n * (q - 1)
+    )
     sw = sw + delta * np.trace(sw) / d * np.eye(d)
     lam = np.clip(scipy.linalg.eigh(sb, sw, eigvals_only=True), 0, None)
     p = lam / lam.sum() + eps
@@ -336,7 +342,9 @@ def test_rotation_and_sample_order_invariance(rng):
         assert fn(x[perm]) == pytest.approx(fn(x), rel=1e-8)
     views = [x + 0.3 * rng.normal(size=x.shape) for _ in range(3)]
     assert lidar([v @ q for v in views]) == pytest.approx(lidar(views), rel=1e-6)
-    assert infonce(views[0] @ q, views[1] @ q) == pytest.approx(infonce(views[0], views[1]), rel=1e-10)
+    assert infonce(views[0] @ q, views[1] @ q) == pytest.approx(
+        infonce(views[0], views[1]), rel=1e-10
+    )
     tokens = rng.normal(size=(3, 8, 6))
     assert curvature(tokens @ q) == pytest.approx(curvature(tokens), rel=1e-10)
     assert prompt_entropy(tokens @ q) == pytest.approx(prompt_entropy(tokens), rel=1e-10)
@@ -352,8 +360,13 @@ def test_low_precision_input_is_upcast(rng):
 
 
 @settings(max_examples=25, deadline=None)
-@given(b=st.integers(1, 4), t=st.integers(1, 9), d=st.integers(1, 7), alpha=st.sampled_from([0.5, 1.0, 2.0]),
-       seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 4),
+    t=st.integers(1, 9),
+    d=st.integers(1, 7),
+    alpha=st.sampled_from([0.5, 1.0, 2.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_token_metrics_stay_in_range(b, t, d, alpha, seed):
     g = np.random.default_rng(seed)
     tokens = g.normal(size=(b, t, d))

@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+import loes.metrics as lm
 from loes import LOESError, LOESResult, select_layers_from_custom_embeddings
 from loes._linalg import isotropy
-import loes.metrics as lm
-from loes.metrics import (METRICS, TokenMetricAccumulator, best_layer_by_metric, effective_rank, profile,
-                          select_layers_label_free)
+from loes.metrics import (
+    METRICS,
+    TokenMetricAccumulator,
+    best_layer_by_metric,
+    effective_rank,
+    profile,
+    select_layers_label_free,
+)
 
 
 @pytest.fixture
@@ -45,9 +51,13 @@ def test_streaming_equals_one_shot(rng):
             cu.append(lm.curvature(z, mask, reduction="none"))
             pooled.append(torch.stack([z[i][mask[i]].mean(0) for i in range(len(z))]))
         pe, cu = torch.cat(pe), torch.cat(cu)
-        assert got["prompt_entropy"][layer] == pytest.approx(float(pe[~pe.isnan()].mean()), rel=1e-10)
+        assert got["prompt_entropy"][layer] == pytest.approx(
+            float(pe[~pe.isnan()].mean()), rel=1e-10
+        )
         assert got["curvature"][layer] == pytest.approx(float(cu[~cu.isnan()].mean()), rel=1e-10)
-        np.testing.assert_allclose(acc.pooled()[:, layer].numpy(), torch.cat(pooled).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            acc.pooled()[:, layer].numpy(), torch.cat(pooled).numpy(), rtol=1e-5, atol=1e-6
+        )
     assert acc.n_samples == 12
 
 
@@ -71,8 +81,12 @@ def test_profile_matches_direct_calls(rng):
     p = profile(x, views=views, alpha=2.0, temperature=0.3, show_progress=False)
     for layer in range(3):
         xl = x[:, layer]
-        assert p.values["dataset_entropy"][layer] == pytest.approx(lm.dataset_entropy(xl, 2.0), rel=1e-10)
-        assert p.values["effective_rank"][layer] == pytest.approx(effective_rank(xl, center=True), rel=1e-10)
+        assert p.values["dataset_entropy"][layer] == pytest.approx(
+            lm.dataset_entropy(xl, 2.0), rel=1e-10
+        )
+        assert p.values["effective_rank"][layer] == pytest.approx(
+            effective_rank(xl, center=True), rel=1e-10
+        )
         assert p.values["rankme"][layer] == pytest.approx(lm.rankme(xl), rel=1e-10)
         assert p.values["isotropy"][layer] == pytest.approx(isotropy(xl), rel=1e-10)
         assert p.values["twonn"][layer] == pytest.approx(lm.twonn_dimension(xl), rel=1e-10)
@@ -92,7 +106,9 @@ def test_profile_from_tokens_only_uses_pooled_states(rng):
     acc = TokenMetricAccumulator().consume(batches)
     assert p.values["prompt_entropy"] == pytest.approx(acc.compute()["prompt_entropy"], rel=1e-12)
     pooled = acc.pooled()
-    assert p.values["isotropy"] == pytest.approx([isotropy(pooled[:, i]) for i in range(3)], rel=1e-6)
+    assert p.values["isotropy"] == pytest.approx(
+        [isotropy(pooled[:, i]) for i in range(3)], rel=1e-6
+    )
 
 
 def test_profile_errors(rng):
@@ -121,7 +137,9 @@ def test_metric_selector_follows_direction(rng):
     assert res.layer_scores[0] == pytest.approx(-effective_rank(x[:, 1], center=True))
     assert res.steps[1].candidates == [0, 2, 3]
     assert res.steps[0].row(1)["effective_rank"] == pytest.approx(-res.steps[0].row(1)["total"])
-    low = select_layers_label_free(x, k=1, method="effective_rank", direction="lower", show_progress=False)
+    low = select_layers_label_free(
+        x, k=1, method="effective_rank", direction="lower", show_progress=False
+    )
     assert low.selected_layers == [0]
     back = LOESResult.from_json(res.to_json())
     assert back.selected_layers == res.selected_layers and back.steps[0].terms == res.steps[0].terms
@@ -143,7 +161,9 @@ def test_loes_label_free_is_the_core_selector(rng):
     x = rng.normal(size=(60, 5, 8))
     x[:, 2] *= np.linspace(0.1, 3, 8)
     a = select_layers_label_free(x, k=2, method="loes", preset="reference", show_progress=False)
-    b = select_layers_from_custom_embeddings(x, None, 2, task="label_free", preset="reference", show_progress=False)
+    b = select_layers_from_custom_embeddings(
+        x, None, 2, task="label_free", preset="reference", show_progress=False
+    )
     assert a.selected_layers == b.selected_layers and a.task == "label_free"
 
 
@@ -167,7 +187,9 @@ def test_token_metric_selector_on_planted_smoothness(rng):
     straight = rng.normal(size=(6, 1, 5)) + t * rng.normal(size=(6, 1, 5))
     walk = rng.normal(size=(6, 8, 5))
     states = np.stack([straight, walk], 1)
-    res = select_layers_label_free(tokens=(states, np.ones((6, 8), bool)), method="curvature", show_progress=False)
+    res = select_layers_label_free(
+        tokens=(states, np.ones((6, 8), bool)), method="curvature", show_progress=False
+    )
     assert res.selected_layers == [0]
     assert res.steps[0].row(0)["curvature"] == pytest.approx(0.0, abs=1e-6)
     assert not math.isnan(res.steps[0].row(1)["curvature"])
@@ -178,6 +200,10 @@ def test_layer_scores_are_signed_lower_is_better(rng):
 
     x = planted_ranks(rng)
     prof = profile(x, metrics=["effective_rank", "twonn"], show_progress=False)
-    assert layer_scores(x, "effective_rank") == pytest.approx([-v for v in prof.values["effective_rank"]])
+    assert layer_scores(x, "effective_rank") == pytest.approx(
+        [-v for v in prof.values["effective_rank"]]
+    )
     assert layer_scores(x, "twonn") == pytest.approx(prof.values["twonn"])
-    assert layer_scores(x, "twonn", direction="higher") == pytest.approx([-v for v in prof.values["twonn"]])
+    assert layer_scores(x, "twonn", direction="higher") == pytest.approx(
+        [-v for v in prof.values["twonn"]]
+    )

@@ -109,19 +109,28 @@ def test_off_returns_the_iterable_itself(monkeypatch, setting):
 
 @pytest.mark.parametrize("setting", ["yes", "bar"])
 def test_bad_setting_is_an_error(setting):
-    with pytest.raises(LOESError, match="show_progress must be a bool or one of 'auto', 'on', 'off'"):
+    with pytest.raises(
+        LOESError, match="show_progress must be a bool or one of 'auto', 'on', 'off'"
+    ):
         progress([1], setting)
 
 
 def test_quiet_third_party_silences_and_restores_transformers():
     tlog = pytest.importorskip("transformers.utils.logging")
     hub = pytest.importorskip("huggingface_hub.utils")
-    before = (tlog.get_verbosity(), tlog.is_progress_bar_enabled(), hub.are_progress_bars_disabled())
+    before = (
+        tlog.get_verbosity(),
+        tlog.is_progress_bar_enabled(),
+        hub.are_progress_bars_disabled(),
+    )
     with quiet_third_party(verbose=False):
         assert tlog.get_verbosity() == tlog.ERROR
         assert not tlog.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
-    assert (tlog.get_verbosity(), tlog.is_progress_bar_enabled(),
-            hub.are_progress_bars_disabled()) == before
+    assert (
+        tlog.get_verbosity(),
+        tlog.is_progress_bar_enabled(),
+        hub.are_progress_bars_disabled(),
+    ) == before
     with quiet_third_party(verbose=True):
         assert tlog.get_verbosity() == before[0]
 
@@ -166,7 +175,7 @@ def test_loading_weights_bar_only_when_verbose(capfd, verbose):
 def _loes_side():
     """A warning attributed to a loes file (as a wrong stacklevel deep inside would give)."""
     warnings.warn_explicit("deep", LOESWarning, P.__file__, 10)
-    warnings.warn("other", UserWarning)
+    warnings.warn("other", UserWarning, stacklevel=1)
 
 
 def test_warnings_at_caller_moves_loes_warnings_to_the_calling_line():
@@ -193,8 +202,9 @@ def test_hf_entry_point_warnings_point_at_the_callers_line(capfd):
 
     capfd.readouterr()
     with pytest.warns(LOESWarning) as rec:
-        select_layers_from_hf_id(minilm_path(), load_drugreview(), k=2, max_calibration_samples=32,
-                                 show_progress=False)
+        select_layers_from_hf_id(
+            minilm_path(), load_drugreview(), k=2, max_calibration_samples=32, show_progress=False
+        )
     loes_warnings = [w for w in rec if issubclass(w.category, LOESWarning)]
     assert loes_warnings and {w.filename for w in loes_warnings} == {__file__}
     assert "Loading weights" not in capfd.readouterr().err
@@ -205,8 +215,9 @@ def test_extract_embeddings_warnings_point_at_the_callers_line():
     datasets = pytest.importorskip("datasets")
     from loes.hf import extract_embeddings
 
-    one_class = datasets.Dataset.from_dict({"text": ["good", "fine", "great", "ok"] * 3,
-                                            "label": [1] * 12})
+    one_class = datasets.Dataset.from_dict(
+        {"text": ["good", "fine", "great", "ok"] * 3, "label": [1] * 12}
+    )
     with pytest.warns(LOESWarning, match="single class") as rec:
         extract_embeddings(minilm_path(), one_class, max_samples=8, show_progress=False)
     assert {w.filename for w in rec if issubclass(w.category, LOESWarning)} == {__file__}
@@ -222,8 +233,13 @@ def test_a_non_terminal_run_writes_progress_lines_and_no_third_party_bars():
         extract_embeddings(minilm_path(), load_drugreview().select(range(40)), max_samples=16,
                            batch_size=8)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONWARNINGS": "default"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("loes: extract:")]
     assert lines[0].startswith("loes: extract: 1/2 batch (50%), ") and "ETA " in lines[0]

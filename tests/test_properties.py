@@ -28,7 +28,10 @@ def select(x, y, k=2, **kw):
         return select_layers_from_custom_embeddings(x, y, k=k, show_progress=False, **kw)
 
 
-_DATA = {seed: planted(90, 12, informative=(3, 1), n_layers=N_LAYERS, seed=seed, strength=2.0) for seed in (0, 1)}
+_DATA = {
+    seed: planted(90, 12, informative=(3, 1), n_layers=N_LAYERS, seed=seed, strength=2.0)
+    for seed in (0, 1)
+}
 _BASE = {seed: select(x.astype(np.float64), y) for seed, (x, y) in _DATA.items()}
 
 
@@ -44,8 +47,12 @@ def _same_scores(a, b, rtol=1e-6):
 
 
 @FEW
-@given(seed=st.sampled_from([0, 1]), layer=st.integers(0, N_LAYERS - 1),
-       exponent=st.floats(-20, 20), cv=st.sampled_from(["gcv", "loo"]))
+@given(
+    seed=st.sampled_from([0, 1]),
+    layer=st.integers(0, N_LAYERS - 1),
+    exponent=st.floats(-20, 20),
+    cv=st.sampled_from(["gcv", "loo"]),
+)
 def test_selection_unchanged_by_the_scale_of_any_layer(seed, layer, exponent, cv):
     x, y, base = _data(seed)
     if cv != "gcv":
@@ -56,8 +63,12 @@ def test_selection_unchanged_by_the_scale_of_any_layer(seed, layer, exponent, cv
 
 
 @FEW
-@given(seed=st.sampled_from([0, 1]), layer=st.integers(0, N_LAYERS - 1),
-       offset=st.floats(-1e6, 1e6), per_feature=st.booleans())
+@given(
+    seed=st.sampled_from([0, 1]),
+    layer=st.integers(0, N_LAYERS - 1),
+    offset=st.floats(-1e6, 1e6),
+    per_feature=st.booleans(),
+)
 def test_selection_unchanged_by_offsets(seed, layer, offset, per_feature):
     x, y, base = _data(seed)
     shifted = x.copy()
@@ -99,7 +110,9 @@ _DEGENERATE = ["none", "zeros", "constant", "duplicate", "huge", "tiny", "rank1"
     k=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_scores_are_finite_or_a_loes_error(n, n_layers, dim, dtype, task, preset, degenerate, k, seed):
+def test_scores_are_finite_or_a_loes_error(
+    n, n_layers, dim, dtype, task, preset, degenerate, k, seed
+):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_layers, dim, generator=g, dtype=torch.float64)
     bad = x[:, 0]
@@ -114,7 +127,12 @@ def test_scores_are_finite_or_a_loes_error(n, n_layers, dim, dtype, task, preset
     elif degenerate == "tiny":
         bad.mul_(1e-30 if dtype == torch.float64 else 1e-3)
     elif degenerate == "rank1":
-        bad.copy_(torch.outer(torch.randn(n, generator=g, dtype=torch.float64), torch.ones(dim, dtype=torch.float64)))
+        bad.copy_(
+            torch.outer(
+                torch.randn(n, generator=g, dtype=torch.float64),
+                torch.ones(dim, dtype=torch.float64),
+            )
+        )
     elif degenerate == "offset":
         bad.add_(1e4)
     x = x.to(dtype)
@@ -127,6 +145,8 @@ def test_scores_are_finite_or_a_loes_error(n, n_layers, dim, dtype, task, preset
         res = select(x, y, k=min(k, n_layers), task=task, preset=preset)
     except LOESError:
         return
-    values = [v for table in res.steps for vs in table.terms.values() for v in vs] + res.layer_scores
+    values = [
+        v for table in res.steps for vs in table.terms.values() for v in vs
+    ] + res.layer_scores
     assert all(math.isfinite(v) for v in values)
     assert len(res.selected_layers) == min(k, n_layers)

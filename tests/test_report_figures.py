@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from loes import LOESError, select_layers_from_custom_embeddings  # noqa: E402
-from loes.baselines import select_baseline  # noqa: E402
 from loes._linalg import linear_cka  # noqa: E402
+from loes.baselines import select_baseline  # noqa: E402
 from loes.evaluate import evaluate  # noqa: E402
 from loes.report import cka_heatmap_matrix, plot_cka, plot_result, plot_trace, write_report  # noqa: E402
 
@@ -29,7 +29,9 @@ def planted():
 def test_plot_result_has_one_panel_per_step_with_the_picks(planted, tmp_path):
     x, y = planted
     res = select_layers_from_custom_embeddings(x, y, k=3, show_progress=False)
-    fig = plot_result(res, tmp_path / "terms.png")  # LOESResult.plot was removed: plotting is the report's
+    fig = plot_result(
+        res, tmp_path / "terms.png"
+    )  # LOESResult.plot was removed: plotting is the report's
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert len(axes) == 3
     for ax, table in zip(axes, res.steps):
@@ -69,13 +71,20 @@ def test_cka_heatmap_matches_pairwise_debiased_cka(planted):
 
 def test_write_report_links_existing_figures(planted, tmp_path):
     x, y = planted
-    ev = evaluate(x, y, k=2, methods=["loes", "last", "greedy_probe"], seeds=[0, 1], show_progress=False)
+    ev = evaluate(
+        x, y, k=2, methods=["loes", "last", "greedy_probe"], seeds=[0, 1], show_progress=False
+    )
     res = ev.selection("loes")
     path = write_report(res, tmp_path / "rep", embeddings=x, evaluation=ev, title="planted <test>")
     text = path.read_text()
     images = re.findall(r'<img src="([^"]+)"', text)
-    assert set(images) == {"comparison.png", "score_terms.png", "selection_trace.png", "cka.png",
-                           "per_layer_probe.png"}
+    assert set(images) == {
+        "comparison.png",
+        "score_terms.png",
+        "selection_trace.png",
+        "cka.png",
+        "per_layer_probe.png",
+    }
     for name in images:
         assert (path.parent / name).read_bytes()[:8] == PNG_MAGIC
     assert "planted &lt;test&gt;" in text  # escaped

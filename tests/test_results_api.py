@@ -57,12 +57,16 @@ def test_fixed_baselines_report_nan_scores_not_zeros(planted, name):
     assert len(res.layer_scores) == len(res.selected_layers)
     assert all(math.isnan(s) for s in res.layer_scores)
     text = res.to_json()
-    assert "NaN" not in text and _strict_loads(text)["layer_scores"] == [None] * len(res.selected_layers)
+    assert "NaN" not in text and _strict_loads(text)["layer_scores"] == [None] * len(
+        res.selected_layers
+    )
     back = LOESResult.from_json(text)
     assert all(math.isnan(s) for s in back.layer_scores)
     assert (back.method, back.preset, back.selected_layers) == (name, None, res.selected_layers)
     summary = back.summary()
-    assert summary.startswith(f"{name} (classification)") and "—" in summary and "nan" not in summary
+    assert (
+        summary.startswith(f"{name} (classification)") and "—" in summary and "nan" not in summary
+    )
 
 
 def test_scored_baselines_keep_finite_scores(planted):
@@ -104,15 +108,26 @@ def test_evaluate_needs_scipy_before_any_selection(planted, monkeypatch):
         evaluate(x, y, k=2, methods=["loes", "last"], seeds=[0], show_progress=False)
 
 
-@pytest.mark.parametrize("preset,config,method,new_preset", [
-    ("reference", {"gamma": 0.2}, "loes", "reference"),          # LOES written before `method`
-    ("last_k", {"method": "last_k", "head": "concat"}, "last_k", None),   # a baseline
-    ("metric", {"method": "twonn", "direction": "lower"}, "twonn", None),  # a metric selector
-])
+@pytest.mark.parametrize(
+    "preset,config,method,new_preset",
+    [
+        ("reference", {"gamma": 0.2}, "loes", "reference"),  # LOES written before `method`
+        ("last_k", {"method": "last_k", "head": "concat"}, "last_k", None),  # a baseline
+        ("metric", {"method": "twonn", "direction": "lower"}, "twonn", None),  # a metric selector
+    ],
+)
 def test_old_json_without_method_still_loads(preset, config, method, new_preset):
-    old = {"selected_layers": [1, 2], "layer_scores": [0.5, None], "task": "classification",
-           "num_layers_seen": 4, "num_calibration_samples": 30, "pooling": "precomputed",
-           "preset": preset, "config": config, "steps": []}
+    old = {
+        "selected_layers": [1, 2],
+        "layer_scores": [0.5, None],
+        "task": "classification",
+        "num_layers_seen": 4,
+        "num_calibration_samples": 30,
+        "pooling": "precomputed",
+        "preset": preset,
+        "config": config,
+        "steps": [],
+    }
     res = LOESResult.from_dict(old)
     assert (res.method, res.preset) == (method, new_preset)
     assert res.layer_scores[0] == 0.5 and math.isnan(res.layer_scores[1])
@@ -120,8 +135,15 @@ def test_old_json_without_method_still_loads(preset, config, method, new_preset)
 
 def test_evaluation_json_with_nan_round_trips_and_formats(planted):
     x, y = planted
-    ev = evaluate(x, y, k=2, methods=["loes", "last", "random_k"], seeds=[0], per_layer=True,
-                  show_progress=False)
+    ev = evaluate(
+        x,
+        y,
+        k=2,
+        methods=["loes", "last", "random_k"],
+        seeds=[0],
+        per_layer=True,
+        show_progress=False,
+    )
     # one seed: the t-test is undefined (NaN t and p), and a score made NaN on purpose
     assert math.isnan(ev.tests["last"]["p"]) and math.isnan(ev.tests["last"]["t"])
     ev.rows[1]["val_score"] = float("nan")
@@ -144,27 +166,60 @@ def test_evaluation_json_with_nan_round_trips_and_formats(planted):
 
 def test_json_written_by_the_old_policies_still_loads():
     """Before loes._json: LOESResult wrote bare NaN tokens, EvaluationResult wrote "nan" strings."""
-    old_result = ('{"selected_layers": [3], "layer_scores": [NaN], "task": "classification", '
-                  '"num_layers_seen": 4, "num_calibration_samples": 30, "pooling": "precomputed", '
-                  '"preset": "last", "config": {"method": "last", "head": "concat"}}')
+    old_result = (
+        '{"selected_layers": [3], "layer_scores": [NaN], "task": "classification", '
+        '"num_layers_seen": 4, "num_calibration_samples": 30, "pooling": "precomputed", '
+        '"preset": "last", "config": {"method": "last", "head": "concat"}}'
+    )
     res = LOESResult.from_json(old_result)
     assert (res.method, res.preset) == ("last", None) and math.isnan(res.layer_scores[0])
-    old_eval = {"rows": [{"method": "loes", "seed": 0, "layers": [1], "head": "concat", "score": 0.9,
-                          "val_score": "nan", "selection_time": 0.1, "training_time": 0.2}],
-                "metric": "rmse", "task": "regression", "k": 1, "probe": "ridge", "seeds": [0],
-                "fractions": [0.25, 0.4, 0.15, 0.2], "tests": {"last": {"mean_diff": 0.1, "t": "nan",
-                                                                        "p": "nan", "n": 1}}}
+    old_eval = {
+        "rows": [
+            {
+                "method": "loes",
+                "seed": 0,
+                "layers": [1],
+                "head": "concat",
+                "score": 0.9,
+                "val_score": "nan",
+                "selection_time": 0.1,
+                "training_time": 0.2,
+            }
+        ],
+        "metric": "rmse",
+        "task": "regression",
+        "k": 1,
+        "probe": "ridge",
+        "seeds": [0],
+        "fractions": [0.25, 0.4, 0.15, 0.2],
+        "tests": {"last": {"mean_diff": 0.1, "t": "nan", "p": "nan", "n": 1}},
+    }
     ev = EvaluationResult.from_dict(old_eval)
     assert math.isnan(ev.rows[0]["val_score"]) and math.isnan(ev.tests["last"]["p"])
     assert ev.format_table().splitlines()[0].split()[2] == "RMSE"
 
 
 def test_evaluation_table_shows_a_dash_for_a_missing_score():
-    ev = EvaluationResult(rows=[{"method": "loes", "seed": 0, "layers": [1], "head": "concat",
-                                 "score": float("nan"), "val_score": 0.5, "selection_time": 0.1,
-                                 "training_time": 0.2}],
-                          metric="r2", task="regression", k=1, probe="ridge", seeds=[0],
-                          fractions=[0.25, 0.4, 0.15, 0.2])
+    ev = EvaluationResult(
+        rows=[
+            {
+                "method": "loes",
+                "seed": 0,
+                "layers": [1],
+                "head": "concat",
+                "score": float("nan"),
+                "val_score": 0.5,
+                "selection_time": 0.1,
+                "training_time": 0.2,
+            }
+        ],
+        metric="r2",
+        task="regression",
+        k=1,
+        probe="ridge",
+        seeds=[0],
+        fractions=[0.25, 0.4, 0.15, 0.2],
+    )
     row = ev.format_table().splitlines()[1].split()
     assert row[:3] == ["loes", "1", "—"]
     assert ev.format_table().splitlines()[0].split()[2] == "R²"
@@ -175,8 +230,13 @@ BAD_JSON = [
     ("[1, 2]", "the JSON text holds a JSON list, not a JSON object (LOES result)"),
     ("/no/such/result.json", "LOES result file not found: /no/such/result.json"),
     ('{"selected_layers": [1]}', "missing field(s) ['layer_scores', 'num_calibration_samples'"),
-    (('{"selected_layers": [1], "layer_scores": [0.1], "task": "classification", "num_layers_seen": 3,'
-      ' "num_calibration_samples": 9, "pooling": "mean", "presett": "robust"}'), "unknown field(s) ['presett']"),
+    (
+        (
+            '{"selected_layers": [1], "layer_scores": [0.1], "task": "classification", "num_layers_seen": 3,'
+            ' "num_calibration_samples": 9, "pooling": "mean", "presett": "robust"}'
+        ),
+        "unknown field(s) ['presett']",
+    ),
     (12, "expected JSON text or the path of a JSON file"),
     ({"selected_layers": [1]}, "for a dict use from_dict"),
 ]
@@ -195,10 +255,12 @@ def test_bad_result_files_are_clear_errors(tmp_path):
     with pytest.raises(LOESError, match="array.json' holds a JSON list, not a JSON object"):
         LOESResult.from_json(str(array))
     latin = tmp_path / "latin.json"
-    latin.write_bytes(b"{\"a\": \"\xe9\"}")
+    latin.write_bytes(b'{"a": "\xe9"}')
     with pytest.raises(LOESError, match="latin.json: not UTF-8 text"):
         LOESResult.from_json(latin)
-    with pytest.raises(LOESError, match=r"evaluation result dict with missing field\(s\) \['fractions'"):
+    with pytest.raises(
+        LOESError, match=r"evaluation result dict with missing field\(s\) \['fractions'"
+    ):
         EvaluationResult.from_json('{"rows": []}')
     with pytest.raises(LOESError, match=r"expected a dict \(evaluation result\); got list"):
         EvaluationResult.from_dict([1, 2])
@@ -212,8 +274,9 @@ def test_task_score_is_r2_and_matches_scikit_learn():
     pred = truth + rng.normal(size=(40, 3))
     for t, p in [(truth[:, 0], pred[:, 0]), (truth[:, 1:2], pred[:, 1:2])]:
         assert task_score(p, t, "regression") == pytest.approx(metrics.r2_score(t, p), rel=1e-12)
-    assert task_score(torch.from_numpy(pred), torch.from_numpy(truth), "regression") == pytest.approx(
-        metrics.r2_score(truth, pred, multioutput="variance_weighted"), rel=1e-12)
+    assert task_score(
+        torch.from_numpy(pred), torch.from_numpy(truth), "regression"
+    ) == pytest.approx(metrics.r2_score(truth, pred, multioutput="variance_weighted"), rel=1e-12)
     const = np.full(5, 2.0)
     assert task_score(const, const, "regression") == 1.0  # scikit-learn's force_finite convention
     assert task_score(const + 1, const, "regression") == 0.0
@@ -247,7 +310,9 @@ def test_take_layers_and_its_deprecated_alias(planted):
     assert all(torch.equal(a, b) for a, b in zip(old, got))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LinearProbe(layers=[2]).fit(x[:150], planted[1][:150])  # the library no longer calls the alias
+        LinearProbe(layers=[2]).fit(
+            x[:150], planted[1][:150]
+        )  # the library no longer calls the alias
 
 
 # ---------------------------------------------------------------- plotting
@@ -261,15 +326,17 @@ from loes import select_layers_from_custom_embeddings
 from loes.metrics import profile
 from loes.report import plot_result
 x = np.random.default_rng(0).normal(size=(80, 3, 6)); y = np.arange(80) % 2
-fig = plot_result(select_layers_from_custom_embeddings(x, y, 2, show_progress=False), r"{tmp_path / 'a.png'}")
+fig = plot_result(select_layers_from_custom_embeddings(x, y, 2, show_progress=False), r"{tmp_path / "a.png"}")
 prof = profile(x, metrics=["isotropy", "twonn"], show_progress=False)
-fig2 = prof.plot(r"{tmp_path / 'b.png'}", title="t")
+fig2 = prof.plot(r"{tmp_path / "b.png"}", title="t")
 from matplotlib.figure import Figure
 assert isinstance(fig, Figure) and isinstance(fig2, Figure)
 assert len([ax for ax in fig2.axes if ax.get_title()]) == 3, [ax.get_title() for ax in fig2.axes]
 print("matplotlib.pyplot" in sys.modules, matplotlib.rcParams._get_backend_or_none() == before)
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "True"]
     for name in ("a.png", "b.png"):

@@ -95,7 +95,10 @@ def test_kfold_and_holdout():
 def test_calibration_sample_uses_the_allocator():
     y = np.repeat([0, 1, 2, 3], [70, 20, 9, 1])
     idx = calibration_indices(100, 12, y, random_state=0)
-    assert np.bincount(y[idx], minlength=4).tolist() == allocate(12, [70, 20, 9, 1], [70, 20, 9, 1]).tolist()
+    assert (
+        np.bincount(y[idx], minlength=4).tolist()
+        == allocate(12, [70, 20, 9, 1], [70, 20, 9, 1]).tolist()
+    )
 
 
 BAD = [

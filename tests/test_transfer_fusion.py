@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from loes import LOESError
-from loes.transfer import FUSIONS, FusionHead, FusionProbe, GeoReg, eigenvalue_variance, triangle_log_area
+from loes.transfer import (
+    FUSIONS,
+    FusionHead,
+    FusionProbe,
+    GeoReg,
+    eigenvalue_variance,
+    triangle_log_area,
+)
 
 
 def _planted(n=500, n_layers=4, dim=16, seed=0):
@@ -21,7 +28,10 @@ def _planted(n=500, n_layers=4, dim=16, seed=0):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fusion_head_combines_branches(fusion):
     head = FusionHead([8, 8, 12], n_outputs=3, hidden=5, fusion=fusion)
-    xs = [torch.randn(7, d, generator=torch.Generator().manual_seed(i)) for i, d in enumerate([8, 8, 12])]
+    xs = [
+        torch.randn(7, d, generator=torch.Generator().manual_seed(i))
+        for i, d in enumerate([8, 8, 12])
+    ]
     feats = head.features(xs)
     assert feats.shape == (7, 15 if fusion == "concat" else 5)
     parts = [b(x) for b, x in zip(head.branches, xs)]
@@ -71,7 +81,9 @@ def test_fusion_probe_regression():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(400, 3, 8)).astype(np.float32)
     y = 3.0 * x[:, 2, 0] - x[:, 2, 1] + 10.0
-    probe = FusionProbe(layers=[2], task="regression", epochs=40).fit(x[:250], y[:250], x[250:320], y[250:320])
+    probe = FusionProbe(layers=[2], task="regression", epochs=40).fit(
+        x[:250], y[:250], x[250:320], y[250:320]
+    )
     # per-sample LayerNorm of the input bends a linear rule; still far below the target's spread
     pred = probe.predict(x[320:])
     assert np.sqrt(np.mean((pred - y[320:]) ** 2)) < 0.4 * y.std()
@@ -104,7 +116,11 @@ def test_triangle_area_matches_heron():
     f = torch.randn(30, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(30) % 3
     c = [f[labels == i].mean(0).numpy() for i in range(3)]
-    a, b, d = (np.linalg.norm(c[0] - c[1]), np.linalg.norm(c[0] - c[2]), np.linalg.norm(c[1] - c[2]))
+    a, b, d = (
+        np.linalg.norm(c[0] - c[1]),
+        np.linalg.norm(c[0] - c[2]),
+        np.linalg.norm(c[1] - c[2]),
+    )
     s = (a + b + d) / 2
     heron = np.sqrt(s * (s - a) * (s - b) * (s - d))
     got = float(triangle_log_area(f, labels, torch.tensor([0, 1, 2]), eps=0.0))
@@ -122,7 +138,9 @@ def test_georeg_gradients_are_correct():
 
 
 def test_georeg_skips_triangle_with_fewer_than_three_classes():
-    f = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    f = torch.randn(
+        16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True
+    )
     reg = GeoReg(weight=0.5)
     two = torch.arange(16) % 2
     loss2 = reg(f, two)
@@ -144,8 +162,12 @@ def test_georeg_all_triplets_is_mean_over_triples():
     f = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     labels = torch.arange(40) % 4
     reg = GeoReg(weight=1.0, spread_weight=0.0, triplets="all")
-    expected = -np.mean([float(triangle_log_area(f, labels, torch.tensor(t)))
-                         for t in itertools.combinations(range(4), 3)])
+    expected = -np.mean(
+        [
+            float(triangle_log_area(f, labels, torch.tensor(t)))
+            for t in itertools.combinations(range(4), 3)
+        ]
+    )
     assert float(reg(f, labels)) == pytest.approx(expected, rel=1e-12)
 
 
@@ -171,18 +193,24 @@ def test_georeg_loss_falls_when_minimised():
 # -------------------------------------------------------------- fine-tuning
 def test_finetune_tiny_bert_learns_keyword_rule():
     transformers = pytest.importorskip("transformers")
-    from loes.transfer import finetune
-
     from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from loes.transfer import finetune
 
     fillers = ["the", "a", "drug", "day", "night", "pain", "it", "was", "after", "week"]
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *fillers, "excellent", "terrible"])}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]",
-                                               unk_token="[UNK]")
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]"
+    )
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.BertModel(cfg)
@@ -194,9 +222,22 @@ def test_finetune_tiny_bert_learns_keyword_rule():
         rng.shuffle(words)
         texts.append(" ".join(words))
         labels.append(lab)
-    ft = finetune(model, texts[:64], labels[:64], [0, 1], val_texts=texts[64:80], val_targets=labels[64:80],
-                  tokenizer=tok, epochs=6, lr=1e-3, head_lr=3e-3, hidden=16, batch_size=16,
-                  georeg=0.1, show_progress=False)
+    ft = finetune(
+        model,
+        texts[:64],
+        labels[:64],
+        [0, 1],
+        val_texts=texts[64:80],
+        val_targets=labels[64:80],
+        tokenizer=tok,
+        epochs=6,
+        lr=1e-3,
+        head_lr=3e-3,
+        hidden=16,
+        batch_size=16,
+        georeg=0.1,
+        show_progress=False,
+    )
     losses = [h["train_loss"] for h in ft.history_]
     assert losses[-1] < losses[0]
     assert ft.score(texts[80:], labels[80:]) >= 0.9
@@ -216,13 +257,17 @@ def test_untrainable_head_warns_that_it_does_not_beat_the_majority_class():
 
     x, y = _random_labels()
     probe = FusionProbe(layers=[0, 1], epochs=20, random_state=0)
-    with pytest.warns(LOESWarning, match=r"FusionProbe\(layers=\[0, 1\].*does not beat a constant predictor") as rec:
+    with pytest.warns(
+        LOESWarning, match=r"FusionProbe\(layers=\[0, 1\].*does not beat a constant predictor"
+    ) as rec:
         probe.fit(x[:200], y[:200], x[200:], y[200:])
     majority = max(float(np.mean(y[200:] == c)) for c in (0, 1))
     assert probe.baseline_val_score_ == pytest.approx(majority)
     lead = probe.best_val_score_ - majority
-    assert f"vs {majority:.4f} for always predicting the majority class, a lead of {lead:+.4f}, " \
-           "within two standard errors" in str(rec[0].message)
+    assert (
+        f"vs {majority:.4f} for always predicting the majority class, a lead of {lead:+.4f}, "
+        "within two standard errors" in str(rec[0].message)
+    )
     assert rec[0].filename == __file__  # points at the caller's line
 
 
@@ -233,7 +278,9 @@ def test_untrainable_regression_head_warns_against_the_training_mean():
     x = rng.normal(size=(200, 1, 8)).astype(np.float32)
     y = rng.normal(size=200) + 5.0
     with pytest.warns(LOESWarning, match=r"always predicting the mean \(R² 0\)"):
-        FusionProbe(task="regression", epochs=10, random_state=0).fit(x[:150], y[:150], x[150:], y[150:])
+        FusionProbe(task="regression", epochs=10, random_state=0).fit(
+            x[:150], y[:150], x[150:], y[150:]
+        )
 
 
 @pytest.mark.parametrize("georeg", [None, 0.1])
@@ -264,7 +311,9 @@ def test_early_stopping_stops_when_validation_stalls_and_restores_the_best_epoch
     assert probe.stopped_early_ and len(scores) < 60
     assert probe.best_epoch_ == int(np.argmax(scores))  # the first best epoch
     assert len(scores) == probe.best_epoch_ + 3 + 1  # three epochs without improvement, then stop
-    assert probe.score(x[200:], y[200:]) == pytest.approx(probe.best_val_score_)  # best weights restored
+    assert probe.score(x[200:], y[200:]) == pytest.approx(
+        probe.best_val_score_
+    )  # best weights restored
     assert len(full.history_) == 8 and not full.stopped_early_
 
 

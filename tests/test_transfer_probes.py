@@ -47,8 +47,11 @@ def test_ridge_path_matches_direct_solves():
     probe = LinearProbe(layers=[1, 3], kind="ridge").fit(x[:150], y3[:150], x[150:220], y3[150:220])
     for rel in RIDGE_GRID[::3]:
         direct = LinearProbe(layers=[1, 3], kind="ridge", grid=[rel]).fit(
-            x[:150], y3[:150], x[150:220], y3[150:220])
-        assert direct.score(x[150:220], y3[150:220]) == pytest.approx(probe.val_scores_[rel], abs=1e-12)
+            x[:150], y3[:150], x[150:220], y3[150:220]
+        )
+        assert direct.score(x[150:220], y3[150:220]) == pytest.approx(
+            probe.val_scores_[rel], abs=1e-12
+        )
 
 
 def test_ridge_fit_matches_normal_equations():
@@ -58,7 +61,12 @@ def test_ridge_fit_matches_normal_equations():
         x = rng.normal(size=(n, 1, d))
         y = rng.normal(size=n)
         probe = LinearProbe(task="regression", grid=[0.5]).fit(x, y, x[:10], y[:10])
-        z = LayerStandardizer().fit([torch.from_numpy(x[:, 0])]).transform([torch.from_numpy(x[:, 0])]).numpy()
+        z = (
+            LayerStandardizer()
+            .fit([torch.from_numpy(x[:, 0])])
+            .transform([torch.from_numpy(x[:, 0])])
+            .numpy()
+        )
         zc = z - z.mean(0)
         lam = 0.5 * np.trace(zc.T @ zc) / np.linalg.matrix_rank(zc)
         w = np.linalg.solve(zc.T @ zc + lam * np.eye(d), zc.T @ (y - y.mean()))

@@ -18,6 +18,4 @@ def require(module: str, extra: str, package: str | None = None) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         name = package or module.split(".")[0]
-        raise ImportError(
-            f"this feature requires {name}: pip install 'loes[{extra}]'"
-        ) from e
+        raise ImportError(f"this feature requires {name}: pip install 'loes[{extra}]'") from e

@@ -26,8 +26,9 @@ the rows' noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,14 @@ from loes._rng import check_random_state
 from loes._splits import split_indices
 from loes._validation import Targets
 
-__all__ = ["CrossValidation", "Estimate", "calibration_cv", "choose_layers", "cv_estimate", "standard_sets"]
+__all__ = [
+    "CrossValidation",
+    "Estimate",
+    "calibration_cv",
+    "choose_layers",
+    "cv_estimate",
+    "standard_sets",
+]
 
 #: Most calibration rows the estimate uses (a stratified sample beyond): its cost
 #: grows as N³.
@@ -69,11 +77,11 @@ class Estimate:
     """
 
     metric: str
-    layers: Dict[str, List[int]]
-    mean: Dict[str, float]
-    se: Dict[str, float]
-    diff: Dict[str, float] = field(default_factory=dict)
-    diff_se: Dict[str, float] = field(default_factory=dict)
+    layers: dict[str, list[int]]
+    mean: dict[str, float]
+    se: dict[str, float]
+    diff: dict[str, float] = field(default_factory=dict)
+    diff_se: dict[str, float] = field(default_factory=dict)
     chance: float = 0.0
     n_samples: int = 0
     n_splits: int = 5
@@ -95,13 +103,20 @@ class Estimate:
         if sel is None or reference not in self.mean:
             raise LOESError(f"the estimate has no 'selected' or {reference!r} layer set")
         ref = _LABELS.get(reference, reference)
-        floor, floor_name = (self.chance, f"the majority class ({self.chance:.3f})") if self.metric == "accuracy" \
+        floor, floor_name = (
+            (self.chance, f"the majority class ({self.chance:.3f})")
+            if self.metric == "accuracy"
             else (0.0, "predicting the mean (R² 0)")
+        )
         if self.mean["selected"] - floor <= 2 * self.se["selected"]:
-            return (f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f}: no better than "
-                    f"{floor_name}; these features do not carry the targets at this sample size")
-        head = (f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f} vs {ref} "
-                f"{self.mean[reference]:.3f} ± {self.se[reference]:.3f}")
+            return (
+                f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f}: no better than "
+                f"{floor_name}; these features do not carry the targets at this sample size"
+            )
+        head = (
+            f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f} vs {ref} "
+            f"{self.mean[reference]:.3f} ± {self.se[reference]:.3f}"
+        )
         if self.layers[reference] == sel:
             return f"{head}: the pick is {ref}"
         d, s = self.diff[reference], self.diff_se[reference]
@@ -112,43 +127,65 @@ class Estimate:
 
     def table(self) -> str:
         """Every layer set's mean ± SE and its paired difference to the selection."""
-        lines = [f"{'layers':<10} {'which':<28} {self.metric:>9} {'± SE':>7} {'sel − it':>9} {'± SE':>7}"]
+        lines = [
+            f"{'layers':<10} {'which':<28} {self.metric:>9} {'± SE':>7} {'sel − it':>9} {'± SE':>7}"
+        ]
         for name, layers in self.layers.items():
             which = ", ".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} layers"
             d = self.diff.get(name)
             lines.append(
                 f"{name:<10} {which:<28} {self.mean[name]:>9.4f} {self.se[name]:>7.4f} "
-                + (f"{d:>+9.4f} {self.diff_se[name]:>7.4f}" if d is not None else f"{'':>9} {'':>7}")
+                + (
+                    f"{d:>+9.4f} {self.diff_se[name]:>7.4f}"
+                    if d is not None
+                    else f"{'':>9} {'':>7}"
+                )
             )
         if self.metric == "accuracy":
             lines.append(f"majority class: {self.chance:.4f}")
         return "\n".join(lines)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
-            "metric": self.metric, "layers": self.layers, "mean": self.mean, "se": self.se,
-            "diff": self.diff, "diff_se": self.diff_se, "chance": self.chance,
-            "n_samples": self.n_samples, "n_splits": self.n_splits, "n_repeats": self.n_repeats,
+            "metric": self.metric,
+            "layers": self.layers,
+            "mean": self.mean,
+            "se": self.se,
+            "diff": self.diff,
+            "diff_se": self.diff_se,
+            "chance": self.chance,
+            "n_samples": self.n_samples,
+            "n_splits": self.n_splits,
+            "n_repeats": self.n_repeats,
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Estimate":
-        def floats(m: Mapping[str, Any]) -> Dict[str, float]:
+    def from_dict(cls, d: Mapping[str, Any]) -> Estimate:
+        def floats(m: Mapping[str, Any]) -> dict[str, float]:
             return {k: (math.nan if v is None else float(v)) for k, v in m.items()}
 
         return cls(
-            metric=d["metric"], layers={k: list(v) for k, v in d["layers"].items()},
-            mean=floats(d["mean"]), se=floats(d["se"]), diff=floats(d.get("diff", {})),
-            diff_se=floats(d.get("diff_se", {})), chance=float(d.get("chance") or 0.0),
-            n_samples=int(d.get("n_samples", 0)), n_splits=int(d.get("n_splits", 5)),
+            metric=d["metric"],
+            layers={k: list(v) for k, v in d["layers"].items()},
+            mean=floats(d["mean"]),
+            se=floats(d["se"]),
+            diff=floats(d.get("diff", {})),
+            diff_se=floats(d.get("diff_se", {})),
+            chance=float(d.get("chance") or 0.0),
+            n_samples=int(d.get("n_samples", 0)),
+            n_splits=int(d.get("n_splits", 5)),
             n_repeats=int(d.get("n_repeats", 1)),
         )
 
 
-_LABELS = {"last": "the last layer", "last_k": "the last-k concatenation", "all": "the all-layer concatenation"}
+_LABELS = {
+    "last": "the last layer",
+    "last_k": "the last-k concatenation",
+    "all": "the all-layer concatenation",
+}
 
 
-def standard_sets(selected: Sequence[int], n_layers: int) -> Dict[str, List[int]]:
+def standard_sets(selected: Sequence[int], n_layers: int) -> dict[str, list[int]]:
     """The layer sets every estimate compares: the selection, the last layer,
     the last ``len(selected)`` layers and all layers."""
     k = len(selected)
@@ -163,8 +200,13 @@ def _standardized(layer: torch.Tensor) -> torch.Tensor:
     return (layer - mean) * (inv_std / math.sqrt(layer.shape[1]))
 
 
-def _fold_predictions(kernel: torch.Tensor, y: torch.Tensor, folds: List[torch.Tensor],
-                      regs: Sequence[float], dim: int) -> List[torch.Tensor]:
+def _fold_predictions(
+    kernel: torch.Tensor,
+    y: torch.Tensor,
+    folds: list[torch.Tensor],
+    regs: Sequence[float],
+    dim: int,
+) -> list[torch.Tensor]:
     """Held-out predictions of each fold (the block leave-out identity; see the module
     docstring) at the strength in ``regs`` with the least held-out squared error."""
     n = kernel.shape[0]
@@ -173,7 +215,9 @@ def _fold_predictions(kernel: torch.Tensor, y: torch.Tensor, folds: List[torch.T
     eye = torch.eye(n, dtype=kernel.dtype, device=kernel.device)
     best, best_sse = None, math.inf
     for reg in regs:
-        lam = max(reg * float(torch.diagonal(kernel).sum()) / max(1, min(n - 1, dim)), 1e-10 * scale)
+        lam = max(
+            reg * float(torch.diagonal(kernel).sum()) / max(1, min(n - 1, dim)), 1e-10 * scale
+        )
         g = torch.cholesky_inverse(torch.linalg.cholesky(base + lam * eye))
         gy = g @ y
         resid = [torch.linalg.solve(g[idx[:, None], idx], gy[idx]) for idx in folds]
@@ -184,7 +228,7 @@ def _fold_predictions(kernel: torch.Tensor, y: torch.Tensor, folds: List[torch.T
     return best
 
 
-def _score(pred: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor], metric: str) -> float:
+def _score(pred: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, metric: str) -> float:
     if metric == "accuracy":
         return float((pred.argmax(1) == labels).double().mean())
     sse = float(((y - pred) ** 2).sum())
@@ -216,11 +260,22 @@ class CrossValidation:
         Seeds the partitions (:func:`loes._rng.check_random_state`).
     """
 
-    def __init__(self, layers: Sequence[torch.Tensor], y: torch.Tensor, task: str, *,
-                 labels: Optional[torch.Tensor] = None, n_splits: int = 5, n_repeats: int = 3,
-                 regs: Sequence[float] = ESTIMATE_REGS, random_state: Any = 0):
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        y: torch.Tensor,
+        task: str,
+        *,
+        labels: torch.Tensor | None = None,
+        n_splits: int = 5,
+        n_repeats: int = 3,
+        regs: Sequence[float] = ESTIMATE_REGS,
+        random_state: Any = 0,
+    ):
         if task not in ("classification", "regression"):
-            raise LOESError(f"an estimate needs targets (classification or regression); got task={task!r}")
+            raise LOESError(
+                f"an estimate needs targets (classification or regression); got task={task!r}"
+            )
         self.layers = layers
         n = layers[0].shape[0]
         self.y = y.reshape(n, -1).to(torch.float64)
@@ -239,10 +294,13 @@ class CrossValidation:
         self.n, self.n_splits, self.n_repeats, self.regs = n, n_splits, n_repeats, tuple(regs)
         base = check_random_state(random_state)
         strata = self.labels.cpu().numpy() if self.labels is not None else None
-        self.folds = [torch.as_tensor(held) for _ in range(n_repeats)
-                      for held in split_indices(n, [1.0] * n_splits, int(base.integers(2**31)), strata)]
-        self._kernels: Dict[int, torch.Tensor] = {}
-        self._scores: Dict[tuple, np.ndarray] = {}
+        self.folds = [
+            torch.as_tensor(held)
+            for _ in range(n_repeats)
+            for held in split_indices(n, [1.0] * n_splits, int(base.integers(2**31)), strata)
+        ]
+        self._kernels: dict[int, torch.Tensor] = {}
+        self._scores: dict[tuple, np.ndarray] = {}
 
     def _kernel(self, i: int) -> torch.Tensor:
         if i not in self._kernels:
@@ -257,26 +315,37 @@ class CrossValidation:
             kernel = sum(self._kernel(i) for i in key)
             dim = sum(self.layers[i].shape[1] for i in key)
             preds = _fold_predictions(kernel, self.y, self.folds, self.regs, dim)
-            self._scores[key] = np.array([
-                _score(p, self.y[h], None if self.labels is None else self.labels[h], self.metric)
-                for p, h in zip(preds, self.folds)
-            ])
+            self._scores[key] = np.array(
+                [
+                    _score(
+                        p, self.y[h], None if self.labels is None else self.labels[h], self.metric
+                    )
+                    for p, h in zip(preds, self.folds)
+                ]
+            )
         return self._scores[key]
 
-    def mean_se(self, layer_set: Sequence[int]) -> Tuple[float, float]:
+    def mean_se(self, layer_set: Sequence[int]) -> tuple[float, float]:
         s = self.fold_scores(layer_set)
         return float(s.mean()), float(s.std(ddof=1) / math.sqrt(self.n_splits))
 
-    def diff(self, a: Sequence[int], b: Sequence[int]) -> Tuple[float, float]:
+    def diff(self, a: Sequence[int], b: Sequence[int]) -> tuple[float, float]:
         """Paired difference ``score(a) − score(b)`` over the same folds, and its standard error."""
         d = self.fold_scores(a) - self.fold_scores(b)
         return float(d.mean()), float(d.std(ddof=1) / math.sqrt(self.n_splits))
 
     def estimate(self, sets: Mapping[str, Sequence[int]]) -> Estimate:
         """An :class:`Estimate` of every set in ``sets`` (paired against ``sets["selected"]``)."""
-        est = Estimate(metric=self.metric, layers={k: [int(i) for i in v] for k, v in sets.items()},
-                       mean={}, se={}, chance=self.chance, n_samples=self.n,
-                       n_splits=self.n_splits, n_repeats=self.n_repeats)
+        est = Estimate(
+            metric=self.metric,
+            layers={k: [int(i) for i in v] for k, v in sets.items()},
+            mean={},
+            se={},
+            chance=self.chance,
+            n_samples=self.n,
+            n_splits=self.n_splits,
+            n_repeats=self.n_repeats,
+        )
         for name, layer_set in sets.items():
             est.mean[name], est.se[name] = self.mean_se(layer_set)
             if name != "selected" and "selected" in sets:
@@ -322,7 +391,9 @@ CHOICE_PATIENCE = 2
 CHOICE_TOLERANCE = 0.25
 
 
-def choose_layers(cv: CrossValidation, order: Sequence[int], last: int) -> Tuple[List[int], Dict[str, Any]]:
+def choose_layers(
+    cv: CrossValidation, order: Sequence[int], last: int
+) -> tuple[list[int], dict[str, Any]]:
     """The smallest of {the last layer alone, the prefixes of ``order``} whose
     cross-validated score is within :data:`CHOICE_TOLERANCE` paired standard
     errors of the best.
@@ -333,7 +404,7 @@ def choose_layers(cv: CrossValidation, order: Sequence[int], last: int) -> Tuple
     record of every candidate's mean, SE and paired gap to the best.
     """
     order = [int(i) for i in order]
-    sets: Dict[str, List[int]] = {"last": [int(last)]}
+    sets: dict[str, list[int]] = {"last": [int(last)]}
     best_j, best_mean = 0, -math.inf
     for j in range(1, len(order) + 1):
         sets[f"prefix_{j}"] = order[:j]
@@ -348,31 +419,51 @@ def choose_layers(cv: CrossValidation, order: Sequence[int], last: int) -> Tuple
     for name, layer_set in sets.items():
         mean, se = cv.mean_se(layer_set)
         gap, gap_se = cv.diff(sets[best], layer_set)
-        rows.append({"name": name, "layers": layer_set, "mean": mean, "se": se,
-                     "below_best": gap, "below_best_se": gap_se})
+        rows.append(
+            {
+                "name": name,
+                "layers": layer_set,
+                "mean": mean,
+                "se": se,
+                "below_best": gap,
+                "below_best_se": gap_se,
+            }
+        )
         if gap <= CHOICE_TOLERANCE * gap_se:
             eligible.append(name)
     chosen = min(eligible, key=lambda name: (len(sets[name]), name != "last"))
     record = {
         "rule": f"smallest of {{last layer, prefixes}} within {CHOICE_TOLERANCE} paired SE of the best "
-                f"({cv.metric}, {cv.n_splits}-fold CV x {cv.n_repeats})",
-        "order": order, "candidates": rows, "best": best, "chosen": chosen,
+        f"({cv.metric}, {cv.n_splits}-fold CV x {cv.n_repeats})",
+        "order": order,
+        "candidates": rows,
+        "best": best,
+        "chosen": chosen,
     }
     return sets[chosen], record
 
 
-def calibration_cv(layers: Sequence[torch.Tensor], tgt: Targets, task: str, seed: Any) -> CrossValidation:
+def calibration_cv(
+    layers: Sequence[torch.Tensor], tgt: Targets, task: str, seed: Any
+) -> CrossValidation:
     """The estimate's cross-validation on the calibration rows (a stratified sample
     of :data:`ESTIMATE_MAX_ROWS` when there are more)."""
     n = layers[0].shape[0]
     labels = tgt.labels
     if n > ESTIMATE_MAX_ROWS:
         strata = None if labels is None else labels.cpu().numpy()
-        rows = torch.as_tensor(split_indices(n, [ESTIMATE_MAX_ROWS, n - ESTIMATE_MAX_ROWS], seed, strata)[0])
+        rows = torch.as_tensor(
+            split_indices(n, [ESTIMATE_MAX_ROWS, n - ESTIMATE_MAX_ROWS], seed, strata)[0]
+        )
         layers = [layer[rows.to(layer.device)] for layer in layers]
         y = tgt.y[rows.to(tgt.y.device)]
         labels = None if labels is None else labels[rows.to(labels.device)]
     else:
         y = tgt.y
-    return CrossValidation([layer.cpu() for layer in layers], y.cpu(), task,
-                           labels=None if labels is None else labels.cpu(), random_state=seed)
+    return CrossValidation(
+        [layer.cpu() for layer in layers],
+        y.cpu(),
+        task,
+        labels=None if labels is None else labels.cpu(),
+        random_state=seed,
+    )

@@ -29,7 +29,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,16 +67,21 @@ def _read_npy(path: Path) -> np.ndarray:
     if magic[:2] == b"PK":  # an .npz saved under a .npy name
         raise LOESError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
     if magic != b"\x93NUMPY":
-        raise LOESError(f"{path}: not a .npy file (no NumPy header); save the array with numpy.save")
+        raise LOESError(
+            f"{path}: not a .npy file (no NumPy header); save the array with numpy.save"
+        )
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        problem = "holds pickled Python objects, which loes does not load" if "pickle" in str(e) else (
-            f"not a readable .npy file ({e})")
+        problem = (
+            "holds pickled Python objects, which loes does not load"
+            if "pickle" in str(e)
+            else (f"not a readable .npy file ({e})")
+        )
         raise LOESError(f"{path}: {problem}; save a numeric array with numpy.save") from e
 
 
-def _read_named(path: Path) -> Dict[str, Any]:
+def _read_named(path: Path) -> dict[str, Any]:
     """The named arrays of an .npz, .safetensors or .pt file."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
@@ -114,7 +119,9 @@ def _read_named(path: Path) -> Dict[str, Any]:
             f"{path}: expected a tensor or a dict of tensors; found {type(obj).__name__}; "
             "save tensors with torch.save({'embeddings': x, 'targets': y})"
         )
-    raise LOESError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(EMBEDDING_SUFFIXES)}")
+    raise LOESError(
+        f"{path}: unsupported file type {suffix!r}; use one of {', '.join(EMBEDDING_SUFFIXES)}"
+    )
 
 
 def _check_features(x: Any, path: Path, entry: str) -> None:
@@ -131,7 +138,7 @@ def _check_features(x: Any, path: Path, entry: str) -> None:
         )
 
 
-def load_embeddings_file(path: Any, key: Optional[str] = None) -> Tuple[Any, Optional[Any]]:
+def load_embeddings_file(path: Any, key: str | None = None) -> tuple[Any, Any | None]:
     """Read ``(embeddings, targets or None)`` from a file (see the module docstring).
 
     Parameters
@@ -173,13 +180,13 @@ def load_embeddings_file(path: Any, key: Optional[str] = None) -> Tuple[Any, Opt
     return named[found], _find_targets(named)
 
 
-def _find_targets(named: Dict[str, Any], column: Optional[str] = None) -> Optional[Any]:
+def _find_targets(named: dict[str, Any], column: str | None = None) -> Any | None:
     if column is not None:
         return named.get(column)
     return next((named[k] for k in TARGET_KEYS if k in named), None)
 
 
-def _parse_values(values: List[str]) -> np.ndarray:
+def _parse_values(values: list[str]) -> np.ndarray:
     for cast in (int, float):
         try:
             return np.array([cast(v) for v in values])
@@ -198,15 +205,19 @@ def _read_text(path: Path) -> str:
         ) from e
 
 
-def _text_targets(path: Path, column: Optional[str]) -> np.ndarray:
+def _text_targets(path: Path, column: str | None) -> np.ndarray:
     text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".txt":
         rows = [[line.strip()] for line in text.splitlines()]
     else:
         try:
-            rows = [[v.strip() for v in row]
-                    for row in csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")]
+            rows = [
+                [v.strip() for v in row]
+                for row in csv.reader(
+                    io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","
+                )
+            ]
         except csv.Error as e:
             raise LOESError(f"{path}: not a readable {suffix} table ({e})") from e
     while rows and not any(rows[-1]):
@@ -251,7 +262,7 @@ def _text_targets(path: Path, column: Optional[str]) -> np.ndarray:
     return _parse_values(values)
 
 
-def load_targets_file(path: Any, column: Optional[str] = None) -> Any:
+def load_targets_file(path: Any, column: str | None = None) -> Any:
     """Read targets from a file (see the module docstring).
 
     Parameters
@@ -268,7 +279,9 @@ def load_targets_file(path: Any, column: Optional[str] = None) -> Any:
     path = _existing_file(path, "targets")
     suffix = path.suffix.lower()
     if suffix not in TARGET_SUFFIXES:
-        raise LOESError(f"{path}: unsupported targets file type {suffix!r}; use one of {', '.join(TARGET_SUFFIXES)}")
+        raise LOESError(
+            f"{path}: unsupported targets file type {suffix!r}; use one of {', '.join(TARGET_SUFFIXES)}"
+        )
     if suffix == ".npy":
         return _read_npy(path)
     if suffix in (".npz", ".safetensors", ".pt", ".pth"):
@@ -276,23 +289,31 @@ def load_targets_file(path: Any, column: Optional[str] = None) -> Any:
         targets = _find_targets(named, column)
         if targets is None:
             looked = [column] if column is not None else list(TARGET_KEYS)
-            raise LOESError(f"{path}: no targets entry (looked for {looked}); entries: {sorted(named)}")
+            raise LOESError(
+                f"{path}: no targets entry (looked for {looked}); entries: {sorted(named)}"
+            )
         return targets
     if suffix == ".json":
         obj = load_json_file(path, "targets")
         if isinstance(obj, dict):
             found = _find_targets(obj, column)
             if found is None:
-                raise LOESError(f"{path}: no targets entry (looked for {list(TARGET_KEYS)}); keys: {sorted(obj)}")
+                raise LOESError(
+                    f"{path}: no targets entry (looked for {list(TARGET_KEYS)}); keys: {sorted(obj)}"
+                )
             obj = found
         if not isinstance(obj, list) or not obj:
-            raise LOESError(f"{path}: expected a non-empty JSON list of targets; got {type(obj).__name__}")
+            raise LOESError(
+                f"{path}: expected a non-empty JSON list of targets; got {type(obj).__name__}"
+            )
         try:
             out = np.array(obj)
         except ValueError as e:
             raise LOESError(f"{path}: targets of uneven length ({e})") from e
         if out.dtype == object:
-            raise LOESError(f"{path}: targets must be numbers or strings of one shape; got mixed values")
+            raise LOESError(
+                f"{path}: targets must be numbers or strings of one shape; got mixed values"
+            )
         return out
     return _text_targets(path, column)
 

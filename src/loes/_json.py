@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def dumps(value: Any, **kwargs: Any) -> str:
     return json.dumps(to_jsonable(value), allow_nan=False, **kwargs)
 
 
-def float_or_nan(value: Optional[Any]) -> float:
+def float_or_nan(value: Any | None) -> float:
     """A number read back from JSON: ``None`` (a non-finite value written out) is NaN.
 
     >>> float_or_nan(None), float_or_nan(0.25)

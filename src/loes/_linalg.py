@@ -20,7 +20,8 @@ they define the paper's numbers and are not duplicates of these.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def reference_isotropy(x: Any, eps: float = 1e-6) -> float:
 
 
 # ------------------------------------------------------------ standardiser
-def column_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def column_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and inverse standard deviation of ``x`` (N, D).
 
     ``μ_j = mean_i x_ij``, ``σ_j = sqrt(mean_i (x_ij − μ_j)²)`` (ddof 0) and
@@ -169,7 +170,7 @@ class LayerStandardizer:
         ``1 / (σ · sqrt(dim_l))`` per feature (0 for constant features).
     """
 
-    def fit(self, layers: Sequence[torch.Tensor]) -> "LayerStandardizer":
+    def fit(self, layers: Sequence[torch.Tensor]) -> LayerStandardizer:
         stats = [column_stats(x) for x in layers]
         self.means_ = [m for m, _ in stats]
         self.scales_ = [s / np.sqrt(x.shape[1]) for x, (_, s) in zip(layers, stats)]
@@ -242,8 +243,15 @@ class RidgePath:
     True
     """
 
-    def __init__(self, x: Any = None, y: Any = None, *, kernel: Optional[torch.Tensor] = None,
-                 dim: Optional[int] = None, relative: bool = True):
+    def __init__(
+        self,
+        x: Any = None,
+        y: Any = None,
+        *,
+        kernel: torch.Tensor | None = None,
+        dim: int | None = None,
+        relative: bool = True,
+    ):
         y = as_float(y)
         self.y_mean = y.reshape(y.shape[0], -1).mean(0, keepdim=True)
         self.yc = y.reshape(y.shape[0], -1) - self.y_mean
@@ -256,7 +264,11 @@ class RidgePath:
             u, s, vt = torch.linalg.svd(x - self.x_mean, full_matrices=False)
             s2, self.d = s * s, x.shape[1]
             self.trace = float(s2.sum())
-            keep = s2 > float(s2.max()) * max(self.n, self.d) * torch.finfo(s2.dtype).eps if s2.numel() else s2 > 0
+            keep = (
+                s2 > float(s2.max()) * max(self.n, self.d) * torch.finfo(s2.dtype).eps
+                if s2.numel()
+                else s2 > 0
+            )
             self.u, self.s2, self.vt = u[:, keep], s2[keep], vt[keep]
             self.uty = self.u.T @ self.yc
         else:
@@ -267,11 +279,13 @@ class RidgePath:
         """The absolute λ for ``reg``."""
         return relative_penalty(reg, self.trace, self.n, self.d) if self.relative else float(reg)
 
-    def _hat(self, reg: float) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    def _hat(self, reg: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """In-sample residuals ``e`` (N, m), ``diag(H_c)`` (N,) and ``tr H_c``."""
         lam = self.penalty(reg)
         if self.kernel is not None:
-            a = self.kernel + lam * torch.eye(self.n, dtype=self.kernel.dtype, device=self.kernel.device)
+            a = self.kernel + lam * torch.eye(
+                self.n, dtype=self.kernel.dtype, device=self.kernel.device
+            )
             a_inv = torch.cholesky_inverse(torch.linalg.cholesky(a))
             diag = torch.diagonal(a_inv)
             return lam * (a_inv @ self.yc), 1.0 - lam * diag, float(self.n - lam * diag.sum())
@@ -292,7 +306,7 @@ class RidgePath:
         e, _, tr = self._hat(reg)
         return e / (1.0 - (1.0 + tr) / self.n)
 
-    def coef(self, reg: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def coef(self, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights (D, m) and intercept (m,) (from features only)."""
         if self.kernel is not None:
             raise LOESError("a RidgePath built from a kernel has no weights: pass the features")
@@ -331,8 +345,8 @@ def cka_matrix(
     layers: Sequence[torch.Tensor],
     cdt: torch.dtype = torch.float64,
     debiased: bool = True,
-    max_samples: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    max_samples: int | None = None,
+    generator: torch.Generator | None = None,
     *,
     method: str = "gram",
     memory_limit: float = 4e8,
@@ -388,7 +402,9 @@ def cka_matrix(
     n_layers = len(layers)
     if method == "auto":
         mean_dim = sum(x.shape[1] for x in layers) / n_layers
-        method = "gram" if 8.0 * n_layers * n * n <= memory_limit and n <= 2 * mean_dim else "feature"
+        method = (
+            "gram" if 8.0 * n_layers * n * n <= memory_limit and n <= 2 * mean_dim else "feature"
+        )
     xcs = []
     for x in layers:
         xs = (x if idx is None else x[idx]).to(cdt)
@@ -407,17 +423,23 @@ def cka_matrix(
         inner = torch.empty(n_layers, n_layers, dtype=torch.float64, device=layers[0].device)
         for i in range(n_layers):
             for j in range(i, n_layers):
-                inner[i, j] = inner[j, i] = torch.linalg.norm(xcs[i].T @ xcs[j]).to(torch.float64) ** 2
+                inner[i, j] = inner[j, i] = (
+                    torch.linalg.norm(xcs[i].T @ xcs[j]).to(torch.float64) ** 2
+                )
         if debiased:  # K̃ = K − diag(K): Σ K̃_i ⊙ K̃_j = Σ K_i ⊙ K_j − diag_i · diag_j; K̃1 = −diag
             diag = torch.stack([(xc * xc).sum(1, dtype=torch.float64) for xc in xcs])
             inner = inner - diag @ diag.T
             rows = -diag
     if debiased:  # tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1, up to a common factor
         tot = rows.sum(1)
-        inner = inner + torch.outer(tot, tot) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)
+        inner = (
+            inner + torch.outer(tot, tot) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)
+        )
     norms = torch.diagonal(inner).clamp(min=0).sqrt()
     den = torch.outer(norms, norms)
-    cka = torch.where(den > 0, inner / den.clamp(min=1e-300), torch.zeros_like(inner)).clamp(0.0, 1.0)
+    cka = torch.where(den > 0, inner / den.clamp(min=1e-300), torch.zeros_like(inner)).clamp(
+        0.0, 1.0
+    )
     return cka.cpu()
 
 
@@ -434,7 +456,10 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
 
 # ------------------------------------------------------------ class geometry
 def triplets(
-    n_classes: int, max_exhaustive: int = 20, n_samples: int = 1140, generator: Optional[torch.Generator] = None
+    n_classes: int,
+    max_exhaustive: int = 20,
+    n_samples: int = 1140,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Index triplets of distinct classes: all of them when ``n_classes <=
     max_exhaustive``, else ``n_samples`` drawn with ``generator``."""
@@ -446,7 +471,9 @@ def triplets(
     return scores.argsort(dim=1)[:, :3]
 
 
-def triangle_areas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+def triangle_areas(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, eps: float = 0.0
+) -> torch.Tensor:
     """Areas of the triangles with corners ``a``, ``b``, ``c`` (each (T, D) or (D,)).
 
     ``½·sqrt(max(‖ab‖²‖ac‖² − (ab·ac)², 0) + eps²)`` with ``ab = b − a``,
@@ -458,7 +485,9 @@ def triangle_areas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, eps: float
     return 0.5 * torch.sqrt(g.clamp(min=0.0) + eps**2)
 
 
-def triangle_geometry(centroids: torch.Tensor, index: torch.Tensor, normalize: bool = True) -> float:
+def triangle_geometry(
+    centroids: torch.Tensor, index: torch.Tensor, normalize: bool = True
+) -> float:
     """Mean triangle area (:func:`triangle_areas`) over class-centroid triplets ``index`` (T, 3).
 
     With ``normalize`` the mean area is divided by the centroids' mean squared
@@ -477,8 +506,9 @@ def triangle_geometry(centroids: torch.Tensor, index: torch.Tensor, normalize: b
 
 
 # --------------------------------------------------------------- masked mean
-def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
-                ) -> torch.Tensor:
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Mean over the real positions: ``Σ_t m_t x_t / max(Σ_t m_t, 1)``.
 
     Parameters

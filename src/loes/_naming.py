@@ -9,12 +9,12 @@ side by side off by one.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = ["layer_label"]
 
 
-def layer_label(index: int, names: Optional[Sequence[str]] = None) -> str:
+def layer_label(index: int, names: Sequence[str] | None = None) -> str:
     """How layer ``index`` is shown to a person.
 
     Parameters

@@ -18,8 +18,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterable, Iterator, List, Optional, TypeVar, Union
+from typing import Any, TypeVar
 
 from loes._exceptions import LOESError, LOESWarning
 
@@ -34,7 +35,7 @@ __all__ = [
     "warnings_at_caller",
 ]
 
-ProgressSetting = Union[bool, str, None]
+ProgressSetting = bool | str | None
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Seconds between two progress lines when stderr is not a terminal.
@@ -68,10 +69,10 @@ def progress(
     show_progress: ProgressSetting = "auto",
     *,
     desc: str = "",
-    total: Optional[int] = None,
+    total: int | None = None,
     unit: str = "it",
-    interval: Optional[float] = None,
-    every: Optional[int] = None,
+    interval: float | None = None,
+    every: int | None = None,
 ) -> Iterable[Any]:
     """Wrap ``iterable`` to report progress; items are yielded unchanged.
 
@@ -111,11 +112,23 @@ def progress(
     if getattr(sys.stderr, "isatty", lambda: False)():
         from tqdm import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True,
-                    file=sys.stderr)
-    return _log_lines(iterable, desc=desc, total=total, unit=unit,
-                      interval=LOG_INTERVAL_S if interval is None else float(interval),
-                      every=LOG_EVERY if every is None else int(every))
+        return tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            unit=unit,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+    return _log_lines(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        interval=LOG_INTERVAL_S if interval is None else float(interval),
+        every=LOG_EVERY if every is None else int(every),
+    )
 
 
 def _clock(seconds: float) -> str:
@@ -134,7 +147,7 @@ def _rate(n: int, elapsed: float, unit: str) -> str:
 
 def _logging_configured(logger: logging.Logger) -> bool:
     """Whether ``logger`` or an ancestor it propagates to has a handler other than a NullHandler."""
-    node: Optional[logging.Logger] = logger
+    node: logging.Logger | None = logger
     while node is not None:
         if any(not isinstance(h, logging.NullHandler) for h in node.handlers):
             return True
@@ -146,11 +159,16 @@ def _write_line(line: str) -> None:
     if _logging_configured(PROGRESS_LOGGER):
         PROGRESS_LOGGER.info(line)
     else:
-        print(line if line.lower().startswith("loes") else f"[loes] {line}", file=sys.stderr, flush=True)
+        print(
+            line if line.lower().startswith("loes") else f"[loes] {line}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def _log_lines(iterable: Iterable[Any], *, desc: str, total: Optional[int], unit: str,
-               interval: float, every: int) -> Iterator[Any]:
+def _log_lines(
+    iterable: Iterable[Any], *, desc: str, total: int | None, unit: str, interval: float, every: int
+) -> Iterator[Any]:
     """Yield from ``iterable``, writing a progress line by time and by count."""
     label = f"{desc}: " if desc else ""
     start = last = time.perf_counter()
@@ -166,11 +184,15 @@ def _log_lines(iterable: Iterable[Any], *, desc: str, total: Optional[int], unit
             elapsed = now - start
             if total:
                 eta = _clock((total - n) * elapsed / n) if n < total else "0:00"
-                _write_line(f"{label}{n}/{total} {unit} ({100 * n / total:.0f}%), "
-                            f"{_rate(n, elapsed, unit)}, ETA {eta}, elapsed {_clock(elapsed)}")
+                _write_line(
+                    f"{label}{n}/{total} {unit} ({100 * n / total:.0f}%), "
+                    f"{_rate(n, elapsed, unit)}, ETA {eta}, elapsed {_clock(elapsed)}"
+                )
             else:
-                _write_line(f"{label}{n} {unit}, {_rate(n, elapsed, unit)}, ETA ?, "
-                            f"elapsed {_clock(elapsed)}")
+                _write_line(
+                    f"{label}{n} {unit}, {_rate(n, elapsed, unit)}, ETA ?, "
+                    f"elapsed {_clock(elapsed)}"
+                )
     if wrote:
         elapsed = time.perf_counter() - start
         _write_line(f"{label}done {n} {unit} in {_clock(elapsed)} ({_rate(n, elapsed, unit)})")
@@ -232,7 +254,7 @@ def find_stacklevel() -> int:
 
         warnings.warn(msg, LOESWarning, stacklevel=find_stacklevel())
     """
-    frame: Optional[FrameType] = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and _in_package(frame):
         frame = frame.f_back
@@ -250,10 +272,10 @@ def warnings_at_caller(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        caller: Optional[FrameType] = sys._getframe(1)
+        caller: FrameType | None = sys._getframe(1)
         while caller is not None and _in_package(caller):
             caller = caller.f_back
-        caught: List[warnings.WarningMessage] = []
+        caught: list[warnings.WarningMessage] = []
         try:
             with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
                 warnings.simplefilter("always", LOESWarning)
@@ -262,12 +284,19 @@ def warnings_at_caller(fn: F) -> F:
             for w in caught:
                 if issubclass(w.category, LOESWarning) and caller is not None:
                     g = caller.f_globals
-                    warnings.warn_explicit(w.message, w.category, caller.f_code.co_filename,
-                                           caller.f_lineno, module=g.get("__name__"),
-                                           registry=g.setdefault("__warningregistry__", {}),
-                                           module_globals=g)
+                    warnings.warn_explicit(
+                        w.message,
+                        w.category,
+                        caller.f_code.co_filename,
+                        caller.f_lineno,
+                        module=g.get("__name__"),
+                        registry=g.setdefault("__warningregistry__", {}),
+                        module_globals=g,
+                    )
                 else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+                    warnings.showwarning(
+                        w.message, w.category, w.filename, w.lineno, w.file, w.line
+                    )
 
     return wrapper  # type: ignore[return-value]
 
@@ -303,7 +332,7 @@ def verbose_logger(logger: logging.Logger, verbose: bool) -> logging.Logger:
     if not verbose:
         return _QUIET
     configured = False
-    node: Optional[logging.Logger] = logger
+    node: logging.Logger | None = logger
     while node is not None:
         if any(not isinstance(h, logging.NullHandler) for h in node.handlers):
             configured = True

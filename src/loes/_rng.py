@@ -21,7 +21,7 @@ Python are never touched.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +30,17 @@ from loes._exceptions import LOESError
 
 __all__ = ["RandomState", "check_random_state", "seed_of", "torch_generator"]
 
-RandomState = Union[None, int, np.integer, np.random.Generator, np.random.RandomState, torch.Generator]
+RandomState = (
+    None | int | np.integer | np.random.Generator | np.random.RandomState | torch.Generator
+)
 
 _SEED_BOUND = 2**63 - 1
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 def _check_seed(value: Any) -> int:
@@ -85,7 +89,7 @@ def seed_of(random_state: Any) -> int:
     return int(check_random_state(random_state).integers(0, _SEED_BOUND))
 
 
-def torch_generator(random_state: Any, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+def torch_generator(random_state: Any, device: str | torch.device = "cpu") -> torch.Generator:
     """A :class:`torch.Generator` for ``random_state``.
 
     An int seeds it with ``manual_seed(seed)`` (so results match code that seeded

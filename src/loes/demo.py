@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +51,19 @@ __all__ = ["DEMO_TASKS", "CaseResult", "DemoOutput", "run_demo", "verdict_line"]
 logger = logging.getLogger(__name__)
 
 #: Demo cases: texts used (full / quick) and a description.
-DEMO_TASKS: Dict[str, Dict[str, Any]] = {
-    "bbc": {"samples": 600, "quick": 300, "label": "BBC News topics (5 classes)", "short": "BBC topics"},
-    "drugreview": {"samples": 979, "quick": 979, "label": "drug-review rating (negative / neutral / positive)",
-                   "short": "drug-review rating"},
+DEMO_TASKS: dict[str, dict[str, Any]] = {
+    "bbc": {
+        "samples": 600,
+        "quick": 300,
+        "label": "BBC News topics (5 classes)",
+        "short": "BBC topics",
+    },
+    "drugreview": {
+        "samples": 979,
+        "quick": 979,
+        "label": "drug-review rating (negative / neutral / positive)",
+        "short": "drug-review rating",
+    },
 }
 #: Shares of the calibration, train and test rows of one split (as in the quality benchmark).
 FRACTIONS = (0.2, 0.5, 0.3)
@@ -85,14 +95,14 @@ class CaseResult:
     """
 
     task: str
-    scores: Dict[str, List[float]]
-    layers: Dict[str, List[List[int]]]
+    scores: dict[str, list[float]]
+    layers: dict[str, list[list[int]]]
     majority: float
-    selection_time: List[float]
+    selection_time: list[float]
     result: Any
-    n_samples: Dict[str, int]
-    figure: Optional[Path] = None
-    report: Optional[Path] = None
+    n_samples: dict[str, int]
+    figure: Path | None = None
+    report: Path | None = None
     calibration: Any = field(default=None, repr=False)
 
     def mean(self, method: str) -> float:
@@ -101,7 +111,7 @@ class CaseResult:
     def std(self, method: str) -> float:
         return float(np.std(self.scores[method], ddof=1)) if len(self.scores[method]) > 1 else 0.0
 
-    def difference(self, method: str = "loes_auto", reference: str = "last") -> Tuple[float, float]:
+    def difference(self, method: str = "loes_auto", reference: str = "last") -> tuple[float, float]:
         """Mean paired difference ``method − reference`` over the splits and its standard error
         (NaN with one split)."""
         d = np.asarray(self.scores[method]) - np.asarray(self.scores[reference])
@@ -111,15 +121,26 @@ class CaseResult:
     def verdict(self) -> str:
         return verdict_line(self)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d, se = self.difference()
         return {
-            "task": self.task, "majority": self.majority, "n_samples": self.n_samples,
-            "methods": {m: {"scores": self.scores[m], "mean": self.mean(m), "std": self.std(m),
-                            "layers": self.layers[m]} for m in METHODS},
+            "task": self.task,
+            "majority": self.majority,
+            "n_samples": self.n_samples,
+            "methods": {
+                m: {
+                    "scores": self.scores[m],
+                    "mean": self.mean(m),
+                    "std": self.std(m),
+                    "layers": self.layers[m],
+                }
+                for m in METHODS
+            },
             "loes_auto_minus_last": {"mean": d, "se": se},
             "selection_time": self.selection_time,
-            "estimate": self.result.estimate.verdict() if self.result.estimate is not None else None,
+            "estimate": self.result.estimate.verdict()
+            if self.result.estimate is not None
+            else None,
             "verdict": self.verdict(),
         }
 
@@ -138,18 +159,29 @@ def verdict_line(case: CaseResult) -> str:
     seconds = f"selection {np.mean(case.selection_time):.1f} s"
     head = f"{name}: loes picked {shown}" + (", the last layer" if picked == last else "")
     if n > 1 and same < n:
-        head += f" on split 0 ({n - same} of {n} splits picked otherwise)" if picked == last else \
-            (f" on split 0 (the last layer alone on {same} of {n} splits)" if same else "")
+        head += (
+            f" on split 0 ({n - same} of {n} splits picked otherwise)"
+            if picked == last
+            else (f" on split 0 (the last layer alone on {same} of {n} splits)" if same else "")
+        )
     d, se = case.difference()
     best = max(METHODS, key=case.mean)
     if case.mean(best) > case.mean("loes_auto"):
         seconds = f"best here: {best} {case.mean(best):.3f}; {seconds}"
-    gap = f"{100 * d:+.1f} ± {100 * se:.1f} points" if np.isfinite(se) else f"{100 * d:+.1f} points (one split)"
-    where = (f"test accuracy {case.mean('loes_auto'):.3f} vs {case.mean('last'):.3f}, majority class "
-             f"{case.majority:.3f}, {n} split{'s' if n > 1 else ''}")
+    gap = (
+        f"{100 * d:+.1f} ± {100 * se:.1f} points"
+        if np.isfinite(se)
+        else f"{100 * d:+.1f} points (one split)"
+    )
+    where = (
+        f"test accuracy {case.mean('loes_auto'):.3f} vs {case.mean('last'):.3f}, majority class "
+        f"{case.majority:.3f}, {n} split{'s' if n > 1 else ''}"
+    )
     if same == n:
-        return (f"{head}: the pick is the last layer (test accuracy {case.mean('last'):.3f}, majority class "
-                f"{case.majority:.3f}, {n} split{'s' if n > 1 else ''}); {seconds}")
+        return (
+            f"{head}: the pick is the last layer (test accuracy {case.mean('last'):.3f}, majority class "
+            f"{case.majority:.3f}, {n} split{'s' if n > 1 else ''}); {seconds}"
+        )
     if not np.isfinite(se) or abs(d) <= 2 * se:
         return f"{head}; the last layer is as good: {gap}, within noise ({where}); {seconds}"
     side = "over" if d > 0 else "below"
@@ -170,13 +202,16 @@ class DemoOutput:
         Seconds per phase (``<task>_extract``, ``<task>_splits``, ``report``, ``total``).
     """
 
-    cases: Dict[str, CaseResult]
-    paths: Dict[str, Path] = field(default_factory=dict)
-    timings: Dict[str, float] = field(default_factory=dict)
+    cases: dict[str, CaseResult]
+    paths: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"cases": {t: c.to_dict() for t, c in self.cases.items()},
-                "timings": self.timings, "paths": {k: str(v) for k, v in self.paths.items()}}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cases": {t: c.to_dict() for t, c in self.cases.items()},
+            "timings": self.timings,
+            "paths": {k: str(v) for k, v in self.paths.items()},
+        }
 
 
 def _texts(task: str, n: int):
@@ -185,22 +220,35 @@ def _texts(task: str, n: int):
     return load_bbc_news(max_per_class=max(2, n // 5), random_state=0)  # n / 5 articles per topic
 
 
-def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], probe: str, k: int,
-           with_estimate: bool) -> Tuple[Dict[str, List[int]], Dict[str, float], float, Any]:
+def _split(
+    r: int,
+    x: torch.Tensor,
+    y: np.ndarray,
+    provenance: dict[str, Any],
+    probe: str,
+    k: int,
+    with_estimate: bool,
+) -> tuple[dict[str, list[int]], dict[str, float], float, Any]:
     """One re-split: LOES selects on calibration, every method's probe is trained on train
     and scored on test. Returns (layers, scores, LOES-auto seconds, LOES-auto result)."""
     cal, tr, te = split_indices(len(y), FRACTIONS, random_state=r, labels=y)
     n_layers = x.shape[1]
     t = time.perf_counter()
-    auto = select_layers_from_custom_embeddings(x[cal], y[cal], k="auto", show_progress=False,
-                                                estimate=with_estimate, **provenance)
+    auto = select_layers_from_custom_embeddings(
+        x[cal], y[cal], k="auto", show_progress=False, estimate=with_estimate, **provenance
+    )
     seconds = time.perf_counter() - t
-    fixed = select_layers_from_custom_embeddings(x[cal], y[cal], k=k, show_progress=False,
-                                                 estimate=False, **provenance)
-    layers = {"loes_auto": list(auto.selected_layers), "loes_k": list(fixed.selected_layers),
-              "last": [n_layers - 1], "last_k": list(range(n_layers - k, n_layers)),
-              "all": list(range(n_layers))}
-    scored: Dict[Tuple[int, ...], float] = {}
+    fixed = select_layers_from_custom_embeddings(
+        x[cal], y[cal], k=k, show_progress=False, estimate=False, **provenance
+    )
+    layers = {
+        "loes_auto": list(auto.selected_layers),
+        "loes_k": list(fixed.selected_layers),
+        "last": [n_layers - 1],
+        "last_k": list(range(n_layers - k, n_layers)),
+        "all": list(range(n_layers)),
+    }
+    scored: dict[tuple[int, ...], float] = {}
     for picks in layers.values():
         key = tuple(sorted(picks))
         if key not in scored:
@@ -210,9 +258,21 @@ def _split(r: int, x: torch.Tensor, y: np.ndarray, provenance: Dict[str, Any], p
     return layers, scores, seconds, auto
 
 
-def _run_case(task: str, out: Path, *, splits: int, k: int, quick: bool, probe: str, model: Optional[str],
-              max_samples: Optional[int], max_length: Optional[int], show_progress: ProgressSetting,
-              echo: Callable[[str], None], timings: Dict[str, float]) -> CaseResult:
+def _run_case(
+    task: str,
+    out: Path,
+    *,
+    splits: int,
+    k: int,
+    quick: bool,
+    probe: str,
+    model: str | None,
+    max_samples: int | None,
+    max_length: int | None,
+    show_progress: ProgressSetting,
+    echo: Callable[[str], None],
+    timings: dict[str, float],
+) -> CaseResult:
     spec = DEMO_TASKS[task]
     n = spec["quick"] if quick else spec["samples"]
     n = min(n, max_samples) if max_samples else n
@@ -221,39 +281,58 @@ def _run_case(task: str, out: Path, *, splits: int, k: int, quick: bool, probe: 
     t = time.perf_counter()
     ds = _texts(task, n)
     emb = extract_embeddings(
-        model or minilm_path(), ds, task="classification", max_samples=min(n, len(ds)),
-        pooling="masked_mean", max_length=max_length, batch_size=32, cache_dir=out / "cache",
-        random_state=0, show_progress=show_progress,
+        model or minilm_path(),
+        ds,
+        task="classification",
+        max_samples=min(n, len(ds)),
+        pooling="masked_mean",
+        max_length=max_length,
+        batch_size=32,
+        cache_dir=out / "cache",
+        random_state=0,
+        show_progress=show_progress,
     )
     timings[f"{task}_extract"] = time.perf_counter() - t
     x = emb.embeddings
     y = np.asarray(emb.targets)
-    provenance = {"layer_names": list(emb.layer_names), "pooling": emb.pooling, "dataset": task,
-                  "model_name": model_label}
+    provenance = {
+        "layer_names": list(emb.layer_names),
+        "pooling": emb.pooling,
+        "dataset": task,
+        "model_name": model_label,
+    }
     majority = float(np.bincount(np.unique(y, return_inverse=True)[1]).max() / len(y))
     source = "from cache" if emb.from_cache else f"extracted in {timings[f'{task}_extract']:.0f} s"
-    echo(f"\n== {spec['label']}: {model_label}, {x.shape[0]} texts x {x.shape[1]} layers x {x.shape[2]} "
-         f"dims, mean pooled, max_length {max_length} ({source})")
+    echo(
+        f"\n== {spec['label']}: {model_label}, {x.shape[0]} texts x {x.shape[1]} layers x {x.shape[2]} "
+        f"dims, mean pooled, max_length {max_length} ({source})"
+    )
 
     if k > x.shape[1]:
         raise LOESError(f"k must be at most the {x.shape[1]} layers of the model; got {k}")
     t = time.perf_counter()
-    scores: Dict[str, List[float]] = {m: [] for m in METHODS}
-    layers: Dict[str, List[List[int]]] = {m: [] for m in METHODS}
-    seconds: List[float] = []
+    scores: dict[str, list[float]] = {m: [] for m in METHODS}
+    layers: dict[str, list[list[int]]] = {m: [] for m in METHODS}
+    seconds: list[float] = []
     first = None
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small solves: one thread avoids oversubscription on a busy machine
+    torch.set_num_threads(
+        1
+    )  # many small solves: one thread avoids oversubscription on a busy machine
     try:
         for r in range(splits):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                picks, split_scores, sec, auto = _split(r, x, y, provenance, probe, k, with_estimate=r == 0)
+                picks, split_scores, sec, auto = _split(
+                    r, x, y, provenance, probe, k, with_estimate=r == 0
+                )
             seen = set()
             for w in caught:  # name the split in every warning raised inside it, once per message
                 if (str(w.message), w.category) not in seen:
                     seen.add((str(w.message), w.category))
-                    warnings.warn_explicit(f"split {r}: {w.message}", w.category, w.filename, w.lineno)
+                    warnings.warn_explicit(
+                        f"split {r}: {w.message}", w.category, w.filename, w.lineno
+                    )
             for m in METHODS:
                 scores[m].append(split_scores[m])
                 layers[m].append(picks[m])
@@ -263,29 +342,51 @@ def _run_case(task: str, out: Path, *, splits: int, k: int, quick: bool, probe: 
         torch.set_num_threads(threads)
     timings[f"{task}_splits"] = time.perf_counter() - t
     cal, tr, te = split_indices(len(y), FRACTIONS, random_state=0, labels=y)
-    case = CaseResult(task=task, scores=scores, layers=layers, majority=majority, selection_time=seconds,
-                      result=first, n_samples={"calibration": len(cal), "train": len(tr), "test": len(te),
-                                               "all": len(y)})
+    case = CaseResult(
+        task=task,
+        scores=scores,
+        layers=layers,
+        majority=majority,
+        selection_time=seconds,
+        result=first,
+        n_samples={"calibration": len(cal), "train": len(tr), "test": len(te), "all": len(y)},
+    )
 
-    echo(f"k = {k} for loes_k and last_k; {splits} stratified re-splits, calibration {len(cal)} / train {len(tr)} / test {len(te)}; "
-         f"LOES selects on calibration only; {probe} probe trained on train, scored on test")
+    echo(
+        f"k = {k} for loes_k and last_k; {splits} stratified re-splits, calibration {len(cal)} / train {len(tr)} / test {len(te)}; "
+        f"LOES selects on calibration only; {probe} probe trained on train, scored on test"
+    )
     echo(f"{'method':<10} {'layers (split 0)':<22} {'test acc':>8} {'± std':>6}")
     for m in METHODS:
-        echo(f"{m:<10} {str(layers[m][0]) if m != 'all' else 'all ' + str(x.shape[1]):<22} "
-             f"{case.mean(m):>8.3f} {case.std(m):>6.3f}")
+        echo(
+            f"{m:<10} {str(layers[m][0]) if m != 'all' else 'all ' + str(x.shape[1]):<22} "
+            f"{case.mean(m):>8.3f} {case.std(m):>6.3f}"
+        )
     echo(f"{'majority':<10} {'':<22} {majority:>8.3f}")
     if first.estimate is not None:
         echo(f"calibration-only estimate (split 0): {first.estimate.verdict()}")
     case.calibration = (x[cal], y[cal])
     case.figure = out / task / "comparison.png"
     case.figure.parent.mkdir(parents=True, exist_ok=True)
-    plot_methods(list(METHODS), [case.mean(m) for m in METHODS], [case.std(m) for m in METHODS],
-                 majority, case.figure, title=f"{spec['short']}: test accuracy, {splits} splits",
-                 ylabel=f"test accuracy (mean ± std, {splits} splits)", highlight=("loes_auto", "loes_k"))
+    plot_methods(
+        list(METHODS),
+        [case.mean(m) for m in METHODS],
+        [case.std(m) for m in METHODS],
+        majority,
+        case.figure,
+        title=f"{spec['short']}: test accuracy, {splits} splits",
+        ylabel=f"test accuracy (mean ± std, {splits} splits)",
+        highlight=("loes_auto", "loes_k"),
+    )
     first.to_json(str(out / task / "result.json"))
-    case.report = write_report(first, out / task, embeddings=x[cal], targets=y[cal],
-                               title=f"LOES demo — {model_label}, {spec['label']}",
-                               verdicts=[(case.verdict(), "comparison.png")])
+    case.report = write_report(
+        first,
+        out / task,
+        embeddings=x[cal],
+        targets=y[cal],
+        title=f"LOES demo — {model_label}, {spec['label']}",
+        verdicts=[(case.verdict(), "comparison.png")],
+    )
     return case
 
 
@@ -297,9 +398,9 @@ def run_demo(
     splits: int = 3,
     quick: bool = False,
     probe: str = "logistic",
-    model: Optional[str] = None,
-    max_samples: Optional[int] = None,
-    max_length: Optional[int] = None,
+    model: str | None = None,
+    max_samples: int | None = None,
+    max_length: int | None = None,
     show_progress: ProgressSetting = "auto",
     echo: Callable[[str], None] = print,
 ) -> DemoOutput:
@@ -342,23 +443,42 @@ def run_demo(
     t0 = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    timings: Dict[str, float] = {}
-    cases = {t: _run_case(t, out, splits=splits, k=k, quick=quick, probe=probe, model=model,
-                          max_samples=max_samples, max_length=max_length, show_progress=show_progress, echo=echo, timings=timings) for t in tasks}
+    timings: dict[str, float] = {}
+    cases = {
+        t: _run_case(
+            t,
+            out,
+            splits=splits,
+            k=k,
+            quick=quick,
+            probe=probe,
+            model=model,
+            max_samples=max_samples,
+            max_length=max_length,
+            show_progress=show_progress,
+            echo=echo,
+            timings=timings,
+        )
+        for t in tasks
+    }
 
     t = time.perf_counter()
-    paths: Dict[str, Path] = {}
+    paths: dict[str, Path] = {}
     for name, case in cases.items():
         paths[f"{name}_report"], paths[f"{name}_comparison"] = case.report, case.figure
     # the opening page: every case's verdict and figure, then the why of the last case
     why = cases[tasks[-1]]
     links = " · ".join(f'<a href="{n}/report.html">{n}: full report</a>' for n in cases)
     paths["report"] = write_report(
-        why.result, out, title="LOES demo — all-MiniLM-L6-v2" if model is None else f"LOES demo — {model}",
-        embeddings=why.calibration[0], targets=why.calibration[1],
+        why.result,
+        out,
+        title="LOES demo — all-MiniLM-L6-v2" if model is None else f"LOES demo — {model}",
+        embeddings=why.calibration[0],
+        targets=why.calibration[1],
         verdicts=[(c.verdict(), f"{n}/comparison.png") for n, c in cases.items()],
         note=f"{links}. Below: why loes picked what it did on the {DEMO_TASKS[tasks[-1]]['label']} "
-             "(split 0's calibration rows).")
+        "(split 0's calibration rows).",
+    )
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     demo = DemoOutput(cases=cases, paths=paths, timings=timings)
@@ -367,5 +487,7 @@ def run_demo(
     echo("\nverdict")
     for case in cases.values():
         echo("  " + case.verdict())
-    echo(f"\nwrote {paths['report']} and {paths['result'].name} in {out} [{timings['total']:.0f} s]")
+    echo(
+        f"\nwrote {paths['report']} and {paths['result'].name} in {out} [{timings['total']:.0f} s]"
+    )
     return demo

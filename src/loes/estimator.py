@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,17 +63,17 @@ class LOESSelector:
 
     def __init__(
         self,
-        k: Union[int, str, None] = "auto",
+        k: int | str | None = "auto",
         *,
         task: str = "classification",
         preset: str = "robust",
-        reg: Optional[float] = None,
-        alpha: Optional[float] = None,
-        gamma: Optional[float] = None,
-        eta: Optional[float] = None,
+        reg: float | None = None,
+        alpha: float | None = None,
+        gamma: float | None = None,
+        eta: float | None = None,
         random_state: RandomState = 0,
         show_progress: Any = False,
-        options: Optional[Dict[str, Any]] = None,
+        options: dict[str, Any] | None = None,
     ):
         self.k = k
         self.task = task
@@ -88,24 +88,26 @@ class LOESSelector:
 
     # scikit-learn's get_params/set_params without depending on scikit-learn
     @classmethod
-    def _get_param_names(cls) -> List[str]:
+    def _get_param_names(cls) -> list[str]:
         """The keyword arguments of ``__init__`` (scikit-learn's rule for estimator parameters)."""
         params = inspect.signature(cls.__init__).parameters.values()
         return sorted(p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD)
 
-    def get_params(self, deep: bool = True) -> Dict[str, Any]:
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The estimator's parameters, as given to ``__init__``."""
         return {name: getattr(self, name) for name in self._get_param_names()}
 
-    def set_params(self, **params: Any) -> "LOESSelector":
+    def set_params(self, **params: Any) -> LOESSelector:
         valid = self.get_params()
         for name, value in params.items():
             if name not in valid:
-                raise LOESError(f"invalid parameter {name!r} for LOESSelector; valid: {sorted(valid)}")
+                raise LOESError(
+                    f"invalid parameter {name!r} for LOESSelector; valid: {sorted(valid)}"
+                )
             setattr(self, name, value)
         return self
 
-    def fit(self, X: Any, y: Any = None) -> "LOESSelector":
+    def fit(self, X: Any, y: Any = None) -> LOESSelector:
         """Select layers from X of shape (n_samples, n_layers, dim) (or a list of
         (n_samples, dim_l) layers) and targets y."""
         result = select_layers_from_custom_embeddings(
@@ -171,18 +173,26 @@ class LOESSelector:
         names = [f"layer{i}_{j}" for i in self.selected_layers_ for j in range(self.layer_dims_[i])]
         return np.asarray(names, dtype=object)
 
-    def set_output(self, *, transform: Optional[str] = None) -> "LOESSelector":
+    def set_output(self, *, transform: str | None = None) -> LOESSelector:
         """scikit-learn's output API: ``transform="pandas"`` returns a DataFrame whose
         columns are :meth:`get_feature_names_out`; ``"default"`` (or None) the input's type."""
         if transform not in (None, "default", "pandas"):
-            raise LOESError(f"set_output(transform=...) takes 'default' or 'pandas'; got {transform!r}")
+            raise LOESError(
+                f"set_output(transform=...) takes 'default' or 'pandas'; got {transform!r}"
+            )
         self._output = transform
         return self
 
     def __repr__(self) -> str:
         """scikit-learn's style: the class and the parameters that differ from their defaults."""
-        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
-                    if name != "self"}
-        changed = [f"{name}={value!r}" for name, value in self.get_params().items()
-                   if not (value is defaults.get(name) or value == defaults.get(name))]
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(type(self).__init__).parameters.items()
+            if name != "self"
+        }
+        changed = [
+            f"{name}={value!r}"
+            for name, value in self.get_params().items()
+            if not (value is defaults.get(name) or value == defaults.get(name))
+        ]
         return f"{type(self).__name__}({', '.join(changed)})"

@@ -30,9 +30,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ Selector = Callable[..., LOESResult]
 
 
 # ------------------------------------------------------------ paired t-test
-def paired_ttest(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
+def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Paired two-sided t-test of ``a`` against ``b`` (same seeds, same order).
 
     :func:`scipy.stats.ttest_rel` (scipy comes with ``loes[sklearn]``), with
@@ -97,7 +98,9 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     """
     a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
-        raise LOESError(f"paired samples must be 1-D of equal length; got {a_arr.shape} and {b_arr.shape}")
+        raise LOESError(
+            f"paired samples must be 1-D of equal length; got {a_arr.shape} and {b_arr.shape}"
+        )
     d = a_arr - b_arr
     n = len(d)
     mean = float(d.mean()) if n else float("nan")
@@ -146,30 +149,30 @@ class EvaluationResult:
         split's most common class (classification; mean over seeds).
     """
 
-    rows: List[Dict[str, Any]]
+    rows: list[dict[str, Any]]
     metric: str
     task: str
     k: int
     probe: str
-    seeds: List[int]
-    fractions: List[float]
-    tests: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    per_layer: Optional[Dict[str, List[float]]] = None
-    selections: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    n_samples: Dict[str, int] = field(default_factory=dict)
-    layer_names: Optional[List[str]] = None
-    info: Dict[str, Any] = field(default_factory=dict)
+    seeds: list[int]
+    fractions: list[float]
+    tests: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_layer: dict[str, list[float]] | None = None
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    n_samples: dict[str, int] = field(default_factory=dict)
+    layer_names: list[str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def methods(self) -> List[str]:
+    def methods(self) -> list[str]:
         """Methods in the order they were run."""
-        seen: List[str] = []
+        seen: list[str] = []
         for r in self.rows:
             if r["method"] not in seen:
                 seen.append(r["method"])
         return seen
 
-    def scores(self, method: str) -> List[float]:
+    def scores(self, method: str) -> list[float]:
         """Test scores of ``method``, one per seed (in seed order)."""
         out = [r["score"] for r in self.rows if r["method"] == method]
         if not out:
@@ -184,7 +187,7 @@ class EvaluationResult:
         """The first seed's selection of ``method`` as a :class:`LOESResult`."""
         return LOESResult.from_dict(self.selections[method])
 
-    def table(self) -> List[Dict[str, Any]]:
+    def table(self) -> list[dict[str, Any]]:
         """One aggregated row per method: mean/std of the score and the times,
         the layers (of every seed when they differ) and the test against LOES."""
         out = []
@@ -227,7 +230,11 @@ class EvaluationResult:
                 text = ",".join(map(str, layers))
             if len(text) > 22:
                 text = text[:21] + "…"
-            diff = "" if row["loes_minus_method"] is None else format_number(row["loes_minus_method"], "+.3f")
+            diff = (
+                ""
+                if row["loes_minus_method"] is None
+                else format_number(row["loes_minus_method"], "+.3f")
+            )
             p = "" if row["p_value"] is None else format_number(row["p_value"], ".3f")
             lines.append(
                 f"{row['method']:<14} {text:<22} {format_number(row[self.metric]):>7} "
@@ -235,8 +242,10 @@ class EvaluationResult:
                 f"{row['selection_time']:>9.3f} {row['training_time']:>8.3f} {diff:>8} {p:>7}"
             )
         if "majority_accuracy" in self.info:
-            lines.append(f"(majority class: {self.info['majority_accuracy']:.4f}; "
-                         f"LOES−it and p: paired t-test over {len(self.seeds)} seeds)")
+            lines.append(
+                f"(majority class: {self.info['majority_accuracy']:.4f}; "
+                f"LOES−it and p: paired t-test over {len(self.seeds)} seeds)"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -248,23 +257,27 @@ class EvaluationResult:
 
         return pd.DataFrame(self.rows)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A strict-JSON dict (:mod:`loes._json`: NaN as None); inverse: :meth:`from_dict`."""
         return to_jsonable(asdict(self))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EvaluationResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> EvaluationResult:
         """Inverse of :meth:`to_dict`: the numbers written as None are NaN again."""
         d = check_fields(cls, d, "evaluation result")
         d["rows"] = [{**r, **{k: float_or_nan(r.get(k)) for k in _ROW_NUMBERS}} for r in d["rows"]]
-        d["tests"] = {m: {k: (v if k == "n" else float_or_nan(v)) for k, v in t.items()}
-                      for m, t in (d.get("tests") or {}).items()}
+        d["tests"] = {
+            m: {k: (v if k == "n" else float_or_nan(v)) for k, v in t.items()}
+            for m, t in (d.get("tests") or {}).items()
+        }
         if d.get("per_layer"):
-            d["per_layer"] = {k: (v if k == "layer" else [float_or_nan(x) for x in v])
-                              for k, v in d["per_layer"].items()}
+            d["per_layer"] = {
+                k: (v if k == "layer" else [float_or_nan(x) for x in v])
+                for k, v in d["per_layer"].items()
+            }
         return cls(**d)
 
-    def to_json(self, path: Optional[str] = None) -> str:
+    def to_json(self, path: str | None = None) -> str:
         """Serialise to strict JSON (NaN as ``null``); also write to ``path`` when given."""
         text = dumps(self.to_dict(), indent=2)
         if path is not None:
@@ -272,7 +285,7 @@ class EvaluationResult:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "EvaluationResult":
+    def from_json(cls, text_or_path: str | os.PathLike) -> EvaluationResult:
         """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
         return cls.from_dict(read_json_object(text_or_path, "evaluation result"))
 
@@ -282,8 +295,14 @@ _ROW_NUMBERS = ("score", "val_score", "selection_time", "training_time")
 
 
 # ---------------------------------------------------------------- training
-def _make_probe(head: str, layers: List[int], probe: str, task: str, seed: int,
-                fusion_options: Optional[Dict[str, Any]]):
+def _make_probe(
+    head: str,
+    layers: list[int],
+    probe: str,
+    task: str,
+    seed: int,
+    fusion_options: dict[str, Any] | None,
+):
     opts = dict(fusion_options or {})
     if head == "layer_weights":
         opts.setdefault("lr", 1e-2)
@@ -303,7 +322,7 @@ def per_layer_scores(
     task: str = "classification",
     probe: str = "ridge",
     random_state: int = 0,
-) -> List[float]:
+) -> list[float]:
     """Test score of a probe on each single layer (train / validation / test splits).
 
     Parameters
@@ -317,7 +336,7 @@ def per_layer_scores(
     y = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
     kind = "ridge" if probe == "fusion" else probe
     out = []
-    for i, x in enumerate(layers):
+    for x in layers:
         x = x.detach().cpu()
         p = LinearProbe([0], kind=kind, task=task, random_state=random_state)
         p.fit([x[tr]], y[tr], [x[va]], y[va])
@@ -325,15 +344,25 @@ def per_layer_scores(
     return out
 
 
-def _run_selector(method: Union[str, Selector], name: str, cal: List[torch.Tensor], y_cal: np.ndarray,
-                  k: int, task: str, seed: int, loes_options: Dict[str, Any],
-                  baseline_options: Dict[str, Any]) -> LOESResult:
+def _run_selector(
+    method: str | Selector,
+    name: str,
+    cal: list[torch.Tensor],
+    y_cal: np.ndarray,
+    k: int,
+    task: str,
+    seed: int,
+    loes_options: dict[str, Any],
+    baseline_options: dict[str, Any],
+) -> LOESResult:
     if callable(method):
         return method(cal, y_cal, k, task=task, random_state=seed)
     if method == "loes":
         opts = dict(loes_options)
         opts.setdefault("show_progress", False)
-        return select_layers_from_custom_embeddings(cal, y_cal, k, task=task, random_state=seed, **opts)
+        return select_layers_from_custom_embeddings(
+            cal, y_cal, k, task=task, random_state=seed, **opts
+        )
     return select_baseline(method, cal, y_cal, k, task=task, random_state=seed, **baseline_options)
 
 
@@ -344,15 +373,15 @@ def evaluate(
     *,
     k: int = 3,
     task: str = "classification",
-    methods: Optional[Sequence[Union[str, tuple]]] = None,
+    methods: Sequence[str | tuple] | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     probe: str = "ridge",
-    loes_options: Optional[Dict[str, Any]] = None,
-    baseline_options: Optional[Dict[str, Any]] = None,
-    fusion_options: Optional[Dict[str, Any]] = None,
+    loes_options: dict[str, Any] | None = None,
+    baseline_options: dict[str, Any] | None = None,
+    fusion_options: dict[str, Any] | None = None,
     per_layer: bool = True,
-    layer_names: Optional[Sequence[str]] = None,
+    layer_names: Sequence[str] | None = None,
     show_progress: ProgressSetting = "auto",
 ) -> EvaluationResult:
     """Compare LOES with baselines under the calibration / train / validation / test protocol.
@@ -399,7 +428,9 @@ def evaluate(
     if probe not in ("ridge", "logistic", "fusion"):
         raise LOESError(f"probe must be 'ridge', 'logistic' or 'fusion'; got {probe!r}")
     if len(fractions) != 4:
-        raise LOESError(f"fractions must give 4 shares (calibration, train, validation, test); got {fractions}")
+        raise LOESError(
+            f"fractions must give 4 shares (calibration, train, validation, test); got {fractions}"
+        )
     if not seeds:
         raise LOESError("seeds is empty: pass at least one seed")
     layers = [x.detach().cpu() for x in check_embeddings(embeddings)]
@@ -416,7 +447,7 @@ def evaluate(
     loes_options = dict(loes_options or {})
     baseline_options = dict(baseline_options or {})
 
-    chosen: List[tuple] = []
+    chosen: list[tuple] = []
     for m in methods if methods is not None else DEFAULT_METHODS:
         name, fn = (m, m) if isinstance(m, str) else (m[0], m[1])
         if isinstance(fn, str) and fn != "loes" and fn not in BASELINES:
@@ -429,8 +460,12 @@ def evaluate(
                         f"exhaustive search over C({n_layers}, {k}) = {math.comb(n_layers, k)} subsets "
                         f"exceeds max_combinations={limit}; raise it in baseline_options or drop 'exhaustive'"
                     )
-                warnings.warn(f"skipping 'exhaustive': C({n_layers}, {k}) = {math.comb(n_layers, k)} "
-                              f"subsets exceed max_combinations={limit}", LOESWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping 'exhaustive': C({n_layers}, {k}) = {math.comb(n_layers, k)} "
+                    f"subsets exceed max_combinations={limit}",
+                    LOESWarning,
+                    stacklevel=2,
+                )
                 continue
         chosen.append((name, fn))
     names = [c[0] for c in chosen]
@@ -440,11 +475,11 @@ def evaluate(
         _scipy_stats()  # the comparison needs scipy: fail before any work, not after
 
     metric = "accuracy" if task == "classification" else "r2"
-    rows: List[Dict[str, Any]] = []
-    selections: Dict[str, Dict[str, Any]] = {}
-    per_layer_runs: List[List[float]] = []
-    majority_runs: List[float] = []
-    sizes: Dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    selections: dict[str, dict[str, Any]] = {}
+    per_layer_runs: list[list[float]] = []
+    majority_runs: list[float] = []
+    sizes: dict[str, int] = {}
     jobs = [(s, c) for s in seeds for c in chosen]
     bar = progress(jobs, show_progress, desc="evaluate", total=len(jobs), unit="run")
 
@@ -460,33 +495,71 @@ def evaluate(
                         f"{[len(cal), len(tr), len(va), len(te)]}; pass more samples"
                     )
                 if not sizes:
-                    sizes.update(calibration=len(cal), train=len(tr), validation=len(va), test=len(te))
+                    sizes.update(
+                        calibration=len(cal), train=len(tr), validation=len(va), test=len(te)
+                    )
                 if task == "classification":
                     values, counts = np.unique(y[tr], return_counts=True)
                     majority_runs.append(float(np.mean(y[te] == values[np.argmax(counts)])))
                 if per_layer:
-                    per_layer_runs.append(per_layer_scores(layers, y, (tr, va, te), task=task,
-                                                           probe=probe, random_state=seed))
+                    per_layer_runs.append(
+                        per_layer_scores(
+                            layers, y, (tr, va, te), task=task, probe=probe, random_state=seed
+                        )
+                    )
             t0 = time.perf_counter()
-            res = _run_selector(fn, name, [x[cal] for x in layers], y[cal], k, task, seed,
-                                loes_options, baseline_options)
+            res = _run_selector(
+                fn,
+                name,
+                [x[cal] for x in layers],
+                y[cal],
+                k,
+                task,
+                seed,
+                loes_options,
+                baseline_options,
+            )
             t_sel = time.perf_counter() - t0
-            head = res.config.get("head", HEADS.get(name, "concat")) if isinstance(res.config, dict) else "concat"
+            head = (
+                res.config.get("head", HEADS.get(name, "concat"))
+                if isinstance(res.config, dict)
+                else "concat"
+            )
             chosen_layers = list(res.selected_layers)
             t0 = time.perf_counter()
             model = _make_probe(head, chosen_layers, probe, task, seed, fusion_options)
-            model.fit([layers[i][tr] for i in range(n_layers)], y[tr],
-                      [layers[i][va] for i in range(n_layers)], y[va])
+            model.fit(
+                [layers[i][tr] for i in range(n_layers)],
+                y[tr],
+                [layers[i][va] for i in range(n_layers)],
+                y[va],
+            )
             score = model.score([layers[i][te] for i in range(n_layers)], y[te])
             t_train = time.perf_counter() - t0
-            rows.append({"method": name, "seed": int(seed), "layers": [int(i) for i in chosen_layers],
-                         "head": head, "score": float(score),
-                         "val_score": float(getattr(model, "best_val_score_", float("nan"))),
-                         "selection_time": t_sel, "training_time": t_train})
+            rows.append(
+                {
+                    "method": name,
+                    "seed": int(seed),
+                    "layers": [int(i) for i in chosen_layers],
+                    "head": head,
+                    "score": float(score),
+                    "val_score": float(getattr(model, "best_val_score_", float("nan"))),
+                    "selection_time": t_sel,
+                    "training_time": t_train,
+                }
+            )
             if seed == seeds[0]:
                 selections[name] = res.to_dict()
-            logger.info("seed %d %-14s layers %s %s %.4f (select %.2fs, train %.2fs)", seed, name,
-                        chosen_layers, metric, score, t_sel, t_train)
+            logger.info(
+                "seed %d %-14s layers %s %s %.4f (select %.2fs, train %.2fs)",
+                seed,
+                name,
+                chosen_layers,
+                metric,
+                score,
+                t_sel,
+                t_train,
+            )
 
     # the same warning (e.g. N <= D on every calibration split) is shown once, not once per run
     with warnings.catch_warnings(record=True) as caught:
@@ -499,10 +572,18 @@ def evaluate(
             seen_messages.add(key)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-    result = EvaluationResult(rows=rows, metric=metric, task=task, k=k, probe=probe,
-                              seeds=[int(s) for s in seeds], fractions=[float(f) for f in fractions],
-                              selections=selections, n_samples=sizes,
-                              layer_names=list(layer_names) if layer_names is not None else None)
+    result = EvaluationResult(
+        rows=rows,
+        metric=metric,
+        task=task,
+        k=k,
+        probe=probe,
+        seeds=[int(s) for s in seeds],
+        fractions=[float(f) for f in fractions],
+        selections=selections,
+        n_samples=sizes,
+        layer_names=list(layer_names) if layer_names is not None else None,
+    )
     if "loes" in names:
         base = result.scores("loes")
         for other in names:
@@ -512,6 +593,9 @@ def evaluate(
         result.info["majority_accuracy"] = float(np.mean(majority_runs))
     if per_layer_runs:
         arr = np.asarray(per_layer_runs)
-        result.per_layer = {"layer": list(range(n_layers)), "mean": arr.mean(0).tolist(),
-                            "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(n_layers)).tolist()}
+        result.per_layer = {
+            "layer": list(range(n_layers)),
+            "mean": arr.mean(0).tolist(),
+            "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(n_layers)).tolist(),
+        }
     return result

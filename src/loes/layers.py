@@ -12,7 +12,8 @@ import logging
 import math
 import re
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,17 @@ _DEFAULT_K = 4
 def infer_task(targets: Any) -> str:
     """``"classification"`` for integer, bool or string labels (or a 2-D
     one-hot matrix), ``"regression"`` for other float targets."""
-    arr = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    arr = (
+        targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    )
     if arr.dtype.kind in "iubOSU":
         return "classification"
-    if arr.ndim == 2 and arr.shape[1] > 1 and np.all((arr == 0) | (arr == 1)) and np.all(arr.sum(1) == 1):
+    if (
+        arr.ndim == 2
+        and arr.shape[1] > 1
+        and np.all((arr == 0) | (arr == 1))
+        and np.all(arr.sum(1) == 1)
+    ):
         return "classification"
     return "regression"
 
@@ -60,11 +68,11 @@ def resolve_layers(
     *,
     embeddings: Any = None,
     targets: Any = None,
-    task: Optional[str] = None,
-    k: Optional[int] = None,
+    task: str | None = None,
+    k: int | None = None,
     random_state: int = 0,
     **options: Any,
-) -> List[int]:
+) -> list[int]:
     """Turn a layer specification into a list of layer indices.
 
     Parameters
@@ -144,7 +152,7 @@ def resolve_layers(
     if text in ("all", "sweep"):
         return list(range(n_layers))
     if text.startswith("sweep:"):
-        return _sweep_spec(text[len("sweep:"):], n_layers, spec)
+        return _sweep_spec(text[len("sweep:") :], n_layers, spec)
     if text == "loes":
         return _loes_spec(n_layers, embeddings, targets, task, k, random_state, options)
     if text in ("auto", "fast_auto"):
@@ -177,31 +185,37 @@ def resolve_layers(
     )
 
 
-def _sweep_spec(arg: str, n_layers: int, spec: str) -> List[int]:
+def _sweep_spec(arg: str, n_layers: int, spec: str) -> list[int]:
     m = re.fullmatch(r"(-?\d+)-(-?\d+)", arg)
     if m:
         a, b = (_index(int(v), n_layers, spec) for v in m.groups())
         if a > b:
-            raise LOESError(f"sweep range {spec!r} is empty: start layer {a} is after end layer {b}")
+            raise LOESError(
+                f"sweep range {spec!r} is empty: start layer {a} is after end layer {b}"
+            )
         return list(range(a, b + 1))
     if re.fullmatch(r"\d+", arg):
         step = int(arg)
         if step < 1:
             raise LOESError(f"sweep step must be >= 1; got {spec!r}")
         return list(range(0, n_layers, step))
-    raise LOESError(f"malformed sweep spec {spec!r}: use 'sweep:N' (every Nth layer) or 'sweep:A-B'")
+    raise LOESError(
+        f"malformed sweep spec {spec!r}: use 'sweep:N' (every Nth layer) or 'sweep:A-B'"
+    )
 
 
-def _layers_for(spec: str, n_layers: int, embeddings: Any) -> List[torch.Tensor]:
+def _layers_for(spec: str, n_layers: int, embeddings: Any) -> list[torch.Tensor]:
     if embeddings is None:
-        raise LOESError(f"layer spec {spec!r} needs embeddings (n_samples, n_layers, dim) to choose from")
+        raise LOESError(
+            f"layer spec {spec!r} needs embeddings (n_samples, n_layers, dim) to choose from"
+        )
     layers = check_embeddings(embeddings)
     if len(layers) != n_layers:
         raise LOESError(f"embeddings have {len(layers)} layers but n_layers={n_layers}")
     return layers
 
 
-def _loes_spec(n_layers, embeddings, targets, task, k, random_state, options) -> List[int]:
+def _loes_spec(n_layers, embeddings, targets, task, k, random_state, options) -> list[int]:
     layers = _layers_for("loes", n_layers, embeddings)
     k = check_k(k if k is not None else min(_DEFAULT_K, n_layers), n_layers)
     if task is None:
@@ -216,7 +230,9 @@ def _loes_spec(n_layers, embeddings, targets, task, k, random_state, options) ->
 def _supervised_inputs(spec, n_layers, embeddings, targets, task):
     layers = _layers_for(spec, n_layers, embeddings)
     if targets is None:
-        raise LOESError(f"layer spec {spec!r} fits a probe and needs targets; for label-free use 'loes'")
+        raise LOESError(
+            f"layer spec {spec!r} fits a probe and needs targets; for label-free use 'loes'"
+        )
     task = normalize_task(task) if task is not None else infer_task(targets)
     if task == "label_free":
         raise LOESError(f"layer spec {spec!r} needs task='classification' or 'regression'")
@@ -285,9 +301,9 @@ class GroupLassoLayers:
 
     def __init__(
         self,
-        task: Optional[str] = None,
+        task: str | None = None,
         *,
-        cv: Optional[int] = 5,
+        cv: int | None = 5,
         n_lambdas: int = 20,
         lambda_min_ratio: float = 1e-2,
         max_iter: int = 300,
@@ -307,7 +323,7 @@ class GroupLassoLayers:
         self.random_state = random_state
 
     # ------------------------------------------------------------- public
-    def fit(self, embeddings: Any, targets: Any) -> "GroupLassoLayers":
+    def fit(self, embeddings: Any, targets: Any) -> GroupLassoLayers:
         """Fit the path, choose λ by cross-validation and refit on all data."""
         x, y, groups, n_layers = self._prepare(embeddings, targets)
         lambdas = self._grid(x, y, groups, n_layers)
@@ -324,7 +340,7 @@ class GroupLassoLayers:
         self._finish(lambdas, coefs, best, groups, n_layers)
         return self
 
-    def fit_top_k(self, embeddings: Any, targets: Any, k: int) -> "GroupLassoLayers":
+    def fit_top_k(self, embeddings: Any, targets: Any, k: int) -> GroupLassoLayers:
         """One path on all data (no CV), stopped at the first λ where at least
         k blocks are non-zero; keep the k largest blocks and refit the model on
         those layers alone at that λ. ``selected_layers_`` are the k layers by
@@ -411,7 +427,9 @@ class GroupLassoLayers:
         g, _ = self._gradient(x, y, np.zeros((x.shape[1], y.shape[1])), self._init_intercept(y))
         lam_max = max(float(np.linalg.norm(g[a:b])) for a, b in groups)
         if lam_max <= 0:
-            raise LOESError("the targets are constant or unrelated to every feature: nothing to fit")
+            raise LOESError(
+                "the targets are constant or unrelated to every feature: nothing to fit"
+            )
         return lam_max * np.logspace(0, math.log10(self.lambda_min_ratio), self.n_lambdas)
 
     def _step_size(self, x) -> float:
@@ -447,7 +465,7 @@ class GroupLassoLayers:
                 break
         return w, b
 
-    def _path(self, x, y, groups, n_layers, lambdas, stop_at: Optional[int] = None):
+    def _path(self, x, y, groups, n_layers, lambdas, stop_at: int | None = None):
         coefs, w, b = [], None, None
         step = self._step_size(x)
         for lam in lambdas:
@@ -469,14 +487,18 @@ class GroupLassoLayers:
         for f, held in enumerate(folds):
             train = np.setdiff1d(np.arange(n), held)
             sub = GroupLassoLayers(self.task_, cv=None, max_iter=self.max_iter, tol=self.tol)
-            x_tr, y_tr, groups, n_layers = sub._prepare([layer[train] for layer in layers], y_all[train])
-            x_va = sub.standardizer_.transform([layer[held].detach().cpu().double() for layer in layers]).numpy()
+            x_tr, y_tr, groups, n_layers = sub._prepare(
+                [layer[train] for layer in layers], y_all[train]
+            )
+            x_va = sub.standardizer_.transform(
+                [layer[held].detach().cpu().double() for layer in layers]
+            ).numpy()
             y_va = self._encode_like(sub, y_all[held], y_all[train])
             coefs = sub._path(x_tr, y_tr, groups, n_layers, lambdas)
             losses[f] = [sub._loss(x_va, y_va, w, b) for w, b in coefs]
         return losses
 
-    def _encode_like(self, fitted: "GroupLassoLayers", y_held, y_train) -> torch.Tensor:
+    def _encode_like(self, fitted: GroupLassoLayers, y_held, y_train) -> torch.Tensor:
         """Validation targets in the training fold's encoding."""
         if self.task_ == "classification":
             if y_held.ndim == 2:
@@ -505,11 +527,13 @@ class GroupLassoLayers:
         self.n_layers_in_ = n_layers
 
 
-def _block_norms(w: np.ndarray, groups: Sequence[Tuple[int, int]]) -> np.ndarray:
+def _block_norms(w: np.ndarray, groups: Sequence[tuple[int, int]]) -> np.ndarray:
     return np.array([np.linalg.norm(w[a:b]) for a, b in groups])
 
 
-def _block_soft_threshold(w: np.ndarray, tau: float, group_id: np.ndarray, n_groups: int) -> np.ndarray:
+def _block_soft_threshold(
+    w: np.ndarray, tau: float, group_id: np.ndarray, n_groups: int
+) -> np.ndarray:
     """Proximal map of ``tau · Σ_g ‖W_g‖_F``: shrink each block's norm by tau (to 0 if below)."""
     norms = np.sqrt(np.bincount(group_id, weights=(w * w).sum(1), minlength=n_groups))
     factor = np.where(norms > tau, 1.0 - tau / np.where(norms > 0, norms, 1.0), 0.0)

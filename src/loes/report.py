@@ -18,8 +18,9 @@ import html
 import logging
 import os
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,12 @@ logger = logging.getLogger(__name__)
 
 #: Line colour of each score term (keys of ``StepTable.terms``); labels come from
 #: :meth:`LOESResult.score_terms`.
-_TERM_COLORS = {"fit": "#1f77b4", "isotropy": "#ff7f0e", "redundancy": "#2ca02c", "geometry": "#9467bd"}
+_TERM_COLORS = {
+    "fit": "#1f77b4",
+    "isotropy": "#ff7f0e",
+    "redundancy": "#2ca02c",
+    "geometry": "#9467bd",
+}
 
 
 def _figure(figsize):
@@ -58,13 +64,18 @@ def _figure(figsize):
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _save(fig, path: Optional[Union[str, os.PathLike]]) -> None:
+def _save(fig, path: str | os.PathLike | None) -> None:
     if path is not None:
         fig.savefig(os.fspath(path), dpi=110)
 
 
-def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = None, *,
-                steps: Optional[Sequence[int]] = None, figsize: Optional[Sequence[float]] = None):
+def plot_result(
+    result: LOESResult,
+    path: str | os.PathLike | None = None,
+    *,
+    steps: Sequence[int] | None = None,
+    figsize: Sequence[float] | None = None,
+):
     """Plot every candidate's score terms at each greedy step.
 
     One panel per step: the unweighted terms (lines, labelled with the weight
@@ -109,28 +120,45 @@ def plot_result(result: LOESResult, path: Optional[Union[str, os.PathLike]] = No
         for term in result.score_terms():
             values = np.asarray(table.terms.get(term.key, []), dtype=float)
             if values.size and np.any(values != 0):
-                ax.plot(layers, values[order], marker="o", ms=3, lw=1.2, color=_TERM_COLORS.get(term.key),
-                        label=f"{term.label} ({term.weight_text})", zorder=2)
-        ax.set_title(f"step {table.step}: picked layer {layer_label(table.selected, result.layer_names)}",
-                     fontsize=10)
+                ax.plot(
+                    layers,
+                    values[order],
+                    marker="o",
+                    ms=3,
+                    lw=1.2,
+                    color=_TERM_COLORS.get(term.key),
+                    label=f"{term.label} ({term.weight_text})",
+                    zorder=2,
+                )
+        ax.set_title(
+            f"step {table.step}: picked layer {layer_label(table.selected, result.layer_names)}",
+            fontsize=10,
+        )
         ax.set_ylabel("term value / total", fontsize=8)
         ax.set_xticks(layers)
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    legend: Dict[str, Any] = {}
+    legend: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=3, loc="outside lower center")
     axes[-1].set_xlabel("layer")
-    fig.suptitle(f"{result.label()} — selected {result.selected_layers}\n"
-                 + textwrap.fill(result.score_formula(), 95), fontsize=9)
+    fig.suptitle(
+        f"{result.label()} — selected {result.selected_layers}\n"
+        + textwrap.fill(result.score_formula(), 95),
+        fontsize=9,
+    )
     _save(fig, path)
     return fig
 
 
-def plot_trace(result: LOESResult, path: Optional[Union[str, os.PathLike]] = None, *,
-               figsize: Optional[Sequence[float]] = None):
+def plot_trace(
+    result: LOESResult,
+    path: str | os.PathLike | None = None,
+    *,
+    figsize: Sequence[float] | None = None,
+):
     """The selection trace: total score of each candidate (columns) at each step (rows).
 
     Already-selected layers are blank; the pick of each step is boxed and
@@ -150,12 +178,25 @@ def plot_trace(result: LOESResult, path: Optional[Union[str, os.PathLike]] = Non
     fig = _figure(figsize or (max(5.0, 0.32 * n_layers + 2.5), 0.55 * len(result.steps) + 1.8))
     ax = fig.subplots()
     finite = grid[np.isfinite(grid)]
-    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis_r",
-                   vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    im = ax.imshow(
+        np.ma.masked_invalid(grid),
+        aspect="auto",
+        cmap="viridis_r",
+        vmin=finite.min() if finite.size else 0,
+        vmax=finite.max() if finite.size else 1,
+    )
     for r, table in enumerate(result.steps):
         ax.add_patch(_rect(table.selected, r))
-        ax.text(table.selected, r, str(r + 1), ha="center", va="center", color="white", fontsize=8,
-                fontweight="bold")
+        ax.text(
+            table.selected,
+            r,
+            str(r + 1),
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=8,
+            fontweight="bold",
+        )
     ax.set_xticks(range(n_layers))
     ax.set_yticks(range(len(result.steps)))
     ax.set_yticklabels([f"step {t.step}" for t in result.steps])
@@ -173,8 +214,9 @@ def _rect(x: float, y: float):
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=2)
 
 
-def cka_heatmap_matrix(embeddings: Any, *, debiased: bool = True, max_samples: Optional[int] = 512,
-                       random_state: Any = 0) -> np.ndarray:
+def cka_heatmap_matrix(
+    embeddings: Any, *, debiased: bool = True, max_samples: int | None = 512, random_state: Any = 0
+) -> np.ndarray:
     """Layer-by-layer linear CKA (L, L): the quantity the robust selector's redundancy term uses.
 
     :func:`loes._linalg.cka_matrix` with the selector's defaults: the debiased
@@ -187,9 +229,14 @@ def cka_heatmap_matrix(embeddings: Any, *, debiased: bool = True, max_samples: O
     return cka_matrix(layers, debiased=debiased, max_samples=max_samples, generator=gen).numpy()
 
 
-def plot_cka(embeddings: Any = None, path: Optional[Union[str, os.PathLike]] = None, *,
-             cka: Optional[np.ndarray] = None, selected: Optional[Sequence[int]] = None,
-             figsize: Optional[Sequence[float]] = None):
+def plot_cka(
+    embeddings: Any = None,
+    path: str | os.PathLike | None = None,
+    *,
+    cka: np.ndarray | None = None,
+    selected: Sequence[int] | None = None,
+    figsize: Sequence[float] | None = None,
+):
     """Heatmap of linear CKA between every pair of layers (:func:`cka_heatmap_matrix`).
 
     Parameters
@@ -227,8 +274,15 @@ def plot_cka(embeddings: Any = None, path: Optional[Union[str, os.PathLike]] = N
     if n <= 12:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{cka[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if cka[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{cka[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if cka[i, j] < 0.6 else "black",
+                )
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
     ax.set_title("linear CKA between layers", fontsize=10)
@@ -237,8 +291,13 @@ def plot_cka(embeddings: Any = None, path: Optional[Union[str, os.PathLike]] = N
     return fig
 
 
-def plot_per_layer(evaluation: Any, path: Optional[Union[str, os.PathLike]] = None, *,
-                   selected: Optional[Sequence[int]] = None, figsize: Optional[Sequence[float]] = None):
+def plot_per_layer(
+    evaluation: Any,
+    path: str | os.PathLike | None = None,
+    *,
+    selected: Sequence[int] | None = None,
+    figsize: Sequence[float] | None = None,
+):
     """Test score of a probe trained on each single layer (mean ± std over seeds).
 
     Parameters
@@ -253,7 +312,9 @@ def plot_per_layer(evaluation: Any, path: Optional[Union[str, os.PathLike]] = No
     matplotlib.figure.Figure
     """
     if not evaluation.per_layer:
-        raise LOESError("this evaluation has no per-layer scores: run evaluate(..., per_layer=True)")
+        raise LOESError(
+            "this evaluation has no per-layer scores: run evaluate(..., per_layer=True)"
+        )
     if selected is None and "loes" in evaluation.selections:
         selected = evaluation.selections["loes"]["selected_layers"]
     selected = set(selected or [])
@@ -278,8 +339,12 @@ def plot_per_layer(evaluation: Any, path: Optional[Union[str, os.PathLike]] = No
     return fig
 
 
-def plot_comparison(evaluation: Any, path: Optional[Union[str, os.PathLike]] = None, *,
-                    figsize: Optional[Sequence[float]] = None):
+def plot_comparison(
+    evaluation: Any,
+    path: str | os.PathLike | None = None,
+    *,
+    figsize: Sequence[float] | None = None,
+):
     """Mean test score ± std of every method (LOES highlighted).
 
     Returns
@@ -300,17 +365,27 @@ def plot_comparison(evaluation: Any, path: Optional[Union[str, os.PathLike]] = N
     label = f"test {METRIC_LABELS.get(evaluation.metric, evaluation.metric)}"
     ax.set_xlabel(f"{label} (mean ± std over {len(evaluation.seeds)} seeds)")
     if evaluation.metric == "accuracy":
-        ax.set_xlim(max(0.0, float((mean - std).min()) - 0.05), min(1.0, float((mean + std).max()) + 0.02))
+        ax.set_xlim(
+            max(0.0, float((mean - std).min()) - 0.05), min(1.0, float((mean + std).max()) + 0.02)
+        )
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"LOES vs baselines (k={evaluation.k}, {evaluation.probe} probe)", fontsize=10)
     _save(fig, path)
     return fig
 
 
-def plot_methods(names: Sequence[str], mean: Sequence[float], std: Sequence[float], majority: float,
-                 path: Optional[Union[str, os.PathLike]] = None, *, title: str = "",
-                 ylabel: str = "test accuracy (mean ± std)", highlight: Sequence[str] = ("loes",),
-                 figsize: Optional[Sequence[float]] = None):
+def plot_methods(
+    names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    majority: float,
+    path: str | os.PathLike | None = None,
+    *,
+    title: str = "",
+    ylabel: str = "test accuracy (mean ± std)",
+    highlight: Sequence[str] = ("loes",),
+    figsize: Sequence[float] | None = None,
+):
     """One bar per method with error bars; the y axis starts at the majority-class rate, drawn as a line.
 
     Parameters
@@ -338,8 +413,16 @@ def plot_methods(names: Sequence[str], mean: Sequence[float], std: Sequence[floa
     ax.bar(x, mean - bottom, bottom=bottom, yerr=std, color=colors, capsize=3)
     ax.axhline(majority, color="k", lw=1, ls="--")
     for xi, m in zip(x, mean):  # the value inside the bar's foot, clear of the error bar
-        ax.text(xi, bottom + 0.04 * (top - bottom), f"{m:.3f}", ha="center", va="bottom", fontsize=8,
-                color="white", fontweight="bold")
+        ax.text(
+            xi,
+            bottom + 0.04 * (top - bottom),
+            f"{m:.3f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="white",
+            fontweight="bold",
+        )
     ax.set_ylim(bottom, min(1.0, top + 0.08 * (top - bottom) + 0.005))
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
@@ -364,14 +447,30 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta{color:#666;font-siz
 """
 
 
-def _table_html(headers: List[str], rows: List[List[Any]], left: Sequence[int] = (0,),
-                row_classes: Optional[List[str]] = None) -> str:
-    out = ["<table><tr>" + "".join(
-        f'<th class="{"l" if i in left else ""}">{html.escape(h)}</th>' for i, h in enumerate(headers)) + "</tr>"]
+def _table_html(
+    headers: list[str],
+    rows: list[list[Any]],
+    left: Sequence[int] = (0,),
+    row_classes: list[str] | None = None,
+) -> str:
+    out = [
+        "<table><tr>"
+        + "".join(
+            f'<th class="{"l" if i in left else ""}">{html.escape(h)}</th>'
+            for i, h in enumerate(headers)
+        )
+        + "</tr>"
+    ]
     for r, row in enumerate(rows):
         cls = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
-        out.append(f"<tr{cls}>" + "".join(
-            f'<td class="{"l" if i in left else ""}">{html.escape(str(v))}</td>' for i, v in enumerate(row)) + "</tr>")
+        out.append(
+            f"<tr{cls}>"
+            + "".join(
+                f'<td class="{"l" if i in left else ""}">{html.escape(str(v))}</td>'
+                for i, v in enumerate(row)
+            )
+            + "</tr>"
+        )
     out.append("</table>")
     return "\n".join(out)
 
@@ -394,16 +493,16 @@ def _difference_legend(metric: str) -> str:
 
 def write_report(
     result: LOESResult,
-    output_dir: Union[str, os.PathLike],
+    output_dir: str | os.PathLike,
     *,
     embeddings: Any = None,
     evaluation: Any = None,
-    title: Optional[str] = None,
-    cka: Optional[np.ndarray] = None,
+    title: str | None = None,
+    cka: np.ndarray | None = None,
     targets: Any = None,
     probe: Any = None,
-    verdicts: Optional[Sequence[Sequence[Optional[str]]]] = None,
-    note: Optional[str] = None,
+    verdicts: Sequence[Sequence[str | None]] | None = None,
+    note: str | None = None,
 ) -> Path:
     """Write ``report.html`` and its PNG figures to ``output_dir``.
 
@@ -442,10 +541,10 @@ def write_report(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"LOES report — {result.model_name or 'custom embeddings'}"
-    sections: List[str] = []
-    figures: Dict[str, str] = {}
+    sections: list[str] = []
+    figures: dict[str, str] = {}
 
-    def figure(name: str, make) -> Optional[str]:
+    def figure(name: str, make) -> str | None:
         try:
             fig = make(out / name)
         except LOESError as e:
@@ -455,48 +554,86 @@ def write_report(
         figures[name] = str(out / name)
         return name
 
-    if probe is None and targets is not None and embeddings is not None and result.task != "label_free":
-        probe = sweep_layers(embeddings, targets, result.task, show_progress=False,
-                             layer_names=result.layer_names)
+    if (
+        probe is None
+        and targets is not None
+        and embeddings is not None
+        and result.task != "label_free"
+    ):
+        probe = sweep_layers(
+            embeddings, targets, result.task, show_progress=False, layer_names=result.layer_names
+        )
     scores, probe_name = probe_scores(probe)
 
     # summary
     name_of = lambda layer: layer_label(layer, result.layer_names)  # noqa: E731
-    pick_rows = [[i + 1, name_of(layer), _fmt(score)] + ([_fmt(scores.get(layer))] if scores else [])
-                 for i, (layer, score) in enumerate(zip(result.selected_layers, result.layer_scores))]
-    made_by = f"preset <b>{html.escape(result.preset)}</b>" if result.method == "loes" else \
-        f"method <b>{html.escape(result.method)}</b>"
-    meta = [made_by, f"task {html.escape(result.task)}",
-            f"{result.num_layers_seen} layers", f"N = {result.num_calibration_samples} calibration samples",
-            f"pooling {html.escape(str(result.pooling))}"]
+    pick_rows = [
+        [i + 1, name_of(layer), _fmt(score)] + ([_fmt(scores.get(layer))] if scores else [])
+        for i, (layer, score) in enumerate(zip(result.selected_layers, result.layer_scores))
+    ]
+    made_by = (
+        f"preset <b>{html.escape(result.preset)}</b>"
+        if result.method == "loes"
+        else f"method <b>{html.escape(result.method)}</b>"
+    )
+    meta = [
+        made_by,
+        f"task {html.escape(result.task)}",
+        f"{result.num_layers_seen} layers",
+        f"N = {result.num_calibration_samples} calibration samples",
+        f"pooling {html.escape(str(result.pooling))}",
+    ]
     if result.dataset:
         meta.append(f"data {html.escape(str(result.dataset))}")
     total_time = result.timings.get("total")
     if total_time is not None:
         meta.append(f"selection took {total_time:.2f} s")
-    sections.append("<h2>Selected layers</h2>"
-                    f'<p class="meta">{" · ".join(meta)}</p>'
-                    + _table_html(["pick", "layer", "score (lower is better)"] + ([probe_name] if scores else []),
-                                  pick_rows, left=(0, 1)))
+    sections.append(
+        "<h2>Selected layers</h2>"
+        f'<p class="meta">{" · ".join(meta)}</p>'
+        + _table_html(
+            ["pick", "layer", "score (lower is better)"] + ([probe_name] if scores else []),
+            pick_rows,
+            left=(0, 1),
+        )
+    )
     if result.warnings:
-        sections.append("<p class='meta'>Warnings: " + "; ".join(html.escape(w) for w in result.warnings) + "</p>")
+        sections.append(
+            "<p class='meta'>Warnings: "
+            + "; ".join(html.escape(w) for w in result.warnings)
+            + "</p>"
+        )
     if result.steps:
         sections.append(
             "<h2>Why these layers</h2>"
             f"<p class='meta'>{html.escape(result.score_formula())}. Each pick is set against the "
             "runner-up (or the strongest remaining layer by its own probe score); each reason ends "
             "with its weighted share of the difference in total (positive: in favour of the pick).</p>"
-            "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in result.explain(probe)) + "</ul>")
+            "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in result.explain(probe)) + "</ul>"
+        )
 
     if evaluation is not None:
         rows, classes = [], []
         for r in evaluation.table():
             layers = r["layers"]
-            layer_text = (" | ".join(",".join(map(str, ls)) for ls in layers)
-                          if layers and isinstance(layers[0], list) else ",".join(map(str, layers)))
-            rows.append([r["method"], layer_text, r["head"], _fmt(r[evaluation.metric]), _fmt(r["std"]),
-                         _fmt(r["selection_time"], 3), _fmt(r["training_time"], 3),
-                         _fmt(r["loes_minus_method"], 4), _fmt(r["p_value"], 3)])
+            layer_text = (
+                " | ".join(",".join(map(str, ls)) for ls in layers)
+                if layers and isinstance(layers[0], list)
+                else ",".join(map(str, layers))
+            )
+            rows.append(
+                [
+                    r["method"],
+                    layer_text,
+                    r["head"],
+                    _fmt(r[evaluation.metric]),
+                    _fmt(r["std"]),
+                    _fmt(r["selection_time"], 3),
+                    _fmt(r["training_time"], 3),
+                    _fmt(r["loes_minus_method"], 4),
+                    _fmt(r["p_value"], 3),
+                ]
+            )
             classes.append("loes" if r["method"] == "loes" else "")
         metric = METRIC_LABELS.get(evaluation.metric, evaluation.metric)
         sizes = ", ".join(f"{k} {v}" for k, v in evaluation.n_samples.items())
@@ -504,58 +641,103 @@ def write_report(
             "<h2>LOES against baselines</h2>"
             f'<p class="meta">k = {evaluation.k}; {evaluation.probe} probe; seeds {evaluation.seeds}; '
             f"splits: {html.escape(sizes)}"
-            + (f"; majority-class accuracy {evaluation.info['majority_accuracy']:.4f}"
-               if evaluation.info.get("majority_accuracy") is not None else "")
+            + (
+                f"; majority-class accuracy {evaluation.info['majority_accuracy']:.4f}"
+                if evaluation.info.get("majority_accuracy") is not None
+                else ""
+            )
             + ". Selection uses the calibration split only; the probe is "
             "fitted on train, its regularisation chosen on validation, and the test score is reported. "
-            + _difference_legend(evaluation.metric) +
-            "p the two-sided paired t-test over seeds.</p>"
-            + _table_html(["method", "layers", "head", f"test {metric}", "± std", "select s", "train s",
-                           "LOES − method (" + ("negative" if evaluation.metric == "rmse" else "positive")
-                           + " = LOES better)", "p"], rows, left=(0, 1, 2), row_classes=classes))
+            + _difference_legend(evaluation.metric)
+            + "p the two-sided paired t-test over seeds.</p>"
+            + _table_html(
+                [
+                    "method",
+                    "layers",
+                    "head",
+                    f"test {metric}",
+                    "± std",
+                    "select s",
+                    "train s",
+                    "LOES − method ("
+                    + ("negative" if evaluation.metric == "rmse" else "positive")
+                    + " = LOES better)",
+                    "p",
+                ],
+                rows,
+                left=(0, 1, 2),
+                row_classes=classes,
+            )
+        )
         name = figure("comparison.png", lambda p: plot_comparison(evaluation, p))
         if name:
             sections.append(f'<img src="{name}" alt="comparison">')
 
     name = figure("score_terms.png", lambda p: plot_result(result, p))
     if name:
-        sections.append("<h2>Score terms at each step</h2><p class='meta'>Bars: the weighted total "
-                        "that was minimised (red: the pick); lines: the unweighted terms.</p>"
-                        f'<img src="{name}" alt="score terms">')
+        sections.append(
+            "<h2>Score terms at each step</h2><p class='meta'>Bars: the weighted total "
+            "that was minimised (red: the pick); lines: the unweighted terms.</p>"
+            f'<img src="{name}" alt="score terms">'
+        )
     name = figure("selection_trace.png", lambda p: plot_trace(result, p))
     if name:
         sections.append(f'<h2>Selection trace</h2><img src="{name}" alt="selection trace">')
     if cka is not None or embeddings is not None:
-        name = figure("cka.png", lambda p: plot_cka(embeddings, p, cka=cka, selected=result.selected_layers))
+        name = figure(
+            "cka.png", lambda p: plot_cka(embeddings, p, cka=cka, selected=result.selected_layers)
+        )
         if name:
             sections.append(f'<h2>Layer-by-layer CKA</h2><img src="{name}" alt="CKA heatmap">')
     if evaluation is not None and evaluation.per_layer:
-        name = figure("per_layer_probe.png",
-                      lambda p: plot_per_layer(evaluation, p, selected=result.selected_layers))
+        name = figure(
+            "per_layer_probe.png",
+            lambda p: plot_per_layer(evaluation, p, selected=result.selected_layers),
+        )
         if name:
-            sections.append(f'<h2>Per-layer probe score</h2><img src="{name}" alt="per-layer probe">')
+            sections.append(
+                f'<h2>Per-layer probe score</h2><img src="{name}" alt="per-layer probe">'
+            )
     for table in result.steps:
         terms = [t for t in result.score_terms() if t.key in table.terms]
         step_rows, classes = [], []
         for row in sorted(result.score_table(table.step), key=lambda r: r["layer"]):
             layer = int(row["layer"])
-            step_rows.append([name_of(layer)] + ([_fmt(scores.get(layer))] if scores else [])
-                             + [_fmt(row.get(t.column, float("nan"))) for t in terms] + [_fmt(row["total"])])
+            step_rows.append(
+                [name_of(layer)]
+                + ([_fmt(scores.get(layer))] if scores else [])
+                + [_fmt(row.get(t.column, float("nan"))) for t in terms]
+                + [_fmt(row["total"])]
+            )
             classes.append("pick" if layer == table.selected else "")
-        headers = (["layer"] + ([probe_name] if scores else [])
-                   + [f"{t.label} ({t.weight_text})" for t in terms] + ["total"])
-        sections.append(f"<h2>Step {table.step} score table (pick: {html.escape(name_of(table.selected))})</h2>"
-                        f"<p class='meta'>{html.escape(result.score_formula())}</p>"
-                        + _table_html(headers, step_rows, row_classes=classes))
+        headers = (
+            ["layer"]
+            + ([probe_name] if scores else [])
+            + [f"{t.label} ({t.weight_text})" for t in terms]
+            + ["total"]
+        )
+        sections.append(
+            f"<h2>Step {table.step} score table (pick: {html.escape(name_of(table.selected))})</h2>"
+            f"<p class='meta'>{html.escape(result.score_formula())}</p>"
+            + _table_html(headers, step_rows, row_classes=classes)
+        )
 
     opening = ""
     if verdicts:
-        opening = ('<div class="verdict">' + "".join(f"<p><b>{html.escape(text)}</b></p>" for text, _ in verdicts)
-                   + "".join(f'<img src="{html.escape(fig)}" alt="comparison">' for _, fig in verdicts if fig)
-                   + (f'<p class="meta">{note}</p>' if note else "") + "</div>")
-    doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-           f"<h1>{html.escape(title)}</h1>" + opening + "\n".join(sections) + "</body></html>")
+        opening = (
+            '<div class="verdict">'
+            + "".join(f"<p><b>{html.escape(text)}</b></p>" for text, _ in verdicts)
+            + "".join(
+                f'<img src="{html.escape(fig)}" alt="comparison">' for _, fig in verdicts if fig
+            )
+            + (f'<p class="meta">{note}</p>' if note else "")
+            + "</div>"
+        )
+    doc = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>" + opening + "\n".join(sections) + "</body></html>"
+    )
     path = out / "report.html"
     path.write_text(doc, encoding="utf-8")
     logger.info("wrote %s with %d figures", path, len(figures))

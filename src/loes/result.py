@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any
 
 from loes._estimate import Estimate
 from loes._exceptions import LOESError
@@ -40,7 +41,7 @@ class ScoreTerm:
     key: str
     column: str
     label: str
-    weight: Optional[float]
+    weight: float | None
     sign: int = 1
     symbol: str = ""
 
@@ -79,10 +80,10 @@ class StepTable:
 
     step: int
     selected: int
-    candidates: List[int]
-    terms: Dict[str, List[float]]
+    candidates: list[int]
+    terms: dict[str, list[float]]
 
-    def row(self, layer: int) -> Dict[str, float]:
+    def row(self, layer: int) -> dict[str, float]:
         """The terms of one candidate layer at this step."""
         try:
             i = self.candidates.index(layer)
@@ -141,26 +142,26 @@ class LOESResult:
         ``estimate.verdict()`` is the one-line answer to "is it worth it?".
     """
 
-    selected_layers: List[int]
-    layer_scores: List[float]
+    selected_layers: list[int]
+    layer_scores: list[float]
     task: str
     num_layers_seen: int
     num_calibration_samples: int
     pooling: str
-    dataset: Optional[Any] = None
-    model_name: Optional[str] = None
-    preset: Optional[str] = "robust"
-    steps: List[StepTable] = field(default_factory=list)
-    config: Dict[str, Any] = field(default_factory=dict)
-    timings: Dict[str, float] = field(default_factory=dict)
-    layer_names: Optional[List[str]] = None
-    excluded_layers: List[int] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
+    dataset: Any | None = None
+    model_name: str | None = None
+    preset: str | None = "robust"
+    steps: list[StepTable] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    layer_names: list[str] | None = None
+    excluded_layers: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     method: str = "loes"
-    estimate: Optional[Estimate] = None
+    estimate: Estimate | None = None
 
     # ------------------------------------------------------------------ tables
-    def score_terms(self) -> List["ScoreTerm"]:
+    def score_terms(self) -> list[ScoreTerm]:
         """The terms of the total that was minimised, with their weights and signs.
 
         LOES (both presets, every step): ``total = fit + alpha·isotropy penalty
@@ -171,13 +172,30 @@ class LOESResult:
         """
         if self.method == "loes":
             weight = {name: _number(self.config.get(name)) for name in ("alpha", "gamma", "eta")}
-            fit = "fit (in-sample MSE)" if self.preset == "reference" else "fit (unexplained fraction)"
+            fit = (
+                "fit (in-sample MSE)"
+                if self.preset == "reference"
+                else "fit (unexplained fraction)"
+            )
             terms = [
                 ScoreTerm("fit", "fit", fit, 1.0),
-                ScoreTerm("isotropy", "isotropy_penalty", "isotropy penalty", weight["alpha"], symbol="alpha"),
-                ScoreTerm("redundancy", "redundancy_penalty", "redundancy penalty", weight["gamma"],
-                          symbol="gamma"),
-                ScoreTerm("geometry", "geometry_bonus", "geometry bonus", weight["eta"], -1, symbol="eta"),
+                ScoreTerm(
+                    "isotropy",
+                    "isotropy_penalty",
+                    "isotropy penalty",
+                    weight["alpha"],
+                    symbol="alpha",
+                ),
+                ScoreTerm(
+                    "redundancy",
+                    "redundancy_penalty",
+                    "redundancy penalty",
+                    weight["gamma"],
+                    symbol="gamma",
+                ),
+                ScoreTerm(
+                    "geometry", "geometry_bonus", "geometry bonus", weight["eta"], -1, symbol="eta"
+                ),
             ]
             return terms[1:3] if self.task == "label_free" else terms
         metric = self.config.get("metric")
@@ -199,7 +217,7 @@ class LOESResult:
                 parts.append(text if term.sign > 0 else f"−{text}")
         return "total = " + " ".join(parts) + "; lower is better"
 
-    def score_table(self, step: int = 1) -> List[Dict[str, float]]:
+    def score_table(self, step: int = 1) -> list[dict[str, float]]:
         """Every candidate of a step (1-based), sorted by total score (lowest, the pick, first).
 
         Each row has ``"layer"``, one key per score term (:meth:`score_terms`:
@@ -214,7 +232,7 @@ class LOESResult:
         terms = [t for t in self.score_terms() if t.key in table.terms]
         rows = []
         for i, layer in enumerate(table.candidates):
-            row: Dict[str, float] = {"layer": layer}
+            row: dict[str, float] = {"layer": layer}
             row.update({t.column: table.terms[t.key][i] for t in terms})
             row["total"] = table.terms["total"][i]
             rows.append(row)
@@ -244,19 +262,26 @@ class LOESResult:
         for table in self.steps:
             for row in self.score_table(table.step):
                 layer = int(row["layer"])
-                extra: Dict[str, Any] = {}
+                extra: dict[str, Any] = {}
                 if self.layer_names:
                     extra["name"] = self.layer_names[layer]
                 if scores is not None:
                     extra["probe_score"] = scores.get(layer, float("nan"))
-                rows.append({"step": table.step, "selected": layer == table.selected, "layer": layer,
-                             **extra, **{k: v for k, v in row.items() if k != "layer"}})
+                rows.append(
+                    {
+                        "step": table.step,
+                        "selected": layer == table.selected,
+                        "layer": layer,
+                        **extra,
+                        **{k: v for k, v in row.items() if k != "layer"},
+                    }
+                )
         frame = pd.DataFrame(rows)
         frame.attrs["formula"] = self.score_formula()
         frame.attrs["weights"] = {t.column: t.signed_weight for t in self.score_terms()}
         return frame
 
-    def explain(self, probe: Any = None) -> List[str]:
+    def explain(self, probe: Any = None) -> list[str]:
         """One sentence per pick saying, in the numbers' own terms, why it won.
 
         Each pick is set against its competitor: the candidate with the best
@@ -284,7 +309,7 @@ class LOESResult:
         scores, _ = probe_scores(probe)
         return [self._why(table, scores) for table in self.steps]
 
-    def _why(self, table: StepTable, scores: Optional[Dict[int, float]]) -> str:
+    def _why(self, table: StepTable, scores: dict[int, float] | None) -> str:
         pick, cands = table.selected, table.candidates
         name = lambda layer: layer_label(layer, self.layer_names)  # noqa: E731
         head = f"step {table.step}: {name(pick)}"
@@ -308,23 +333,42 @@ class LOESResult:
             xp, xc = table.terms[term.key][i_p], table.terms[term.key][i_c]
             share = term.signed_weight * (xc - xp)
             if math.isfinite(share) and abs(share) > 1e-12:
-                reasons.append((abs(share), self._reason(term, table, pick, rival, xp, xc) + f"; {share:+.3g})"))
-        text = (f"{head} over {name(rival)} ({role}), total {format_number(total[pick])} vs "
-                f"{format_number(total[rival])}")
+                reasons.append(
+                    (
+                        abs(share),
+                        self._reason(term, table, pick, rival, xp, xc) + f"; {share:+.3g})",
+                    )
+                )
+        text = (
+            f"{head} over {name(rival)} ({role}), total {format_number(total[pick])} vs "
+            f"{format_number(total[rival])}"
+        )
         largest = max((r[0] for r in reasons), default=0.0)
-        shown = [r for s, r in sorted(reasons, key=lambda r: -r[0]) if s >= 0.02 * largest]  # drop trivia
+        shown = [
+            r for s, r in sorted(reasons, key=lambda r: -r[0]) if s >= 0.02 * largest
+        ]  # drop trivia
         if shown:
             text += ": " + "; ".join(shown)
         return text
 
-    def _reason(self, term: "ScoreTerm", table: StepTable, pick: int, rival: int, xp: float, xc: float) -> str:
+    def _reason(
+        self, term: ScoreTerm, table: StepTable, pick: int, rival: int, xp: float, xc: float
+    ) -> str:
         """The phrase for one term separating ``pick`` from ``rival`` (without the closing bracket)."""
         name = lambda layer: layer_label(layer, self.layer_names)  # noqa: E731
-        better, worse, xb, xw = (pick, rival, xp, xc) if term.signed_weight * (xc - xp) > 0 else (rival, pick, xc, xp)
+        better, worse, xb, xw = (
+            (pick, rival, xp, xc) if term.signed_weight * (xc - xp) > 0 else (rival, pick, xc, xp)
+        )
         if term.key == "fit" and term.column == "fit":
-            target = "residual" if table.step > 1 else ("targets" if self.task == "regression" else "labels")
+            target = (
+                "residual"
+                if table.step > 1
+                else ("targets" if self.task == "regression" else "labels")
+            )
             if self.preset == "reference":
-                return f"{name(better)} fits the {target} closer (in-sample MSE {xb:.3g} vs {xw:.3g}"
+                return (
+                    f"{name(better)} fits the {target} closer (in-sample MSE {xb:.3g} vs {xw:.3g}"
+                )
             return f"{name(better)} explains {xw - xb:.3f} more of the {target} (fit {xb:.3f} vs {xw:.3f}"
         if term.key == "redundancy":
             similar = "CKA" if self.preset != "reference" else "similarity"
@@ -337,7 +381,7 @@ class LOESResult:
             return f"{name(better)} spreads the class centroids wider (geometry bonus {xb:.3g} vs {xw:.3g}"
         return f"{name(better)} has the better {term.label} ({xb:.4g} vs {xw:.4g}"
 
-    def _repeated(self, step: int, layer: int) -> Optional[int]:
+    def _repeated(self, step: int, layer: int) -> int | None:
         """The selected layer whose similarity is ``layer``'s redundancy at ``step``.
 
         The redundancy is the maximum over the layers picked so far, so it last
@@ -380,24 +424,38 @@ class LOESResult:
             lines.append("why:")
             lines.extend("  " + s for s in self.explain(probe))
             terms = [t for t in self.score_terms() if t.key in self.steps[0].terms]
-            heads = ([probe_name] if scores is not None else []) + [t.label for t in terms] + ["total"]
+            heads = (
+                ([probe_name] if scores is not None else []) + [t.label for t in terms] + ["total"]
+            )
             weights = ([""] if scores is not None else []) + [t.weight_text for t in terms] + [""]
             widths = [max(9, len(h)) for h in heads]
             lines.append("")
             lines.append(f"step 1 scores: {self.score_formula()}")
-            lines.append(f"{'layer':<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
+            lines.append(
+                f"{'layer':<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths))
+            )
             lines.append(f"{'':<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(weights, widths)))
             for row in sorted(self.score_table(1), key=lambda r: r["layer"]):
                 layer = int(row["layer"])
-                cells = ([format_number(scores.get(layer))] if scores is not None else []) + [
-                    format_number(row.get(t.column)) for t in terms] + [format_number(row["total"])]
+                cells = (
+                    ([format_number(scores.get(layer))] if scores is not None else [])
+                    + [format_number(row.get(t.column)) for t in terms]
+                    + [format_number(row["total"])]
+                )
                 mark = " *" if layer in self.selected_layers else ""
-                lines.append(f"{name(layer):<{width}} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
-                             + mark)
+                lines.append(
+                    f"{name(layer):<{width}} "
+                    + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+                    + mark
+                )
         if self.excluded_layers:
             lines.append(f"excluded (constant) layers: {[name(i) for i in self.excluded_layers]}")
         if self.estimate is not None:
-            lines += ["", "estimate (cross-validated probe on the calibration rows):", self.estimate.table()]
+            lines += [
+                "",
+                "estimate (cross-validated probe on the calibration rows):",
+                self.estimate.table(),
+            ]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -410,12 +468,12 @@ class LOESResult:
         return f"{self.method} ({self.task})"
 
     # ------------------------------------------------------------ serialising
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A strict-JSON dict (:mod:`loes._json`: NaN as None); :meth:`from_dict` inverts it."""
         return to_jsonable(asdict(self))
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "LOESResult":
+    def from_dict(cls, d: dict[str, Any]) -> LOESResult:
         """Inverse of :meth:`to_dict`: None scores become NaN again.
 
         A dict written before results had a ``method`` field still loads: the
@@ -425,17 +483,21 @@ class LOESResult:
         d = check_fields(cls, d, "LOES result")
         if "method" not in d:
             method = (d.get("config") or {}).get("method")
-            d["method"], d["preset"] = ("loes", d.get("preset", "robust")) if method is None else (method, None)
+            d["method"], d["preset"] = (
+                ("loes", d.get("preset", "robust")) if method is None else (method, None)
+            )
         d["layer_scores"] = [float_or_nan(v) for v in d["layer_scores"]]
         if d.get("estimate") is not None:
             d["estimate"] = Estimate.from_dict(d["estimate"])
         d["steps"] = [
-            StepTable(**{**s, "terms": {k: [float_or_nan(v) for v in vs] for k, vs in s["terms"].items()}})
+            StepTable(
+                **{**s, "terms": {k: [float_or_nan(v) for v in vs] for k, vs in s["terms"].items()}}
+            )
             for s in d.get("steps", [])
         ]
         return cls(**d)
 
-    def to_json(self, path: Optional[str] = None, **kwargs: Any) -> str:
+    def to_json(self, path: str | None = None, **kwargs: Any) -> str:
         """Serialise to strict JSON (NaN as ``null``); also write it to ``path`` when given."""
         kwargs.setdefault("indent", 2)
         text = dumps(self.to_dict(), **kwargs)
@@ -445,12 +507,12 @@ class LOESResult:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "LOESResult":
+    def from_json(cls, text_or_path: str | os.PathLike) -> LOESResult:
         """Inverse of :meth:`to_json`: a JSON string or a path to a JSON file."""
         return cls.from_dict(read_json_object(text_or_path, "LOES result"))
 
 
-def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, Any]:
+def read_json_object(source: str | os.PathLike, what: str) -> dict[str, Any]:
     """The JSON object in ``source``: JSON text (starting with ``{`` or ``[``) or a file's path.
 
     Raises
@@ -464,19 +526,23 @@ def read_json_object(source: Union[str, os.PathLike], what: str) -> Dict[str, An
         try:
             value = json.loads(source)
         except json.JSONDecodeError as e:
-            raise LOESError(f"{where} is not valid JSON ({e}); expected what to_json writes") from None
+            raise LOESError(
+                f"{where} is not valid JSON ({e}); expected what to_json writes"
+            ) from None
     elif isinstance(source, (str, os.PathLike)):
         where = f"{what} file {os.fspath(source)!r}"
         value = load_json_file(source, what)
     else:
-        raise LOESError(f"expected JSON text or the path of a JSON file ({what}); got {type(source).__name__}"
-                        + ("; for a dict use from_dict" if isinstance(source, Mapping) else ""))
+        raise LOESError(
+            f"expected JSON text or the path of a JSON file ({what}); got {type(source).__name__}"
+            + ("; for a dict use from_dict" if isinstance(source, Mapping) else "")
+        )
     if not isinstance(value, dict):
         raise LOESError(f"{where} holds a JSON {type(value).__name__}, not a JSON object ({what})")
     return value
 
 
-def check_fields(cls: type, d: Any, what: str) -> Dict[str, Any]:
+def check_fields(cls: type, d: Any, what: str) -> dict[str, Any]:
     """A copy of ``d`` after checking it has every required field of dataclass ``cls`` and no other.
 
     Raises
@@ -487,37 +553,46 @@ def check_fields(cls: type, d: Any, what: str) -> Dict[str, Any]:
     if not isinstance(d, Mapping):
         raise LOESError(f"expected a dict ({what}); got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    required = {
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    }
     missing, unknown = sorted(required - set(d)), sorted(set(d) - known)
     if missing or unknown:
         problems = ([f"missing field(s) {missing}"] if missing else []) + (
-            [f"unknown field(s) {unknown}"] if unknown else [])
-        raise LOESError(f"{what} dict with {'; '.join(problems)}: pass what {cls.__name__}.to_dict "
-                        "or to_json wrote")
+            [f"unknown field(s) {unknown}"] if unknown else []
+        )
+        raise LOESError(
+            f"{what} dict with {'; '.join(problems)}: pass what {cls.__name__}.to_dict "
+            "or to_json wrote"
+        )
     return dict(d)
 
 
-def format_number(value: Optional[float], spec: str = ".4f") -> str:
+def format_number(value: float | None, spec: str = ".4f") -> str:
     """``value`` formatted by ``spec``; ``"—"`` for an absent (None or NaN) number."""
     if value is None or math.isnan(value):
         return "—"
     return format(value, spec)
 
 
-def probe_scores(probe: Any) -> "tuple[Optional[Dict[int, float]], str]":
+def probe_scores(probe: Any) -> tuple[dict[int, float] | None, str]:
     """``({layer: score}, column label)`` of a fitted LayerSweep or a mapping; ``(None, "")``."""
     if probe is None:
         return None, ""
     if hasattr(probe, "scores_") and hasattr(probe, "layers_"):
         metric = "accuracy" if getattr(probe, "task_", "") == "classification" else "R²"
-        return {int(l): float(s) for l, s in zip(probe.layers_, probe.scores_)}, f"own probe (CV {metric})"
+        return {
+            int(l): float(s) for l, s in zip(probe.layers_, probe.scores_)
+        }, f"own probe (CV {metric})"
     if isinstance(probe, Mapping):
         return {int(l): float(s) for l, s in probe.items()}, "own probe score"
-    raise LOESError(f"probe must be a fitted LayerSweep (loes.sweep_layers) or a mapping of layer to "
-                    f"score; got {type(probe).__name__}")
+    raise LOESError(
+        f"probe must be a fitted LayerSweep (loes.sweep_layers) or a mapping of layer to "
+        f"score; got {type(probe).__name__}"
+    )
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -526,7 +601,7 @@ def _coef(weight: float) -> str:
     return "" if weight == 1 else format(weight, "g")
 
 
-def _finite_or(value: Optional[float], default: float) -> float:
+def _finite_or(value: float | None, default: float) -> float:
     return value if value is not None and math.isfinite(value) else default
 
 

@@ -10,7 +10,8 @@ the held-out fold is never used to tune anything; the score is accuracy
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class LayerSweep:
 
     def __init__(
         self,
-        task: Optional[str] = None,
+        task: str | None = None,
         *,
         cv: int = 5,
         layers: Any = "all",
@@ -116,7 +117,9 @@ class LayerSweep:
         self.random_state = random_state
         self.show_progress = show_progress
 
-    def fit(self, embeddings: Any, targets: Any, layer_names: Optional[Sequence[str]] = None) -> "LayerSweep":
+    def fit(
+        self, embeddings: Any, targets: Any, layer_names: Sequence[str] | None = None
+    ) -> LayerSweep:
         """Cross-validate one probe per layer, then refit each on all samples.
 
         Parameters
@@ -135,14 +138,20 @@ class LayerSweep:
         n = all_layers[0].shape[0]
         task = normalize_task(self.task) if self.task is not None else infer_task(targets)
         if task == "label_free":
-            raise LOESError("a layer sweep needs targets: task must be 'classification' or 'regression'")
+            raise LOESError(
+                "a layer sweep needs targets: task must be 'classification' or 'regression'"
+            )
         tgt = check_targets(targets, task, n)
         if tgt.keep is not None:
             all_layers = [layer[tgt.keep] for layer in all_layers]
             n = all_layers[0].shape[0]
         y = tgt.y.numpy()
         labels = tgt.labels.numpy() if tgt.labels is not None else None
-        if isinstance(self.cv, bool) or not isinstance(self.cv, (int, np.integer)) or not 2 <= self.cv <= n:
+        if (
+            isinstance(self.cv, bool)
+            or not isinstance(self.cv, (int, np.integer))
+            or not 2 <= self.cv <= n
+        ):
             raise LOESError(f"cv must be an integer between 2 and n_samples ({n}); got {self.cv!r}")
         self.task_ = task
         self.layers_ = resolve_layers(self.layers, len(all_layers))
@@ -154,7 +163,9 @@ class LayerSweep:
             self.baseline_ = 0.0
         self.fold_scores_ = np.zeros((len(self.layers_), len(folds)))
         self.coefs_ = []
-        for row, layer in enumerate(progress(self.layers_, self.show_progress, desc="layer sweep", unit="layer")):
+        for row, layer in enumerate(
+            progress(self.layers_, self.show_progress, desc="layer sweep", unit="layer")
+        ):
             x = all_layers[layer].detach().cpu().double().numpy()
             for f, (train, held) in enumerate(folds):
                 w, b, _ = ridge_gcv_fit(x[train], y[train], self.alphas)
@@ -171,7 +182,7 @@ class LayerSweep:
         self._check_fitted()
         return int(self.layers_[int(np.argmax(self.scores_))])
 
-    def importances(self) -> Dict[int, float]:
+    def importances(self) -> dict[int, float]:
         """Each layer's share of the above-baseline score: ``max(score − baseline, 0)``
         normalised to sum to 1 (all zeros when no layer beats the baseline)."""
         self._check_fitted()
@@ -180,7 +191,7 @@ class LayerSweep:
         share = gain / total if total > 0 else gain
         return {int(l): float(v) for l, v in zip(self.layers_, share)}
 
-    def predict(self, embeddings: Any, layer: Optional[int] = None) -> np.ndarray:
+    def predict(self, embeddings: Any, layer: int | None = None) -> np.ndarray:
         """Predict with one layer's refitted probe (default: the best layer).
 
         Returns class labels (classification) or values of shape (n, m) / (n,).
@@ -205,11 +216,15 @@ class LayerSweep:
         width = max(5, *map(len, labels))
         lines = [f"{'layer':<{width}}  {name:>9}  {'std':>7}  {'importance':>10}"]
         best = self.best_layer()
-        for label, layer, s, sd in zip(labels, self.layers_, self.scores_, self.fold_scores_.std(1)):
+        for label, layer, s, sd in zip(
+            labels, self.layers_, self.scores_, self.fold_scores_.std(1)
+        ):
             mark = "  *" if layer == best else ""
             lines.append(f"{label:<{width}}  {s:>9.4f}  {sd:>7.4f}  {imp[layer]:>10.4f}{mark}")
-        lines.append(f"baseline ({'majority class' if self.task_ == 'classification' else 'mean'}): "
-                     f"{self.baseline_:.4f}")
+        lines.append(
+            f"baseline ({'majority class' if self.task_ == 'classification' else 'mean'}): "
+            f"{self.baseline_:.4f}"
+        )
         return "\n".join(lines)
 
     def to_frame(self):
@@ -225,15 +240,20 @@ class LayerSweep:
             import pandas as pd
         except ImportError as e:  # pragma: no cover - pandas comes with datasets
             raise ImportError("LayerSweep.to_frame requires pandas: pip install pandas") from e
-        frame = pd.DataFrame({"score": self.scores_, "std": self.fold_scores_.std(1),
-                              "importance": [self.importances()[l] for l in self.layers_]},
-                             index=pd.Index(self.layers_, name="layer"))
+        frame = pd.DataFrame(
+            {
+                "score": self.scores_,
+                "std": self.fold_scores_.std(1),
+                "importance": [self.importances()[l] for l in self.layers_],
+            },
+            index=pd.Index(self.layers_, name="layer"),
+        )
         if self.layer_names_:
             frame.insert(0, "name", [self.layer_names_[l] for l in self.layers_])
         frame.attrs.update(metric=self._metric(), baseline=self.baseline_, cv=int(self.cv))
         return frame
 
-    def plot(self, path: Optional[str] = None, *, figsize: Optional[Sequence[float]] = None):
+    def plot(self, path: str | None = None, *, figsize: Sequence[float] | None = None):
         """Mean cross-validated score per layer (± std over folds), the baseline drawn.
 
         Needs matplotlib (``pip install 'loes[plot]'``); uses the
@@ -257,13 +277,34 @@ class LayerSweep:
         n = len(self.layers_)
         fig = Figure(figsize=figsize or (max(5.0, 0.3 * n + 2.5), 3.4), layout="constrained")
         ax = fig.subplots()
-        ax.errorbar(self.layers_, self.scores_, yerr=self.fold_scores_.std(1), marker="o", ms=4, capsize=2,
-                    color="#1f77b4", label=f"{self.cv}-fold CV {self._metric()}")
+        ax.errorbar(
+            self.layers_,
+            self.scores_,
+            yerr=self.fold_scores_.std(1),
+            marker="o",
+            ms=4,
+            capsize=2,
+            color="#1f77b4",
+            label=f"{self.cv}-fold CV {self._metric()}",
+        )
         baseline = "majority class" if self.task_ == "classification" else "predicting the mean"
-        ax.axhline(self.baseline_, color="#7f7f7f", ls="--", lw=1, label=f"{baseline} ({self.baseline_:.3f})")
+        ax.axhline(
+            self.baseline_,
+            color="#7f7f7f",
+            ls="--",
+            lw=1,
+            label=f"{baseline} ({self.baseline_:.3f})",
+        )
         best = self.best_layer()
-        ax.plot([best], [self.scores_[self.layers_.index(best)]], "o", ms=9, mfc="none", color="#d62728",
-                label=f"best: {layer_label(best, self.layer_names_)}")
+        ax.plot(
+            [best],
+            [self.scores_[self.layers_.index(best)]],
+            "o",
+            ms=9,
+            mfc="none",
+            color="#d62728",
+            label=f"best: {layer_label(best, self.layer_names_)}",
+        )
         ax.set_xticks(self.layers_ if n <= 32 else self.layers_[::2])
         ax.set_xlabel("layer")
         ax.set_ylabel(self._metric())
@@ -278,7 +319,7 @@ class LayerSweep:
     def _metric(self) -> str:
         return "accuracy" if self.task_ == "classification" else "R²"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
         return {
             "task": self.task_,
@@ -295,7 +336,9 @@ class LayerSweep:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "scores_"):
-            raise LOESError("this LayerSweep is not fitted yet: call fit(embeddings, targets) first")
+            raise LOESError(
+                "this LayerSweep is not fitted yet: call fit(embeddings, targets) first"
+            )
 
 
 def _score(pred: np.ndarray, y: np.ndarray, labels: np.ndarray, task: str) -> float:
@@ -309,13 +352,13 @@ def _score(pred: np.ndarray, y: np.ndarray, labels: np.ndarray, task: str) -> fl
 def sweep_layers(
     embeddings: Any,
     targets: Any,
-    task: Optional[str] = None,
+    task: str | None = None,
     *,
     cv: int = 5,
     layers: Any = "all",
     random_state: int = 0,
     show_progress: ProgressSetting = "auto",
-    layer_names: Optional[Sequence[str]] = None,
+    layer_names: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> LayerSweep:
     """Fit a :class:`LayerSweep` and return it (``layer_names``: see :meth:`LayerSweep.fit`).
@@ -329,5 +372,6 @@ def sweep_layers(
     >>> sweep.best_layer(), bool(sweep.scores_[2] > 0.9)
     (2, True)
     """
-    return LayerSweep(task, cv=cv, layers=layers, random_state=random_state,
-                      show_progress=show_progress, **kwargs).fit(embeddings, targets, layer_names)
+    return LayerSweep(
+        task, cv=cv, layers=layers, random_state=random_state, show_progress=show_progress, **kwargs
+    ).fit(embeddings, targets, layer_names)

@@ -13,7 +13,6 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import List, Optional
 
 from loes._exceptions import LOESWarning
 from loes.cli import demo, profile, report, select
@@ -33,31 +32,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'loes <command> --help' for each command's options and an example.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log progress to stderr (and the traceback of an error)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress to stderr (and the traceback of an error)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     parser.commands = {}  # name -> subparser, so that its own prog reports stray arguments
     for module in COMMANDS:
         p = module.register(sub)
         parser.commands[p.prog.split()[-1]] = p
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="log progress to stderr (and the traceback of an error)")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log progress to stderr (and the traceback of an error)",
+        )
         p.set_defaults(func=module.run)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run ``loes`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:
-            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.commands.get(args.command, parser).error(
+                f"unrecognized arguments: {' '.join(extra)}"
+            )
     except SystemExit as e:  # --help (0) or a usage error, already reported in one line (2)
         return int(e.code or 0)
     if args.command is None:
         parser.print_help()
-        sys.stderr.write(f"loes: error: no command given; choose one of {', '.join(parser.commands)}\n")
+        sys.stderr.write(
+            f"loes: error: no command given; choose one of {', '.join(parser.commands)}\n"
+        )
         return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -16,8 +16,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 
@@ -101,29 +102,39 @@ def positive_float(text: str) -> float:
     return value
 
 
-def check_device(device: Optional[str]) -> None:
+def check_device(device: str | None) -> None:
     """A usable torch device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``auto``), checked before any load."""
     if device is None or device == "auto":
         return
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
-        raise LOESError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from e
+        raise LOESError(
+            f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps"
+        ) from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise LOESError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+            raise LOESError(
+                f"--device {device}: CUDA is not available on this machine; use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise LOESError(
                 f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                 f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}"
             )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise LOESError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise LOESError(
+            f"--device {device}: MPS is not available on this machine; use --device cpu"
+        )
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise LOESError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+        raise LOESError(
+            f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda or mps"
+        )
 
 
-def check_input_path(value: str, option: str, *, remote: str = "", prefixes: Iterable[str] = ()) -> None:
+def check_input_path(
+    value: str, option: str, *, remote: str = "", prefixes: Iterable[str] = ()
+) -> None:
     """A local path that does not exist is an error; a string shaped like a hub id is let through.
 
     ``remote`` names what else the value may be (e.g. ``"a hub id"``) for the message;
@@ -135,14 +146,15 @@ def check_input_path(value: str, option: str, *, remote: str = "", prefixes: Ite
         not remote
         or not _HUB_ID.match(value)
         or value.startswith((".", "~"))
-        or Path(value).suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".gguf")
+        or Path(value).suffix.lower()
+        in (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".gguf")
     )
     if looks_local:
         also = f" (nor {remote})" if remote else ""
         raise LOESError(f"{option} {value}: no such file or folder{also}; check the path")
 
 
-def check_model_folder(value: str, option: str, *, gguf_file: Optional[str] = None) -> None:
+def check_model_folder(value: str, option: str, *, gguf_file: str | None = None) -> None:
     """A local model folder must hold ``config.json`` (or the ``gguf_file``), checked before any load."""
     if not os.path.isdir(value):
         return
@@ -166,7 +178,9 @@ def _check_creatable(folder: Path, option: str, value: Any) -> None:
     if not base.is_dir():
         raise LOESError(f"{option} {value}: {base} is a file, not a folder; choose another path")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise LOESError(f"{option} {value}: cannot write in {base} (permission denied); choose another path")
+        raise LOESError(
+            f"{option} {value}: cannot write in {base} (permission denied); choose another path"
+        )
 
 
 def check_output_file(value: Any, option: str, *, suffixes: Iterable[str] = ()) -> Path:
@@ -185,7 +199,9 @@ def check_output_file(value: Any, option: str, *, suffixes: Iterable[str] = ()) 
             f"use one of {', '.join(suffixes)}"
         )
     if path.exists() and not os.access(path, os.W_OK):
-        raise LOESError(f"{option} {value}: the file is not writable (permission denied); choose another path")
+        raise LOESError(
+            f"{option} {value}: the file is not writable (permission denied); choose another path"
+        )
     _check_creatable(path.parent, option, value)
     return path
 
@@ -209,7 +225,9 @@ def write_or_print(text: str, path: Path, command: str) -> bool:
         path.write_text(text + "\n", encoding="utf-8")
         return True
     except OSError as e:
-        _error_line(command, f"could not write {path} ({e.strerror or e}); the result follows on stdout")
+        _error_line(
+            command, f"could not write {path} ({e.strerror or e}); the result follows on stdout"
+        )
         sys.stdout.write(text + "\n")
         return False
 
@@ -241,11 +259,17 @@ def describe(error: BaseException) -> str:
         return f"{error.strerror or error}: {name}; check the path and the free disk space"
     if isinstance(error, ImportError):
         text = _one_line(error)
-        return text if "pip install" in text else f"{text}; install the missing package (pip install 'loes[hf]')"
+        return (
+            text
+            if "pip install" in text
+            else f"{text}; install the missing package (pip install 'loes[hf]')"
+        )
     return f"{type(error).__name__}: {_one_line(error)}"
 
 
-def run_command(command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def run_command(
+    command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
     """Run one command under the error policy (see the module docstring); returns the exit code."""
     verbose = bool(getattr(args, "verbose", False))
     try:
@@ -261,8 +285,11 @@ def run_command(command: str, func: Callable[[argparse.Namespace], int], args: a
     except Exception as e:  # a bug in loes or a library: still one line, the traceback with -v
         if verbose:
             logger.error("unexpected error", exc_info=e)
-        _error_line(command, f"unexpected {describe(e)}; this is a bug: rerun with -v for the traceback "
-                             "and report it")
+        _error_line(
+            command,
+            f"unexpected {describe(e)}; this is a bug: rerun with -v for the traceback "
+            "and report it",
+        )
         return EXIT_BUG
 
 

@@ -22,27 +22,54 @@ EPILOG = """examples:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` command; returns its parser."""
     p = subparsers.add_parser(
-        "demo", help="show offline, on two packaged cases, what LOES picks and whether it beats the last layer",
+        "demo",
+        help="show offline, on two packaged cases, what LOES picks and whether it beats the last layer",
         description="On the packaged all-MiniLM-L6-v2, two cases: BBC News topics (the last layer is the "
-                    "best single layer) and the drug-review 3-way rating (middle layers beat the last). "
-                    "Every layer is extracted once (cached in OUTPUT/cache); over stratified re-splits "
-                    "(calibration 20 % / train 50 % / test 30 %) LOES (k='auto' and a fixed k, 3) selects on "
-                    "calibration only, a logistic probe on each method's layers is trained on train and "
-                    "scored on test. Prints a table and a verdict per case and writes report.html. "
-                    "Measured on a 2-core CPU shared with other jobs, one thread: with cached features 42 s wall, 28 s CPU (--quick: 41 s wall, 27 s CPU); the first run, which extracts 1,579 texts, 2 min CPU (7 min wall at load 8; --quick 1 min CPU, 4 min wall).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", "-o", default="loes-demo-output", help="output folder (default: %(default)s)")
-    p.add_argument("--task", choices=("both",) + tuple(sorted(DEMO_TASKS)), default="both",
-                   help="bbc: BBC News topics; drugreview: 3-way rating of drug reviews; both (default)")
-    p.add_argument("--k", type=positive_int, default=3,
-                   help="layers of the fixed-k LOES and of the last-k baseline (default: %(default)s)")
-    p.add_argument("--seeds", type=positive_int, default=None,
-                   help="stratified re-splits per case, one per seed (default: 3, --quick: 2)")
-    p.add_argument("--probe", choices=("logistic", "ridge"), default="logistic",
-                   help="the probe trained on each method's layers (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="fewer rows, shorter texts, 2 re-splits (under a minute once features are cached)")
+        "best single layer) and the drug-review 3-way rating (middle layers beat the last). "
+        "Every layer is extracted once (cached in OUTPUT/cache); over stratified re-splits "
+        "(calibration 20 % / train 50 % / test 30 %) LOES (k='auto' and a fixed k, 3) selects on "
+        "calibration only, a logistic probe on each method's layers is trained on train and "
+        "scored on test. Prints a table and a verdict per case and writes report.html. "
+        "Measured on a 2-core CPU shared with other jobs, one thread: with cached features 42 s wall, 28 s CPU (--quick: 41 s wall, 27 s CPU); the first run, which extracts 1,579 texts, 2 min CPU (7 min wall at load 8; --quick 1 min CPU, 4 min wall).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--output", "-o", default="loes-demo-output", help="output folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--task",
+        choices=("both",) + tuple(sorted(DEMO_TASKS)),
+        default="both",
+        help="bbc: BBC News topics; drugreview: 3-way rating of drug reviews; both (default)",
+    )
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        default=3,
+        help="layers of the fixed-k LOES and of the last-k baseline (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="stratified re-splits per case, one per seed (default: 3, --quick: 2)",
+    )
+    p.add_argument(
+        "--probe",
+        choices=("logistic", "ridge"),
+        default="logistic",
+        help="the probe trained on each method's layers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rows, shorter texts, 2 re-splits (under a minute once features are cached)",
+    )
     p.add_argument("--max-samples", type=positive_int, default=None, help="cap the texts per case")
-    p.add_argument("--model", default=None, help="a local model folder (default: packaged MiniLM-L6)")
+    p.add_argument(
+        "--model", default=None, help="a local model folder (default: packaged MiniLM-L6)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="print the results as strict JSON on stdout")
     return p
@@ -56,9 +83,16 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output, "--output")
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
     demo = run_demo(
-        args.output, task=args.task, k=args.k, splits=args.seeds or (2 if args.quick else 3), quick=args.quick,
+        args.output,
+        task=args.task,
+        k=args.k,
+        splits=args.seeds or (2 if args.quick else 3),
+        quick=args.quick,
         max_samples=args.max_samples,
-        probe=args.probe, model=args.model, show_progress=False if args.no_progress else "auto", echo=echo,
+        probe=args.probe,
+        model=args.model,
+        show_progress=False if args.no_progress else "auto",
+        echo=echo,
     )
     if args.json:
         sys.stdout.write(_json.dumps(demo.to_dict(), indent=2) + "\n")

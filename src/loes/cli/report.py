@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from loes import _json
 from loes._exceptions import LOESError
@@ -29,16 +29,26 @@ EPILOG = """example:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``report`` command; returns its parser."""
     p = subparsers.add_parser(
-        "report", help="write an HTML report (with PNG figures) of a saved selection",
+        "report",
+        help="write an HTML report (with PNG figures) of a saved selection",
         description="Write report.html and PNG figures from a LOESResult JSON file, optionally with "
-                    "an evaluation (JSON from loes.evaluate) and the embeddings for the CKA heatmap.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "an evaluation (JSON from loes.evaluate) and the embeddings for the CKA heatmap.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("result", help="LOESResult JSON (loes select --output, or a demo's result.json)")
-    p.add_argument("--output", "-o", default="loes-report", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--output", "-o", default="loes-report", help="output folder (default: %(default)s)"
+    )
     p.add_argument("--evaluation", default=None, help="EvaluationResult JSON (adds the comparison)")
-    p.add_argument("--embeddings", default=None,
-                   help="embeddings (n_samples, n_layers, dim) for the CKA heatmap (.npy/.npz/.safetensors/.pt)")
-    p.add_argument("--embeddings-key", default=None, help="entry of --embeddings holding the features")
+    p.add_argument(
+        "--embeddings",
+        default=None,
+        help="embeddings (n_samples, n_layers, dim) for the CKA heatmap (.npy/.npz/.safetensors/.pt)",
+    )
+    p.add_argument(
+        "--embeddings-key", default=None, help="entry of --embeddings holding the features"
+    )
     p.add_argument("--title", default=None, help="report title")
     p.add_argument("--json", action="store_true", help="print the written paths as JSON")
     return p
@@ -48,7 +58,9 @@ def _load(cls: Any, path: str) -> Any:
     """A ``LOESResult`` or ``EvaluationResult`` from its JSON file; a wrong file is a LOESError."""
     data = load_json_file(path, cls.__name__)
     if not isinstance(data, dict):
-        raise LOESError(f"{path}: a {cls.__name__} JSON file holds an object; found a {type(data).__name__}")
+        raise LOESError(
+            f"{path}: a {cls.__name__} JSON file holds an object; found a {type(data).__name__}"
+        )
     try:
         return cls.from_dict(data)
     except (TypeError, KeyError, ValueError) as e:
@@ -62,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``loes report``: read and check every input, then write the report."""
     output = check_output_dir(args.output, "--output")
     result = _load(LOESResult, args.result)
-    evaluation: Optional[EvaluationResult] = _load(EvaluationResult, args.evaluation) if args.evaluation else None
+    evaluation: EvaluationResult | None = (
+        _load(EvaluationResult, args.evaluation) if args.evaluation else None
+    )
     embeddings = None
     if args.embeddings is not None:
         embeddings, _ = load_embeddings_file(args.embeddings, key=args.embeddings_key)
@@ -71,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.embeddings} has {embeddings.shape[1]} layers, the result {args.result} "
                 f"{result.num_layers_seen}; give the embeddings the selection was made on"
             )
-    path = write_report(result, output, embeddings=embeddings, evaluation=evaluation, title=args.title)
+    path = write_report(
+        result, output, embeddings=embeddings, evaluation=evaluation, title=args.title
+    )
     figures = sorted(str(p) for p in path.parent.glob("*.png"))
     if args.json:
         sys.stdout.write(_json.dumps({"report": str(path), "figures": figures}) + "\n")

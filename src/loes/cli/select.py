@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict
+from typing import Any
 
 from loes import _json
 from loes._exceptions import LOESError
@@ -58,19 +58,48 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=None, help="hub id or local model folder")
-    p.add_argument("--dataset", default=None, help="hub id, local file/folder, or loes:drugreview / loes:bbc_news")
-    p.add_argument("--embeddings", default=None, help="precomputed (N, L, D) features instead of --model/--dataset")
-    p.add_argument("--embeddings-key", default=None, help="entry of --embeddings holding the features")
-    p.add_argument("--targets", default=None, help="targets for --embeddings (array file, .json, .txt or a table)")
-    p.add_argument("--targets-column", default=None,
-                   help="column of a --targets table (or entry of an array file) holding the targets")
-    p.add_argument("--k", type=k_value, required=True,
-                   help="number of layers to select, or 'auto' (chosen by a cross-validated probe)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="hub id, local file/folder, or loes:drugreview / loes:bbc_news",
+    )
+    p.add_argument(
+        "--embeddings",
+        default=None,
+        help="precomputed (N, L, D) features instead of --model/--dataset",
+    )
+    p.add_argument(
+        "--embeddings-key", default=None, help="entry of --embeddings holding the features"
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="targets for --embeddings (array file, .json, .txt or a table)",
+    )
+    p.add_argument(
+        "--targets-column",
+        default=None,
+        help="column of a --targets table (or entry of an array file) holding the targets",
+    )
+    p.add_argument(
+        "--k",
+        type=k_value,
+        required=True,
+        help="number of layers to select, or 'auto' (chosen by a cross-validated probe)",
+    )
     p.add_argument("--split", default="train", help="dataset split (default: train)")
-    p.add_argument("--config", dest="dataset_config_name", default=None, help="dataset configuration name")
-    p.add_argument("--text-key", default=None, help="input column (default: detected); 'a,b' for sentence pairs")
+    p.add_argument(
+        "--config", dest="dataset_config_name", default=None, help="dataset configuration name"
+    )
+    p.add_argument(
+        "--text-key",
+        default=None,
+        help="input column (default: detected); 'a,b' for sentence pairs",
+    )
     p.add_argument("--target-key", default=None, help="target column (default: detected)")
-    p.add_argument("--task", default="classification", choices=["classification", "regression", "label_free"])
+    p.add_argument(
+        "--task", default="classification", choices=["classification", "regression", "label_free"]
+    )
     p.add_argument("--preset", default="robust", choices=["robust", "reference"])
     for name, text in (
         ("--reg", "ridge strength (default: the preset's)"),
@@ -79,30 +108,67 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ("--eta", "class-geometry weight"),
     ):
         p.add_argument(name, type=finite_float, default=None, help=text)
-    p.add_argument("--cv", default=None, choices=["gcv", "loo"],
-                   help="robust preset: out-of-sample estimate of the fit (default: gcv)")
-    p.add_argument("--max-samples", type=nonnegative_int, default=None,
-                   help=f"calibration sample cap (default: {DEFAULT_MAX_SAMPLES}; 0 = all rows)")
+    p.add_argument(
+        "--cv",
+        default=None,
+        choices=["gcv", "loo"],
+        help="robust preset: out-of-sample estimate of the fit (default: gcv)",
+    )
+    p.add_argument(
+        "--max-samples",
+        type=nonnegative_int,
+        default=None,
+        help=f"calibration sample cap (default: {DEFAULT_MAX_SAMPLES}; 0 = all rows)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-length", type=positive_int, default=None,
-                   help="token truncation length (default: 512 capped at the model's positions)")
-    p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "masked_mean", "max", "last_token"])
-    p.add_argument("--include-embeddings", action="store_true", help="keep the embedding output as layer 0")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="token truncation length (default: 512 capped at the model's positions)",
+    )
+    p.add_argument(
+        "--pooling",
+        default="auto",
+        choices=["auto", "cls", "mean", "masked_mean", "max", "last_token"],
+    )
+    p.add_argument(
+        "--include-embeddings", action="store_true", help="keep the embedding output as layer 0"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"],
+    )
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
-    p.add_argument("--cache-dir", default=None, help="embedding cache folder ('default' for ~/.cache/loes)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the selector")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the model repository's own code"
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="embedding cache folder ('default' for ~/.cache/loes)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration draw and the selector"
+    )
     p.add_argument("--output", "-o", default=None, help="write the result as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--progress", default="auto", choices=["auto", "on", "off"])
     return p
 
 
-_MODEL_ONLY = ("dataset_config_name", "text_key", "target_key", "max_samples", "revision", "gguf_file",
-               "device", "dtype", "cache_dir")
+_MODEL_ONLY = (
+    "dataset_config_name",
+    "text_key",
+    "target_key",
+    "max_samples",
+    "revision",
+    "gguf_file",
+    "device",
+    "dtype",
+    "cache_dir",
+)
 _EMBEDDINGS_ONLY = ("embeddings_key", "targets", "targets_column")
 
 
@@ -115,14 +181,20 @@ def _check_mode(args: argparse.Namespace) -> None:
             raise LOESError("give either --embeddings or --model with --dataset, not both")
         stray = [flag[n] for n in _MODEL_ONLY if getattr(args, n) is not None]
         if stray:
-            raise LOESError(f"{', '.join(stray)} apply to --model/--dataset only; drop them with --embeddings")
+            raise LOESError(
+                f"{', '.join(stray)} apply to --model/--dataset only; drop them with --embeddings"
+            )
         return
     if args.model is None or args.dataset is None:
         missing = "--dataset" if args.model is not None else "--model"
-        raise LOESError(f"missing {missing}: give --model and --dataset (or --embeddings with precomputed features)")
+        raise LOESError(
+            f"missing {missing}: give --model and --dataset (or --embeddings with precomputed features)"
+        )
     stray = [flag[n] for n in _EMBEDDINGS_ONLY if getattr(args, n) is not None]
     if stray:
-        raise LOESError(f"{', '.join(stray)} apply to --embeddings only; the targets come from --dataset")
+        raise LOESError(
+            f"{', '.join(stray)} apply to --embeddings only; the targets come from --dataset"
+        )
     check_device(args.device)
     check_input_path(args.model, "--model", remote="a hub id")
     check_model_folder(args.model, "--model", gguf_file=args.gguf_file)
@@ -152,16 +224,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The selector's hyper-parameters given on the command line (unset ones omitted)."""
     out = {name: getattr(args, name) for name in ("reg", "alpha", "gamma", "eta", "cv")}
     return {name: value for name, value in out.items() if value is not None}
 
 
-def _common_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    return dict(k=args.k, task=args.task, preset=args.preset, random_state=args.seed,
-                show_progress="off" if args.json else args.progress,
-                verbose=bool(getattr(args, "verbose", False)), **_method_kwargs(args))
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        k=args.k,
+        task=args.task,
+        preset=args.preset,
+        random_state=args.seed,
+        show_progress="off" if args.json else args.progress,
+        verbose=bool(getattr(args, "verbose", False)),
+        **_method_kwargs(args),
+    )
 
 
 def _select_embeddings(args: argparse.Namespace) -> LOESResult:
@@ -173,7 +251,9 @@ def _select_embeddings(args: argparse.Namespace) -> LOESResult:
     if targets is None and args.task != "label_free":
         raise LOESError(f"{args.embeddings} holds no targets: pass --targets, or --task label_free")
     return select_layers_from_custom_embeddings(
-        embeddings, targets, dataset=str(args.embeddings),
+        embeddings,
+        targets,
+        dataset=str(args.embeddings),
         **_common_kwargs(args),
     )
 
@@ -184,10 +264,22 @@ def _select_model(args: argparse.Namespace) -> LOESResult:
         text_key = tuple(part.strip() for part in text_key.split(","))
     max_samples = DEFAULT_MAX_SAMPLES if args.max_samples is None else (args.max_samples or None)
     return select_layers_from_hf_id(
-        args.model, args.dataset, split=args.split, dataset_config_name=args.dataset_config_name,
-        text_key=text_key, target_key=args.target_key, max_calibration_samples=max_samples,
-        batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling,
-        include_embeddings=args.include_embeddings, device=args.device, dtype=args.dtype,
-        revision=args.revision, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code,
-        cache_dir=True if args.cache_dir == "default" else args.cache_dir, **_common_kwargs(args),
+        args.model,
+        args.dataset,
+        split=args.split,
+        dataset_config_name=args.dataset_config_name,
+        text_key=text_key,
+        target_key=args.target_key,
+        max_calibration_samples=max_samples,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        pooling=args.pooling,
+        include_embeddings=args.include_embeddings,
+        device=args.device,
+        dtype=args.dtype,
+        revision=args.revision,
+        gguf_file=args.gguf_file,
+        trust_remote_code=args.trust_remote_code,
+        cache_dir=True if args.cache_dir == "default" else args.cache_dir,
+        **_common_kwargs(args),
     )

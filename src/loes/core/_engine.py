@@ -12,7 +12,7 @@ import difflib
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Type, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +36,15 @@ __all__ = [
 CKA_MEMORY_LIMIT = 2 * 1024**3
 
 
-def score_total(fit: float, iso_penalty: float, redundancy: float, geometry: float,
-                alpha: float, gamma: float, eta: float) -> float:
+def score_total(
+    fit: float,
+    iso_penalty: float,
+    redundancy: float,
+    geometry: float,
+    alpha: float,
+    gamma: float,
+    eta: float,
+) -> float:
     """The LOES score of one candidate (lower is better), for both presets:
     ``fit + alpha·(1 − iso) + gamma·redundancy − eta·geometry``."""
     return fit + alpha * iso_penalty + gamma * redundancy - eta * geometry
@@ -50,7 +57,7 @@ def seed_is_given(random_state: Any) -> bool:
     )
 
 
-def compute_dtype(layers: List[torch.Tensor]) -> torch.dtype:
+def compute_dtype(layers: list[torch.Tensor]) -> torch.dtype:
     """float64 for float64 input, else float32 (fp16/bf16 are upcast)."""
     return torch.float64 if layers[0].dtype == torch.float64 else torch.float32
 
@@ -69,12 +76,12 @@ class EngineOutput:
     config : dict, engine facts recorded in the result (forms used, ranks, ...).
     """
 
-    selected: List[int]
-    scores: List[float]
-    steps: List[StepTable]
-    excluded: List[int]
-    timings: Dict[str, float]
-    config: Dict[str, Any]
+    selected: list[int]
+    scores: list[float]
+    steps: list[StepTable]
+    excluded: list[int]
+    timings: dict[str, float]
+    config: dict[str, Any]
 
 
 def check_finite_output(out: EngineOutput, preset: str) -> None:
@@ -104,7 +111,9 @@ def _number(name: str, value: Any, *, positive: bool) -> float:
 
 def _integer(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise LOESError(f"{name} must be an integer >= {minimum}; got {type(value).__name__} {value!r}")
+        raise LOESError(
+            f"{name} must be an integer >= {minimum}; got {type(value).__name__} {value!r}"
+        )
     if int(value) < minimum:
         raise LOESError(f"{name} must be an integer >= {minimum}; got {int(value)}")
     return int(value)
@@ -139,7 +148,7 @@ def _cv(name: str, value: Any) -> str:
     return str(value)
 
 
-def _cka_samples(name: str, value: Any) -> Optional[int]:
+def _cka_samples(name: str, value: Any) -> int | None:
     if value is None:
         return None
     try:
@@ -182,7 +191,7 @@ class RobustOptions(_Options):
     eta: float = _weight(0.05)
     orth_reg: float = _positive(1.0)
     orth_rank: int = field(default=64, metadata={"check": lambda n, v: _integer(n, v, 1)})
-    cka_samples: Optional[int] = field(default=512, metadata={"check": _cka_samples})
+    cka_samples: int | None = field(default=512, metadata={"check": _cka_samples})
     cka_debiased: bool = field(default=True, metadata={"check": _flag})
     standardize: bool = field(default=True, metadata={"check": _flag})
     cv: str = field(default="gcv", metadata={"check": _cv})
@@ -198,13 +207,13 @@ class RobustOptions(_Options):
             )
 
 
-PresetOptions = Union[ReferenceOptions, RobustOptions]
+PresetOptions = ReferenceOptions | RobustOptions
 
 #: The option class of each preset.
-PRESETS: Dict[str, Type[_Options]] = {"reference": ReferenceOptions, "robust": RobustOptions}
+PRESETS: dict[str, type[_Options]] = {"reference": ReferenceOptions, "robust": RobustOptions}
 
 #: Default options of each preset, derived from the option classes.
-DEFAULTS: Dict[str, Dict[str, Any]] = {name: asdict(cls()) for name, cls in PRESETS.items()}
+DEFAULTS: dict[str, dict[str, Any]] = {name: asdict(cls()) for name, cls in PRESETS.items()}
 
 
 def make_options(preset: str, **given: Any) -> PresetOptions:

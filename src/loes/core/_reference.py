@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
 
 import torch
 
+from loes._linalg import center, gram
 from loes._progress import progress
 from loes._rng import torch_generator
 from loes._validation import Targets
-from loes._linalg import center, gram
 from loes.core._engine import EngineOutput, ReferenceOptions, score_total
 from loes.result import StepTable
 
@@ -37,7 +36,9 @@ def _isotropy(xc: torch.Tensor) -> float:
     if d > 512:
         lam = torch.linalg.eigvalsh(gram(xc) / n)
     else:
-        lam = torch.linalg.eigvalsh(xc.T @ xc / n + _EPS * torch.eye(d, dtype=xc.dtype, device=xc.device))
+        lam = torch.linalg.eigvalsh(
+            xc.T @ xc / n + _EPS * torch.eye(d, dtype=xc.dtype, device=xc.device)
+        )
     lam = lam.clamp(min=_EPS)
     return float(lam.mean() / (lam.std(unbiased=False) + _EPS))
 
@@ -61,13 +62,15 @@ def _triangle(xc: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     idx = torch.randint(0, c, (min(200, 3 * c), 3), generator=generator).to(xc.device)
     a, b, d = cent[idx[:, 0]], cent[idx[:, 1]], cent[idx[:, 2]]
     ab, ac = a - b, a - d
-    area = 0.5 * torch.sqrt(((ab * ab).sum(1) * (ac * ac).sum(1) - (ab * ac).sum(1) ** 2).clamp(min=0))
+    area = 0.5 * torch.sqrt(
+        ((ab * ab).sum(1) * (ac * ac).sum(1) - (ab * ac).sum(1) ** 2).clamp(min=0)
+    )
     return float(area.mean())
 
 
 def run_reference(
-    layers: List[torch.Tensor],
-    tgt: Optional[Targets],
+    layers: list[torch.Tensor],
+    tgt: Targets | None,
     k: int,
     *,
     task: str,
@@ -93,17 +96,20 @@ def run_reference(
     xcs = [center(x) for x in raw]
     n_layers = len(raw)
     iso_pen = [  # the unweighted term 1 - iso, as stored in the step tables
-        1.0 - _isotropy(xc) for xc in progress(xcs, show_progress, desc="LOES: isotropy", unit="layer")
+        1.0 - _isotropy(xc)
+        for xc in progress(xcs, show_progress, desc="LOES: isotropy", unit="layer")
     ]
     norms = [float(torch.linalg.norm(x)) for x in raw]
-    red_cache: Dict[tuple, float] = {}
+    red_cache: dict[tuple, float] = {}
 
-    def redundancy(l: int, selected: List[int]) -> float:
+    def redundancy(l: int, selected: list[int]) -> float:
         vals = []
         for j in selected:
             key = (min(l, j), max(l, j))
             if key not in red_cache:
-                red_cache[key] = float(torch.linalg.norm(raw[l].T @ raw[j])) / (norms[l] * norms[j] + 1e-8)
+                red_cache[key] = float(torch.linalg.norm(raw[l].T @ raw[j])) / (
+                    norms[l] * norms[j] + 1e-8
+                )
             vals.append(red_cache[key])
         return max(vals) if vals else 0.0
 
@@ -113,28 +119,51 @@ def run_reference(
     def total(fit: float, l: int, red: float, tri: float) -> float:
         return score_total(fit, iso_pen[l], red, tri, alpha, gamma, eta)
 
-    steps: List[StepTable] = []
-    selected: List[int] = []
-    scores: List[float] = []
+    steps: list[StepTable] = []
+    selected: list[int] = []
+    scores: list[float] = []
 
     if task == "label_free":
         cands = list(range(n_layers))
         first = [total(0.0, l, 0.0, 0.0) for l in cands]
         best = min(cands, key=first.__getitem__)
-        steps.append(_table(1, best, cands, [0.0] * n_layers, iso_pen, [0.0] * n_layers, [0.0] * n_layers, first))
+        steps.append(
+            _table(
+                1, best, cands, [0.0] * n_layers, iso_pen, [0.0] * n_layers, [0.0] * n_layers, first
+            )
+        )
         selected, scores = [best], [first[best]]
-        for t in progress(range(2, k + 1), show_progress, desc="LOES: greedy selection", total=k - 1, unit="layer"):
+        for t in progress(
+            range(2, k + 1), show_progress, desc="LOES: greedy selection", total=k - 1, unit="layer"
+        ):
             cands = [l for l in range(n_layers) if l not in selected]
             red = {l: redundancy(l, selected) for l in cands}
             totals = [total(0.0, l, red[l], 0.0) for l in cands]
             best = cands[min(range(len(cands)), key=totals.__getitem__)]
-            steps.append(_table(t, best, cands, [0.0] * len(cands), [iso_pen[l] for l in cands],
-                                [red[l] for l in cands], [0.0] * len(cands), totals, full=False))
+            steps.append(
+                _table(
+                    t,
+                    best,
+                    cands,
+                    [0.0] * len(cands),
+                    [iso_pen[l] for l in cands],
+                    [red[l] for l in cands],
+                    [0.0] * len(cands),
+                    totals,
+                    full=False,
+                )
+            )
             selected.append(best)
             scores.append(min(totals))
             log.info("step %d: layer %d (score %.6f)", t, best, scores[-1])
-        return EngineOutput(selected, scores, steps, [], {"prepare": t1 - t0, "select": time.perf_counter() - t1},
-                            {"triplet_rng": "torch.Generator(random_state)"})
+        return EngineOutput(
+            selected,
+            scores,
+            steps,
+            [],
+            {"prepare": t1 - t0, "select": time.perf_counter() - t1},
+            {"triplet_rng": "torch.Generator(random_state)"},
+        )
 
     assert tgt is not None
     y = tgt.y.to(device=device, dtype=torch.float64)
@@ -143,7 +172,9 @@ def run_reference(
         labels = tgt.labels.to(device)
         # The published code one-hot encodes integer labels with max(label)+1
         # columns (unused ids give all-zero columns, which count in the MSE).
-        if all(isinstance(c, int) and c >= 0 for c in tgt.classes) and y.shape[1] == len(tgt.classes):
+        if all(isinstance(c, int) and c >= 0 for c in tgt.classes) and y.shape[1] == len(
+            tgt.classes
+        ):
             raw_ids = torch.tensor(tgt.classes, device=device)[labels]
             y = torch.nn.functional.one_hot(raw_ids, int(raw_ids.max()) + 1).to(torch.float64)
 
@@ -162,7 +193,9 @@ def run_reference(
     y_hat = preds[best]
     log.info("step 1: layer %d (score %.6f)", best, scores[0])
 
-    for t in progress(range(2, k + 1), show_progress, desc="LOES: greedy selection", total=k - 1, unit="layer"):
+    for t in progress(
+        range(2, k + 1), show_progress, desc="LOES: greedy selection", total=k - 1, unit="layer"
+    ):
         residual = y - y_hat
         xs = torch.cat([xcs[j] for j in selected], dim=1)
         eye = torch.eye(xs.shape[1], dtype=xs.dtype, device=device)
@@ -181,15 +214,37 @@ def run_reference(
                 rows[name].append(v)
             if score < best_total:
                 best_total, best, best_pred = score, l, pred
-        steps.append(_table(t, best, cands, rows["fit"], [iso_pen[l] for l in cands], rows["red"], rows["tri"],
-                            rows["total"], full=False))
+        steps.append(
+            _table(
+                t,
+                best,
+                cands,
+                rows["fit"],
+                [iso_pen[l] for l in cands],
+                rows["red"],
+                rows["tri"],
+                rows["total"],
+                full=False,
+            )
+        )
         selected.append(best)
         scores.append(best_total)
         y_hat = y_hat + best_pred
-        log.info("step %d: layer %d (score %.6f, residual mse %.6f)", t, best, best_total,
-                 float(((y - y_hat) ** 2).mean()))
-    return EngineOutput(selected, scores, steps, [], {"prepare": t1 - t0, "select": time.perf_counter() - t1},
-                        {"triplet_rng": "torch.Generator(random_state)"})
+        log.info(
+            "step %d: layer %d (score %.6f, residual mse %.6f)",
+            t,
+            best,
+            best_total,
+            float(((y - y_hat) ** 2).mean()),
+        )
+    return EngineOutput(
+        selected,
+        scores,
+        steps,
+        [],
+        {"prepare": t1 - t0, "select": time.perf_counter() - t1},
+        {"triplet_rng": "torch.Generator(random_state)"},
+    )
 
 
 def _table(step, best, cands, fit, iso, red, tri, total, full=True) -> StepTable:
@@ -199,6 +254,11 @@ def _table(step, best, cands, fit, iso, red, tri, total, full=True) -> StepTable
         step=step,
         selected=int(best),
         candidates=[int(c) for c in cands],
-        terms={"fit": pick(fit), "isotropy": pick(iso), "redundancy": pick(red), "geometry": pick(tri),
-               "total": pick(total)},
+        terms={
+            "fit": pick(fit),
+            "isotropy": pick(iso),
+            "redundancy": pick(red),
+            "geometry": pick(tri),
+            "total": pick(total),
+        },
     )

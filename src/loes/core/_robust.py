@@ -46,15 +46,15 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
 from loes._exceptions import LOESError, LOESWarning
+from loes._linalg import cka_matrix, sym_gram, triplets
 from loes._progress import progress
 from loes._rng import torch_generator
 from loes._validation import Targets
-from loes._linalg import cka_matrix, sym_gram, triplets
 from loes.core._engine import EngineOutput, RobustOptions, compute_dtype, score_total
 from loes.result import StepTable
 
@@ -86,14 +86,19 @@ def constant_features(xc: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     ``max |xc|``); only columns within 100× of the level get the exact test.
     """
     tol = _CONSTANT_EPS * torch.finfo(xc.dtype).eps * mean.abs()
-    reach = torch.maximum(-xc.amin(0, keepdim=True), xc.amax(0, keepdim=True))  # (faster than aminmax)
+    reach = torch.maximum(
+        -xc.amin(0, keepdim=True), xc.amax(0, keepdim=True)
+    )  # (faster than aminmax)
     const = reach <= tol
     cols = ((reach <= 100 * tol) & ~const)[0].nonzero().flatten()
     if cols.numel():
         d = xc[:, cols]
         d = d - d.mean(0, keepdim=True)
         size = d.abs().amax(0, keepdim=True)  # squares of d / size neither overflow nor underflow
-        spread = size * d.div_(size.clamp(min=torch.finfo(d.dtype).tiny)).pow_(2).mean(0, keepdim=True).sqrt()
+        spread = (
+            size
+            * d.div_(size.clamp(min=torch.finfo(d.dtype).tiny)).pow_(2).mean(0, keepdim=True).sqrt()
+        )
         const[:, cols] = spread <= tol[:, cols]
     return const
 
@@ -172,7 +177,7 @@ class LayerFactor:
         dual: bool,
         standardize: bool = False,
         cv: str = "loo",
-        extra: Optional[torch.Tensor] = None,
+        extra: torch.Tensor | None = None,
     ):
         self.x = x
         n, d = x.shape
@@ -200,7 +205,9 @@ class LayerFactor:
             self.iso, self.lam, self.tr = 0.0, 0.0, 0.0
             return
         if not math.isfinite(tr):
-            raise LOESError(f"its Gram matrix overflows {cdt} (trace {tr}): pass float64 or rescale the layer")
+            raise LOESError(
+                f"its Gram matrix overflows {cdt} (trace {tr}): pass float64 or rescale the layer"
+            )
         r = min(n - 1, d)
         self.tr = tr
         flat = g.reshape(-1)
@@ -265,7 +272,7 @@ class DualFactor(LayerFactor):
         hm = m - self.lam * self.solve(m)
         return hm, (self.xt(m, cdt) if want_xt else None)
 
-    def gcv_unprojected(self, r, den, cdt, xt_r=None) -> "_Fit":
+    def gcv_unprojected(self, r, den, cdt, xt_r=None) -> _Fit:
         hr, _ = self.apply(r, cdt)
         res = (r - hr) / den
         return _Fit(float((res * res).sum()), None, residual=res)
@@ -273,18 +280,18 @@ class DualFactor(LayerFactor):
     def gcv_extra(self, extra, cdt):
         return None
 
-    def gcv_grow(self, cache: "_GcvCache", proj: "_Projection", b, extra, cdt, want_xt):
+    def gcv_grow(self, cache: _GcvCache, proj: _Projection, b, extra, cdt, want_xt):
         """Append ``Y = A⁻¹ B`` (and ``Z = Xcᵀ B`` for centroids); ``M1 = BᵀY``."""
         y = self.solve(b)
         if want_xt:
             cache.z = _append(cache.z, self.xt(b, cdt))
         return proj.b, y, None
 
-    def gcv_small(self, proj: "_Projection", cache: "_GcvCache"):
+    def gcv_small(self, proj: _Projection, cache: _GcvCache):
         """``M_s``, ``M_q`` with ``H = I − lam (K + lam I)⁻¹``."""
         return proj.btb64 - self.lam * cache.m1, cache.m1 - self.lam * cache.m2
 
-    def gcv_projected(self, r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u) -> "_Fit":
+    def gcv_projected(self, r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u) -> _Fit:
         lam = self.lam
         y0 = self.solve(tr)
         c = (rmat @ (proj.b.T @ (tr - lam * y0)).to(torch.float64)).to(cdt)  # R Bᵀ H tr
@@ -312,7 +319,7 @@ class PrimalFactor(LayerFactor):
         xtm = self.xt(m, cdt)
         return self.xv(self.solve(xtm), cdt), (xtm if want_xt else None)
 
-    def gcv_unprojected(self, r, den, cdt, xt_r=None) -> "_Fit":
+    def gcv_unprojected(self, r, den, cdt, xt_r=None) -> _Fit:
         a0 = self.xt(r, cdt) if xt_r is None else xt_r
         z0 = self.solve(a0)
         sse = max(_primal_sse(r, a0, z0, a0, self.lam), 0.0)  # A z0 = a0
@@ -322,7 +329,7 @@ class PrimalFactor(LayerFactor):
         a = self.xt(extra, cdt)
         return a, self.solve(a)
 
-    def gcv_grow(self, cache: "_GcvCache", proj: "_Projection", b, extra, cdt, want_xt):
+    def gcv_grow(self, cache: _GcvCache, proj: _Projection, b, extra, cdt, want_xt):
         """Append ``Z = Xcᵀ B`` and ``Y = A⁻¹ Z``; ``M1 = ZᵀY``. ``(Xcᵀ extra,
         A⁻¹ Xcᵀ extra)`` come from the same pass over the layer and the same solve."""
         q = b.shape[1]
@@ -331,11 +338,11 @@ class PrimalFactor(LayerFactor):
         solved = self.solve(both)
         return cache.z, solved[:, :q], (both[:, q:], solved[:, q:])
 
-    def gcv_small(self, proj: "_Projection", cache: "_GcvCache"):
+    def gcv_small(self, proj: _Projection, cache: _GcvCache):
         """``M_s``, ``M_q`` with ``H = Xc A⁻¹ Xcᵀ``."""
         return cache.m1, cache.m2
 
-    def gcv_projected(self, r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u) -> "_Fit":
+    def gcv_projected(self, r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u) -> _Fit:
         a0, z0 = a0z0
         zz0 = (cache.z.T @ z0).to(torch.float64)  # Bᵀ H tr
         c64 = rmat @ zz0
@@ -356,7 +363,9 @@ def tri_inverse(l: torch.Tensor, base: int = 128) -> torch.Tensor:
     """
     n = l.shape[0]
     if n <= base:
-        return torch.linalg.solve_triangular(l, torch.eye(n, dtype=l.dtype, device=l.device), upper=False)
+        return torch.linalg.solve_triangular(
+            l, torch.eye(n, dtype=l.dtype, device=l.device), upper=False
+        )
     h = n // 2
     a_inv = tri_inverse(l[:h, :h], base)
     d_inv = tri_inverse(l[h:, h:], base)
@@ -382,7 +391,7 @@ def _choose_dual(n: int, d: int, m: int, q: int, k: int, cv: str = "loo") -> boo
 
 def _top_directions(
     f: LayerFactor, q: int, cdt: torch.dtype, generator: torch.Generator
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-q left singular vectors and singular values of the unit-trace centred layer.
 
     Exact (eigh of the small Gram) when min(N, D) is small, else a randomised
@@ -403,7 +412,9 @@ def _top_directions(
         keep = s > s[0] * 1e-7 if s.numel() else s > 0
         return u[:, keep].to(cdt), s[keep].to(cdt)
     p = q + 10
-    omega = torch.randn(d, p, generator=generator, dtype=torch.float32).to(device=xc.device, dtype=cdt)
+    omega = torch.randn(d, p, generator=generator, dtype=torch.float32).to(
+        device=xc.device, dtype=cdt
+    )
     y = xc @ omega
     for _ in range(2):
         y, _r = torch.linalg.qr(y)
@@ -422,7 +433,9 @@ class _Projection:
     follow from products with ``B``, which are cached per candidate.
     """
 
-    def __init__(self, blocks: List[torch.Tensor], n_dims: int, n: int, orth_reg: float, cdt: torch.dtype):
+    def __init__(
+        self, blocks: list[torch.Tensor], n_dims: int, n: int, orth_reg: float, cdt: torch.dtype
+    ):
         self.blocks = blocks
         self.b = torch.cat(blocks, dim=1)  # (N, Σq), in the compute dtype
         b = self.b.to(torch.float64)
@@ -430,7 +443,9 @@ class _Projection:
         self.btb64 = b.T @ b
         ev, v = torch.linalg.eigh(self.btb64)
         ev, v = ev.flip(0).clamp(min=0), v.flip(1)
-        mu = orth_reg * len(blocks) / min(n - 1, n_dims)  # orth_reg × mean eigenvalue of Σ K_j / tr_j
+        mu = (
+            orth_reg * len(blocks) / min(n - 1, n_dims)
+        )  # orth_reg × mean eigenvalue of Σ K_j / tr_j
         w = ev / (ev + mu)
         keep = w > 0.05  # directions the ridge would barely touch are left alone
         self.coef = (v[:, keep] / ev[keep].sqrt()).to(cdt)
@@ -482,7 +497,7 @@ def _prepare_targets(tgt: Targets, task: str, device, cdt) -> torch.Tensor:
     return y.to(device=device, dtype=cdt)
 
 
-def _class_averages(tgt: Optional[Targets], task: str, eta: float, device, cdt, generator):
+def _class_averages(tgt: Targets | None, task: str, eta: float, device, cdt, generator):
     """``(C, N)`` class-averaging matrix and the centroid triplets, for hard labels
     with >= 3 classes present (else None and no triplets)."""
     none = None, torch.empty(0, 3, dtype=torch.long)
@@ -493,26 +508,41 @@ def _class_averages(tgt: Optional[Targets], task: str, eta: float, device, cdt, 
     if present.numel() < 3:
         return none
     onehot = (lab[None, :] == present[:, None]).to(cdt)
-    return onehot / onehot.sum(1, keepdim=True), triplets(int(present.numel()), generator=generator).to(device)
+    return onehot / onehot.sum(1, keepdim=True), triplets(
+        int(present.numel()), generator=generator
+    ).to(device)
 
 
-def _factorise(layers, opts: RobustOptions, cdt, m: int, k: int, extra, show_progress) -> List[LayerFactor]:
+def _factorise(
+    layers, opts: RobustOptions, cdt, m: int, k: int, extra, show_progress
+) -> list[LayerFactor]:
     """One :class:`LayerFactor` per layer, each in its cheaper form."""
     n = layers[0].shape[0]
     factors = []
-    for i, x in enumerate(progress(layers, show_progress, desc="LOES: factorise layers", unit="layer")):
+    for i, x in enumerate(
+        progress(layers, show_progress, desc="LOES: factorise layers", unit="layer")
+    ):
         dual = _choose_dual(n, x.shape[1], m, opts.orth_rank, k, opts.cv)
         try:
-            factors.append(LayerFactor(x, opts.reg, cdt, dual=dual, standardize=opts.standardize, cv=opts.cv,
-                                       extra=extra))
+            factors.append(
+                LayerFactor(
+                    x,
+                    opts.reg,
+                    cdt,
+                    dual=dual,
+                    standardize=opts.standardize,
+                    cv=opts.cv,
+                    extra=extra,
+                )
+            )
         except (LOESError, torch.linalg.LinAlgError) as e:
             raise LOESError(f"layer {i} cannot be factorised: {e}") from e
     return factors
 
 
 def run_robust(
-    layers: List[torch.Tensor],
-    tgt: Optional[Targets],
+    layers: list[torch.Tensor],
+    tgt: Targets | None,
     k: int,
     *,
     task: str,
@@ -545,20 +575,30 @@ def run_robust(
             stacklevel=3,
         )
     elif run.uninformative:
-        log.info("step(s) %s: no remaining layer adds to the fit out of sample (k='auto' stops before them)",
-                 run.uninformative)
+        log.info(
+            "step(s) %s: no remaining layer adds to the fit out of sample (k='auto' stops before them)",
+            run.uninformative,
+        )
     config = {
         "form": sorted({"dual" if f.dual else "primal" for f in run.factors}),
         "projection_rank": run.proj.rank if run.proj is not None else 0,
-        "cka": ("debiased" if opts.cka_debiased else "linear") + (
+        "cka": ("debiased" if opts.cka_debiased else "linear")
+        + (
             f" on {opts.cka_samples} sampled rows"
-            if opts.cka_samples is not None and run.n > opts.cka_samples else ""
+            if opts.cka_samples is not None and run.n > opts.cka_samples
+            else ""
         ),
         "n_triplets": int(run.tri_index.shape[0]),
         "uninformative_steps": run.uninformative,
     }
-    return EngineOutput(run.selected, run.scores, run.steps, run.excluded,
-                        {"prepare": t1 - t0, "select": t2 - t1}, config)
+    return EngineOutput(
+        run.selected,
+        run.scores,
+        run.steps,
+        run.excluded,
+        {"prepare": t1 - t0, "select": t2 - t1},
+        config,
+    )
 
 
 class _Selection:
@@ -578,10 +618,16 @@ class _Selection:
         self.generator = torch_generator(seed)
         self.y = _prepare_targets(tgt, task, device, cdt) if tgt is not None else None
         self.m = 0 if self.y is None else self.y.shape[1]
-        self.class_means, self.tri_index = _class_averages(tgt, task, opts.eta, device, cdt, self.generator)
+        self.class_means, self.tri_index = _class_averages(
+            tgt, task, opts.eta, device, cdt, self.generator
+        )
         # Products every layer needs once (Xcᵀ y, class sums), taken while its centred
         # features are at hand rather than in extra passes over the strided input.
-        pieces = [p for p in (self.y, None if self.class_means is None else self.class_means.T) if p is not None]
+        pieces = [
+            p
+            for p in (self.y, None if self.class_means is None else self.class_means.T)
+            if p is not None
+        ]
         extra = torch.cat(pieces, dim=1) if pieces else None
         self.factors = _factorise(layers, opts, cdt, self.m, k, extra, show_progress)
         self.excluded = [i for i, f in enumerate(self.factors) if f.dead]
@@ -601,17 +647,24 @@ class _Selection:
         self.cka = None
         if with_cka:
             unit_layers = [x if f.unit == 1.0 else x * f.unit for x, f in zip(layers, self.factors)]
-            self.cka = cka_matrix(unit_layers, cdt, debiased=opts.cka_debiased, max_samples=opts.cka_samples,
-                                  generator=self.generator)
+            self.cka = cka_matrix(
+                unit_layers,
+                cdt,
+                debiased=opts.cka_debiased,
+                max_samples=opts.cka_samples,
+                generator=self.generator,
+            )
         self.iso_pen = [1.0 - f.iso for f in self.factors]
-        self.centroids: Dict[int, torch.Tensor] = {}
+        self.centroids: dict[int, torch.Tensor] = {}
         self.caches = {l: (_GcvCache() if opts.cv == "gcv" else _BlockCache()) for l in self.alive}
-        self.steps: List[StepTable] = []
-        self.selected: List[int] = []
-        self.scores: List[float] = []
-        self.uninformative: List[int] = []  # steps at which no candidate explained the target out of sample
-        self.blocks: List[torch.Tensor] = []
-        self.proj: Optional[_Projection] = None
+        self.steps: list[StepTable] = []
+        self.selected: list[int] = []
+        self.scores: list[float] = []
+        self.uninformative: list[
+            int
+        ] = []  # steps at which no candidate explained the target out of sample
+        self.blocks: list[torch.Tensor] = []
+        self.proj: _Projection | None = None
 
     def redundancy(self, l: int) -> float:
         """Largest CKA between layer ``l`` and a selected layer."""
@@ -624,10 +677,14 @@ class _Selection:
         f, proj, want_xt = self.factors[l], self.proj, self.class_means is not None
         if self.opts.cv == "loo":
             return _loo_residual(f, target, t_target, proj, self.cdt, want_xt, cache=self.caches[l])
-        xt_y = f.xt_extra[:, : self.m] if proj is None else None  # the first target's Xcᵀ y is known
-        return _gcv_residual(f, target, t_target, proj, self.cdt, want_xt, cache=self.caches[l], xt_r=xt_y)
+        xt_y = (
+            f.xt_extra[:, : self.m] if proj is None else None
+        )  # the first target's Xcᵀ y is known
+        return _gcv_residual(
+            f, target, t_target, proj, self.cdt, want_xt, cache=self.caches[l], xt_r=xt_y
+        )
 
-    def geometry(self, l: int, fit: _Fit, cm_u: Optional[torch.Tensor]) -> float:
+    def geometry(self, l: int, fit: _Fit, cm_u: torch.Tensor | None) -> float:
         """Triangle term of the class centroids of layer ``l`` orthogonalised against the selection."""
         if l not in self.centroids:
             self.centroids[l] = self.factors[l].xt_extra[:, self.m :].T  # (C, D) class means of Xc
@@ -636,11 +693,13 @@ class _Selection:
             cent = cent - cm_u @ (self.proj.w[:, None] * fit.xt_u.T)
         return _geometry(cent, self.tri_index)
 
-    def score(self, cands: List[int], target: Optional[torch.Tensor]):
+    def score(self, cands: list[int], target: torch.Tensor | None):
         """Every candidate's terms and total, and its fit (for the winner's residual)."""
         a, g, e = self.opts.alpha, self.opts.gamma, self.opts.eta
-        rows: Dict[str, List[float]] = {name: [] for name in ("fit", "isotropy", "redundancy", "geometry", "total")}
-        fits: Dict[int, _Fit] = {}
+        rows: dict[str, list[float]] = {
+            name: [] for name in ("fit", "isotropy", "redundancy", "geometry", "total")
+        }
+        fits: dict[int, _Fit] = {}
         if target is not None:
             energy = float((target * target).sum())
             t_target = self.proj.t(target) if self.proj is not None else target
@@ -656,8 +715,13 @@ class _Selection:
                     geo = self.geometry(l, fits[l], cm_u)
             red = self.redundancy(l)
             total = score_total(fit, self.iso_pen[l], red, geo, a, g, e)
-            for name, v in (("fit", fit), ("isotropy", self.iso_pen[l]), ("redundancy", red),
-                            ("geometry", geo), ("total", total)):
+            for name, v in (
+                ("fit", fit),
+                ("isotropy", self.iso_pen[l]),
+                ("redundancy", red),
+                ("geometry", geo),
+                ("total", total),
+            ):
                 rows[name].append(float(v))
         return rows, fits
 
@@ -666,8 +730,13 @@ class _Selection:
         residual the next target and add its top directions to the projection."""
         target = self.y
         k = self.k
-        for t in progress(range(1, k + 1), self.show_progress, desc="LOES: greedy selection", total=k,
-                          unit="layer"):
+        for t in progress(
+            range(1, k + 1),
+            self.show_progress,
+            desc="LOES: greedy selection",
+            total=k,
+            unit="layer",
+        ):
             cands = [l for l in self.alive if l not in self.selected]
             rows, fits = self.score(cands, target)
             i_best = min(range(len(cands)), key=rows["total"].__getitem__)
@@ -677,8 +746,13 @@ class _Selection:
             self.scores.append(rows["total"][i_best])
             log.info(
                 "step %d: layer %d (score %.4f: fit %.4f, 1-iso %.4f, redundancy %.4f, geometry %.4f)",
-                t, best, rows["total"][i_best], rows["fit"][i_best], rows["isotropy"][i_best],
-                rows["redundancy"][i_best], rows["geometry"][i_best],
+                t,
+                best,
+                rows["total"][i_best],
+                rows["fit"][i_best],
+                rows["isotropy"][i_best],
+                rows["redundancy"][i_best],
+                rows["geometry"][i_best],
             )
             if target is not None and min(rows["fit"]) >= 1.0:
                 self.uninformative.append(t)
@@ -687,7 +761,9 @@ class _Selection:
             if target is not None:
                 target = fits[best].residual()
                 target = target - target.mean(0, keepdim=True)
-            u, s = _top_directions(self.factors[best], self.opts.orth_rank, self.cdt, self.generator)
+            u, s = _top_directions(
+                self.factors[best], self.opts.orth_rank, self.cdt, self.generator
+            )
             self.blocks.append(u * s)
             n_dims = sum(self.dims[j] for j in self.selected)
             self.proj = _Projection(self.blocks, n_dims, self.n, self.opts.orth_reg, self.cdt)
@@ -700,7 +776,7 @@ class _Fit:
 
     __slots__ = ("sq", "xt_u", "_make", "_res")
 
-    def __init__(self, sq: float, xt_u: Optional[torch.Tensor], residual=None, make=None):
+    def __init__(self, sq: float, xt_u: torch.Tensor | None, residual=None, make=None):
         self.sq, self.xt_u, self._res, self._make = sq, xt_u, residual, make
 
     def residual(self) -> torch.Tensor:
@@ -716,13 +792,19 @@ class _BlockCache:
     """
 
     def __init__(self):
-        self.hb: List[torch.Tensor] = []
-        self.xtb: List[torch.Tensor] = []
+        self.hb: list[torch.Tensor] = []
+        self.xtb: list[torch.Tensor] = []
 
-    def products(self, f: LayerFactor, blocks: List[torch.Tensor], cdt: torch.dtype, want_xt: bool,
-                 extra: torch.Tensor):
+    def products(
+        self,
+        f: LayerFactor,
+        blocks: list[torch.Tensor],
+        cdt: torch.dtype,
+        want_xt: bool,
+        extra: torch.Tensor,
+    ):
         """``(H B, Xcᵀ B, H extra)``: new blocks and ``extra`` go through one product."""
-        new = blocks[len(self.hb):]
+        new = blocks[len(self.hb) :]
         widths = [b.shape[1] for b in new]
         hm, xtm = f.apply(torch.cat([*new, extra], dim=1), cdt, want_xt=want_xt and bool(new))
         for i, part in enumerate(torch.split(hm[:, : sum(widths)], widths, dim=1)):
@@ -732,7 +814,7 @@ class _BlockCache:
         return (
             torch.cat(self.hb, dim=1),
             torch.cat(self.xtb, dim=1) if want_xt else None,
-            hm[:, sum(widths):],
+            hm[:, sum(widths) :],
         )
 
 
@@ -740,10 +822,10 @@ def _loo_residual(
     f: LayerFactor,
     r: torch.Tensor,
     tr: torch.Tensor,
-    proj: Optional[_Projection],
+    proj: _Projection | None,
     cdt: torch.dtype,
     want_xt: bool,
-    cache: Optional[_BlockCache] = None,
+    cache: _BlockCache | None = None,
 ) -> _Fit:
     """LOO residuals of the ridge fit of ``r`` (centred, N × m) on the candidate
     orthogonalised by ``proj`` (with an intercept), and ``Xcᵀ U`` for centroids.
@@ -788,15 +870,22 @@ class _GcvCache:
 
     def __init__(self):
         self.n_blocks = 0
-        self.z: Optional[torch.Tensor] = None
-        self.y: Optional[torch.Tensor] = None
-        self.m1: Optional[torch.Tensor] = None
-        self.m2: Optional[torch.Tensor] = None
+        self.z: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.m1: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
 
-    def update(self, f: LayerFactor, proj: "_Projection", cdt: torch.dtype, want_xt: bool, extra: torch.Tensor):
+    def update(
+        self,
+        f: LayerFactor,
+        proj: _Projection,
+        cdt: torch.dtype,
+        want_xt: bool,
+        extra: torch.Tensor,
+    ):
         """Take in the blocks added since the last call. The primal form also
         returns ``(Xcᵀ extra, A⁻¹ Xcᵀ extra)`` (the dual form None)."""
-        new = proj.blocks[self.n_blocks:]
+        new = proj.blocks[self.n_blocks :]
         if not new:
             return f.gcv_extra(extra, cdt)
         self.n_blocks = len(proj.blocks)
@@ -807,11 +896,11 @@ class _GcvCache:
         return out
 
 
-def _append(old: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=1)
 
 
-def _grow_symmetric(old: Optional[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+def _grow_symmetric(old: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
     """``[[old, c], [cᵀ, new]]`` from the new columns ``cols = [c; new]``."""
     if old is None:
         return 0.5 * (cols + cols.T)
@@ -826,11 +915,11 @@ def _gcv_residual(
     f: LayerFactor,
     r: torch.Tensor,
     tr: torch.Tensor,
-    proj: Optional[_Projection],
+    proj: _Projection | None,
     cdt: torch.dtype,
     want_xt: bool,
-    cache: Optional[_GcvCache] = None,
-    xt_r: Optional[torch.Tensor] = None,
+    cache: _GcvCache | None = None,
+    xt_r: torch.Tensor | None = None,
 ) -> _Fit:
     """GCV fit of ``r`` on the candidate orthogonalised by ``proj`` (with an
     intercept), and ``Xcᵀ U`` for centroids. ``xt_r``: ``Xcᵀ r`` when already
@@ -869,7 +958,9 @@ def _gcv_residual(
     return f.gcv_projected(r, tr, proj, cache, rmat, c_mat, den, cdt, a0z0, xt_u)
 
 
-def _primal_sse(r: torch.Tensor, a: torch.Tensor, z: torch.Tensor, az: torch.Tensor, lam: float) -> float:
+def _primal_sse(
+    r: torch.Tensor, a: torch.Tensor, z: torch.Tensor, az: torch.Tensor, lam: float
+) -> float:
     """``‖r − Xc z‖²`` from feature-space products, in float64, without forming Xc z:
     ``‖r‖² − 2 aᵀz + zᵀ(A − lam I) z`` with ``a = Xcᵀ r`` (here ``Xcᵀ T r``) and
     ``az = A z``. Not clamped: callers clamp the final value at 0."""

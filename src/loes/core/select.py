@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, replace
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,23 +36,23 @@ logger = logging.getLogger(__name__)
 def select_layers_from_custom_embeddings(
     embeddings: Any,
     targets: Any = None,
-    k: Optional[int] = None,
+    k: int | None = None,
     *,
     task: str = "classification",
     preset: str = "robust",
-    reg: Optional[float] = None,
-    alpha: Optional[float] = None,
-    gamma: Optional[float] = None,
-    eta: Optional[float] = None,
+    reg: float | None = None,
+    alpha: float | None = None,
+    gamma: float | None = None,
+    eta: float | None = None,
     random_state: RandomState = 0,
     show_progress: ProgressSetting = "auto",
     verbose: bool = False,
-    logger: Optional[logging.Logger] = None,
-    layer_names: Optional[Sequence[str]] = None,
+    logger: logging.Logger | None = None,
+    layer_names: Sequence[str] | None = None,
     pooling: str = "precomputed",
     dataset: Any = None,
-    model_name: Optional[str] = None,
-    ignore_index: Optional[int] = -100,
+    model_name: str | None = None,
+    ignore_index: int | None = -100,
     estimate: bool = True,
     **options: Any,
 ) -> LOESResult:
@@ -133,20 +134,29 @@ def select_layers_from_custom_embeddings(
     t_start = time.perf_counter()
     # everything cheap first: task, options, k, random_state; then the data
     task = normalize_task(task)
-    published = {name: v for name, v in (("reg", reg), ("alpha", alpha), ("gamma", gamma), ("eta", eta))
-                 if v is not None}
+    published = {
+        name: v
+        for name, v in (("reg", reg), ("alpha", alpha), ("gamma", gamma), ("eta", eta))
+        if v is not None
+    }
     opts = make_options(preset, **published, **options)
     auto = isinstance(k, str) and k == "auto"
     if auto and task == "label_free":
-        raise LOESError("k='auto' chooses the number of layers by a probe on the targets; "
-                        "task='label_free' has none: give an int k")
+        raise LOESError(
+            "k='auto' chooses the number of layers by a probe on the targets; "
+            "task='label_free' has none: give an int k"
+        )
     if not isinstance(estimate, (bool, np.bool_)):
         raise LOESError(f"estimate must be True or False; got {estimate!r}")
     if not auto:
         check_k(k)
     seed = seed_of(random_state)
-    if layer_names is not None and (isinstance(layer_names, str) or not isinstance(layer_names, Sequence)):
-        raise LOESError(f"layer_names must be a sequence of names; got {type(layer_names).__name__}")
+    if layer_names is not None and (
+        isinstance(layer_names, str) or not isinstance(layer_names, Sequence)
+    ):
+        raise LOESError(
+            f"layer_names must be a sequence of names; got {type(layer_names).__name__}"
+        )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LOESWarning)
@@ -181,12 +191,27 @@ def select_layers_from_custom_embeddings(
             )
         log.info(
             "LOES %s: task=%s N=%d layers=%d dim=%s k=%d device=%s",
-            preset, task, n, n_layers, dims[0] if len(set(dims)) == 1 else dims, k, layers[0].device,
+            preset,
+            task,
+            n,
+            n_layers,
+            dims[0] if len(set(dims)) == 1 else dims,
+            k,
+            layers[0].device,
         )
         t_checked = time.perf_counter()
         engine = run_reference if preset == "reference" else run_robust
         try:
-            out = engine(layers, tgt, k, task=task, opts=opts, seed=seed, show_progress=show_progress, log=log)
+            out = engine(
+                layers,
+                tgt,
+                k,
+                task=task,
+                opts=opts,
+                seed=seed,
+                show_progress=show_progress,
+                log=log,
+            )
         except torch.linalg.LinAlgError as e:  # a factorisation failed: never a bare torch error
             raise LOESError(
                 f"the {preset} preset could not factorise the features ({e}); the data are numerically "
@@ -200,13 +225,19 @@ def select_layers_from_custom_embeddings(
                 cv = calibration_cv(layers, tgt, task, seed)
             except LOESError as e:  # too few rows for any cross-validation
                 if auto:
-                    raise LOESError(f"k='auto' cannot cross-validate these targets: {e}; give an int k") from e
+                    raise LOESError(
+                        f"k='auto' cannot cross-validate these targets: {e}; give an int k"
+                    ) from e
                 skipped = str(e)
                 log.info("no estimate: %s", e)
         if auto:
             out, auto_record = _choose_prefix(out, cv, n_layers, log)
             k = len(out.selected)
-        est = cv.estimate(standard_sets(out.selected, n_layers)) if cv is not None and estimate else None
+        est = (
+            cv.estimate(standard_sets(out.selected, n_layers))
+            if cv is not None and estimate
+            else None
+        )
         if est is not None:
             log.info("estimate: %s", est.verdict())
     for w in caught:  # recorded for the result; hand them on to the caller too
@@ -247,8 +278,12 @@ def select_layers_from_custom_embeddings(
         warnings=[str(w.message) for w in caught],
         estimate=est,
     )
-    log.info("LOES selected layers %s (scores %s) in %.3fs", out.selected,
-             [round(s, 4) for s in out.scores], timings["total"])
+    log.info(
+        "LOES selected layers %s (scores %s) in %.3fs",
+        out.selected,
+        [round(s, 4) for s in out.scores],
+        timings["total"],
+    )
     return result
 
 
@@ -256,7 +291,9 @@ def select_layers_from_custom_embeddings(
 AUTO_MAX_K = 8
 
 
-def _choose_prefix(out: EngineOutput, cv: CrossValidation, n_layers: int, log) -> Tuple[EngineOutput, dict]:
+def _choose_prefix(
+    out: EngineOutput, cv: CrossValidation, n_layers: int, log
+) -> tuple[EngineOutput, dict]:
     """``k="auto"``: cut the LOES order where the cross-validated probe says to
     (:func:`loes._estimate.choose_layers`)."""
     last = n_layers - 1
@@ -264,7 +301,11 @@ def _choose_prefix(out: EngineOutput, cv: CrossValidation, n_layers: int, log) -
     log.info("k='auto': %s -> layers %s (best %s)", record["chosen"], chosen, record["best"])
     if record["chosen"] == "last":
         step1 = out.steps[0]
-        score = step1.terms["total"][step1.candidates.index(last)] if last in step1.candidates else float("nan")
+        score = (
+            step1.terms["total"][step1.candidates.index(last)]
+            if last in step1.candidates
+            else float("nan")
+        )
         return replace(out, selected=[last], scores=[score], steps=out.steps[:1]), record
     j = len(chosen)
     return replace(out, selected=chosen, scores=out.scores[:j], steps=out.steps[:j]), record

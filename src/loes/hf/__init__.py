@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from loes.hf.api import select_layers_from_hf, select_layers_from_hf_id
 from loes.hf.config import ExtractionConfig
-from loes.hf.extract import Embeddings, TokenStates, extract_embeddings, iter_hidden_states, pool_batch
+from loes.hf.extract import (
+    Embeddings,
+    TokenStates,
+    extract_embeddings,
+    iter_hidden_states,
+    pool_batch,
+)
 from loes.hf.pooling import POOLINGS, choose_pooling, pool, resolve_pooling
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES, calibration_indices
 

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -18,26 +18,72 @@ from loes._exceptions import LOESError
 logger = logging.getLogger(__name__)
 
 #: Decoder-only language models (pooled at the last token).
-DECODER_TYPES = frozenset({
-    "bloom", "codegen", "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "falcon",
-    "gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo",
-    "gpt_neox", "gptj", "granite", "internlm2", "llama", "mistral", "mixtral", "mpt",
-    "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-    "smollm3", "stablelm", "starcoder2",
-})
+DECODER_TYPES = frozenset(
+    {
+        "bloom",
+        "codegen",
+        "cohere",
+        "cohere2",
+        "deepseek_v2",
+        "deepseek_v3",
+        "falcon",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "gpt2",
+        "gpt_bigcode",
+        "gpt_neo",
+        "gpt_neox",
+        "gptj",
+        "granite",
+        "internlm2",
+        "llama",
+        "mistral",
+        "mixtral",
+        "mpt",
+        "olmo",
+        "olmo2",
+        "opt",
+        "phi",
+        "phi3",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "smollm3",
+        "stablelm",
+        "starcoder2",
+    }
+)
 #: Text encoders whose position ids start after the padding index (usable = max - pad - 1).
-_OFFSET_POSITIONS = frozenset({
-    "camembert", "data2vec-text", "longformer", "mpnet", "roberta", "roberta-prelayernorm",
-    "xlm-roberta", "xlm-roberta-xl",
-})
+_OFFSET_POSITIONS = frozenset(
+    {
+        "camembert",
+        "data2vec-text",
+        "longformer",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
 #: Keys a collated batch may hand to a model's forward.
 MODEL_INPUT_KEYS = (
-    "input_ids", "attention_mask", "token_type_ids", "position_ids",
-    "pixel_values", "input_values", "input_features",
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "pixel_values",
+    "input_values",
+    "input_features",
 )
 _MODALITY_OF_KEY = {
-    "input_ids": "text", "pixel_values": "image",
-    "input_values": "audio", "input_features": "audio",
+    "input_ids": "text",
+    "pixel_values": "image",
+    "input_values": "audio",
+    "input_features": "audio",
 }
 
 
@@ -47,8 +93,11 @@ def model_type(model: torch.nn.Module) -> str:
 
 def model_name(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
-    return str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
-               or type(model).__name__)
+    return str(
+        getattr(config, "_name_or_path", "")
+        or getattr(model, "name_or_path", "")
+        or type(model).__name__
+    )
 
 
 def is_decoder(model: torch.nn.Module) -> bool:
@@ -70,7 +119,7 @@ def family(model: torch.nn.Module, modality: str) -> str:
     return "unknown"
 
 
-def modality_of(inputs: Dict[str, Any]) -> str:
+def modality_of(inputs: dict[str, Any]) -> str:
     for key, modality in _MODALITY_OF_KEY.items():
         if key in inputs:
             return modality
@@ -78,7 +127,7 @@ def modality_of(inputs: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------- loading
-def parse_dtype(dtype: Any, device: torch.device) -> Optional[torch.dtype]:
+def parse_dtype(dtype: Any, device: torch.device) -> torch.dtype | None:
     """``None``/"auto": bf16 (or fp16) on CUDA, fp32 elsewhere; names or torch dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -86,11 +135,20 @@ def parse_dtype(dtype: Any, device: torch.device) -> Optional[torch.dtype]:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if str(dtype).lower() not in names:
-        raise LOESError(f"dtype must be 'auto', 'float32', 'float16', 'bfloat16' or a torch.dtype; got {dtype!r}")
+        raise LOESError(
+            f"dtype must be 'auto', 'float32', 'float16', 'bfloat16' or a torch.dtype; got {dtype!r}"
+        )
     return names[str(dtype).lower()]
 
 
@@ -102,35 +160,47 @@ def default_device(device: Any = None) -> torch.device:
 
 def looks_like_path(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub id ("org/name")."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or "\\" in name or name.endswith("/") or os.path.exists(name))
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or name.endswith("/")
+        or os.path.exists(name)
+    )
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub's host (``$HF_ENDPOINT``) accepts a connection within ``timeout`` seconds."""
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname or "huggingface.co", url.port or 443), timeout=timeout
+        ).close()
         return True
     except OSError:
         return False
 
 
-def _in_hub_cache(repo_id: str, revision: Optional[str], repo_type: str = "model") -> bool:
+def _in_hub_cache(repo_id: str, revision: str | None, repo_type: str = "model") -> bool:
     try:
         hub = require("huggingface_hub", extra="hf")
-        found = hub.try_to_load_from_cache(repo_id, "config.json", revision=revision, repo_type=repo_type)
+        found = hub.try_to_load_from_cache(
+            repo_id, "config.json", revision=revision, repo_type=repo_type
+        )
         return isinstance(found, str)
     except Exception:  # an invalid repo id, an old huggingface_hub
         return False
 
 
-def check_source(source: str, *, what: str = "model", revision: Optional[str] = None) -> None:
+def check_source(source: str, *, what: str = "model", revision: str | None = None) -> None:
     """Fail fast with a loes message when ``source`` cannot be loaded.
 
     A local path must exist. A hub id must be in the local cache, or the Hub
@@ -155,11 +225,16 @@ def check_source(source: str, *, what: str = "model", revision: Optional[str] = 
         )
 
 
-def load_config(source: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
-                gguf_file: Optional[str] = None) -> Any:
+def load_config(
+    source: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> Any:
     """The model config of ``source`` (cheap: no weights), or None when it cannot be read."""
     transformers = require("transformers", extra="hf")
-    kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
     if gguf_file is not None:
@@ -171,7 +246,7 @@ def load_config(source: str, *, revision: Optional[str] = None, trust_remote_cod
         return None
 
 
-def n_hidden_layers(config: Any) -> Optional[int]:
+def n_hidden_layers(config: Any) -> int | None:
     """Blocks of the model that is run (hidden states minus the embedding output), if the config says."""
     if config is None or any(hasattr(config, a) for a in ("text_config", "vision_config")):
         return None
@@ -179,7 +254,7 @@ def n_hidden_layers(config: Any) -> Optional[int]:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def position_limit(config: Any) -> Optional[int]:
+def position_limit(config: Any) -> int | None:
     """Longest token sequence the model's position embeddings cover, if the config says."""
     if config is None or getattr(config, "is_encoder_decoder", False):
         return None
@@ -192,13 +267,13 @@ def position_limit(config: Any) -> Optional[int]:
 
 
 def load_model(
-    model_id_or_path: Union[str, os.PathLike],
+    model_id_or_path: str | os.PathLike,
     *,
-    revision: Optional[str] = None,
+    revision: str | None = None,
     trust_remote_code: bool = False,
     device: Any = None,
     dtype: Any = None,
-    gguf_file: Optional[str] = None,
+    gguf_file: str | None = None,
     **model_kwargs: Any,
 ) -> torch.nn.Module:
     """``AutoModel.from_pretrained`` in eval mode on ``device`` (a hub id or a local folder).
@@ -218,10 +293,17 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     kwargs.setdefault("dtype", parse_dtype(dtype, dev))
     placed = kwargs.get("device_map") is not None or kwargs.get("quantization_config") is not None
-    logger.info("loading %s (revision=%s, dtype=%s) on %s", source, revision, kwargs["dtype"],
-                kwargs.get("device_map") if placed else dev)
+    logger.info(
+        "loading %s (revision=%s, dtype=%s) on %s",
+        source,
+        revision,
+        kwargs["dtype"],
+        kwargs.get("device_map") if placed else dev,
+    )
     try:
-        model = transformers.AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        model = transformers.AutoModel.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **kwargs
+        )
     except OSError as e:
         raise LOESError(f"could not load a model from {source!r}: {e}") from e
     return (model if placed else model.to(dev)).eval()
@@ -229,7 +311,9 @@ def load_model(
 
 def is_placed(model: torch.nn.Module) -> bool:
     """Whether accelerate dispatched the model (``device_map``) or it is quantised: it stays where it is."""
-    return bool(getattr(model, "hf_device_map", None)) or bool(getattr(model, "is_quantized", False))
+    return bool(getattr(model, "hf_device_map", None)) or bool(
+        getattr(model, "is_quantized", False)
+    )
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -243,13 +327,22 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def load_processor(source: str, modality: str, *, revision: Optional[str] = None,
-                   trust_remote_code: bool = False, gguf_file: Optional[str] = None) -> Any:
+def load_processor(
+    source: str,
+    modality: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> Any:
     """Tokenizer (text), image processor (image) or feature extractor (audio) of ``source``."""
     transformers = require("transformers", extra="hf")
-    cls = {"text": transformers.AutoTokenizer, "image": transformers.AutoImageProcessor,
-           "audio": transformers.AutoFeatureExtractor}[modality]
-    kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    cls = {
+        "text": transformers.AutoTokenizer,
+        "image": transformers.AutoImageProcessor,
+        "audio": transformers.AutoFeatureExtractor,
+    }[modality]
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
     if gguf_file is not None and modality == "text":
@@ -277,8 +370,8 @@ class Backbone:
 
     module: torch.nn.Module
     prefix: str
-    params: Tuple[str, ...]
-    positional: Tuple[str, ...]
+    params: tuple[str, ...]
+    positional: tuple[str, ...]
     var_kwargs: bool
 
 
@@ -300,19 +393,22 @@ def backbone(model: torch.nn.Module, modality: str) -> Backbone:
     sig = inspect.signature(module.forward)
     params = tuple(sig.parameters)
     positional = tuple(
-        n for n, p in sig.parameters.items()
+        n
+        for n, p in sig.parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     )
     var_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     return Backbone(module, prefix, params, positional, var_kwargs)
 
 
-def forward_kwargs(bb: Backbone, inputs: Dict[str, Any], *, decoder: bool) -> Dict[str, Any]:
+def forward_kwargs(bb: Backbone, inputs: dict[str, Any], *, decoder: bool) -> dict[str, Any]:
     """Only the inputs the forward accepts, plus the flags that make it return hidden states."""
     kwargs = {k: v for k, v in inputs.items() if k in bb.params}
     dropped = sorted(set(inputs) - set(kwargs))
     if dropped:
-        logger.debug("inputs not accepted by %s.forward, dropped: %s", type(bb.module).__name__, dropped)
+        logger.debug(
+            "inputs not accepted by %s.forward, dropped: %s", type(bb.module).__name__, dropped
+        )
     if decoder and "position_ids" in bb.params and "position_ids" not in kwargs:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 2 and bool((mask[:, 0] == 0).any()):
@@ -327,7 +423,7 @@ def forward_kwargs(bb: Backbone, inputs: Dict[str, Any], *, decoder: bool) -> Di
     return kwargs
 
 
-def hidden_states_of(outputs: Any, module: torch.nn.Module) -> Tuple[torch.Tensor, ...]:
+def hidden_states_of(outputs: Any, module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     states = getattr(outputs, "hidden_states", None)
     if states is None and isinstance(outputs, dict):
         states = outputs.get("hidden_states")
@@ -343,7 +439,9 @@ def hidden_states_of(outputs: Any, module: torch.nn.Module) -> Tuple[torch.Tenso
     return tuple(states)
 
 
-def frame_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], n_frames: int) -> Optional[torch.Tensor]:
+def frame_mask(
+    module: torch.nn.Module, mask: torch.Tensor | None, n_frames: int
+) -> torch.Tensor | None:
     """Mask at the resolution of the states: the input mask itself, or (audio)
     frames from the model's own output lengths."""
     if mask is None:
@@ -353,8 +451,11 @@ def frame_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], n_frames: 
         return mask
     lengths_fn = getattr(module, "_get_feat_extract_output_lengths", None)
     if lengths_fn is None:
-        logger.debug("no way to map a mask of length %d onto %d positions; using all positions",
-                     mask.shape[-1], n_frames)
+        logger.debug(
+            "no way to map a mask of length %d onto %d positions; using all positions",
+            mask.shape[-1],
+            n_frames,
+        )
         return None
     lengths = torch.as_tensor(lengths_fn(mask.sum(-1))).to(mask.device).long()
     return torch.arange(n_frames, device=mask.device)[None, :] < lengths[:, None]

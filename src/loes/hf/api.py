@@ -11,7 +11,8 @@ import inspect
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ _ALIASES = {"max_samples": "max_calibration_samples", "model_id": "model_id_or_p
 _CORE_KEYWORDS = {"preset", "ignore_index"}
 
 
-def _check_selector_keywords(where: Callable, select_kwargs: Dict[str, Any]) -> None:
+def _check_selector_keywords(where: Callable, select_kwargs: dict[str, Any]) -> None:
     """Validate ``**select_kwargs`` (names and values) with the core's own option
     validator, before any model or data is touched."""
     own = [n for n in inspect.signature(where).parameters if n != "select_kwargs"]
@@ -58,13 +59,15 @@ def _check_selector_keywords(where: Callable, select_kwargs: Dict[str, Any]) -> 
     make_options(preset, **options)
 
 
-def _check_request(where: Callable, *, k: Any, task: str, random_state: Any,
-                   select_kwargs: Dict[str, Any]) -> None:
+def _check_request(
+    where: Callable, *, k: Any, task: str, random_state: Any, select_kwargs: dict[str, Any]
+) -> None:
     """The checks of an entry point that need no model and no data."""
     if k is None:
         raise LOESError("k (the number of layers to select) must be given, e.g. k=4 or k='auto'")
     if not (isinstance(k, str) and k == "auto") and (
-            isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1):
+        isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1
+    ):
         raise LOESError(f"k must be an integer >= 1 or 'auto'; got {k!r}")
     normalize_task(task)
     check_random_state_kind(random_state)
@@ -74,21 +77,37 @@ def _check_request(where: Callable, *, k: Any, task: str, random_state: Any,
     _check_selector_keywords(where, select_kwargs)
 
 
-def select_from_embeddings(emb: Embeddings, *, k: Optional[int], task: str, random_state: Any,
-                           show_progress: ProgressSetting, verbose: bool, logger: Optional[logging.Logger],
-                           **select_kwargs: Any) -> LOESResult:
+def select_from_embeddings(
+    emb: Embeddings,
+    *,
+    k: int | None,
+    task: str,
+    random_state: Any,
+    show_progress: ProgressSetting,
+    verbose: bool,
+    logger: logging.Logger | None,
+    **select_kwargs: Any,
+) -> LOESResult:
     """Run the core selector on extracted features, carrying their provenance."""
     result = select_layers_from_custom_embeddings(
-        emb.embeddings, emb.targets if task != "label_free" else None, k,
-        task=task, random_state=random_state,
-        show_progress=show_progress, verbose=verbose, logger=logger,
-        layer_names=emb.layer_names, pooling=emb.pooling, dataset=emb.dataset,
-        model_name=emb.model_name, **select_kwargs,
+        emb.embeddings,
+        emb.targets if task != "label_free" else None,
+        k,
+        task=task,
+        random_state=random_state,
+        show_progress=show_progress,
+        verbose=verbose,
+        logger=logger,
+        layer_names=emb.layer_names,
+        pooling=emb.pooling,
+        dataset=emb.dataset,
+        model_name=emb.model_name,
+        **select_kwargs,
     )
-    result.config["extraction"] = {
-        k: v for k, v in emb.info.items() if k not in ("timings",)
-    }
-    result.config["pooling_reason"] = emb.info.get("pooling_reason", f"{emb.pooling}: from the cache")
+    result.config["extraction"] = {k: v for k, v in emb.info.items() if k not in ("timings",)}
+    result.config["pooling_reason"] = emb.info.get(
+        "pooling_reason", f"{emb.pooling}: from the cache"
+    )
     result.config["extraction"]["from_cache"] = emb.from_cache
     result.config["extraction"]["n_rows_sampled"] = emb.n_samples
     if emb.indices is not None:
@@ -105,30 +124,30 @@ def select_layers_from_hf(
     dataloader: Any = None,
     *,
     task: str = "classification",
-    k: Optional[int] = None,
-    max_calibration_samples: Optional[int] = DEFAULT_MAX_SAMPLES,
+    k: int | None = None,
+    max_calibration_samples: int | None = DEFAULT_MAX_SAMPLES,
     batch_size: int = 32,
     pooling: str = "auto",
     device: Any = None,
     split: str = "train",
-    dataset_config_name: Optional[str] = None,
+    dataset_config_name: str | None = None,
     text_key: Any = None,
-    target_key: Optional[str] = None,
+    target_key: str | None = None,
     processor: Any = None,
     tokenizer: Any = None,
-    collate_fn: Optional[Callable] = None,
-    max_length: Optional[int] = None,
+    collate_fn: Callable | None = None,
+    max_length: int | None = None,
     num_workers: int = 0,
     dtype: Any = None,
     include_embeddings: bool = False,
-    cache_dir: Union[None, bool, str, os.PathLike] = None,
-    cache_key: Optional[str] = None,
-    cache_max_bytes: Optional[int] = None,
-    config: Optional[ExtractionConfig] = None,
+    cache_dir: None | bool | str | os.PathLike = None,
+    cache_key: str | None = None,
+    cache_max_bytes: int | None = None,
+    config: ExtractionConfig | None = None,
     random_state: Any = 0,
     show_progress: ProgressSetting = "auto",
     verbose: bool = False,
-    logger: Optional[logging.Logger] = None,
+    logger: logging.Logger | None = None,
     **select_kwargs: Any,
 ) -> LOESResult:
     """Select ``k`` layers of a loaded Hugging Face model on your data.
@@ -178,62 +197,99 @@ def select_layers_from_hf(
         ``config["pooling_reason"]`` and the extraction settings in
         ``config["extraction"]``. Warnings point at the calling line.
     """
-    _check_request(select_layers_from_hf, k=k, task=task, random_state=random_state,
-                   select_kwargs=select_kwargs)
+    _check_request(
+        select_layers_from_hf,
+        k=k,
+        task=task,
+        random_state=random_state,
+        select_kwargs=select_kwargs,
+    )
     cfg = ExtractionConfig.from_keywords(
-        config, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        max_samples=max_calibration_samples, device=device, dtype=dtype,
-        include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
-        cache_max_bytes=cache_max_bytes, num_workers=num_workers)
+        config,
+        pooling=pooling,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_samples=max_calibration_samples,
+        device=device,
+        dtype=dtype,
+        include_embeddings=include_embeddings,
+        cache_dir=cache_dir,
+        cache_key=cache_key,
+        cache_max_bytes=cache_max_bytes,
+        num_workers=num_workers,
+    )
     sample_rs, select_rs = split_random_state(random_state)
     with quiet_third_party(verbose):
-        emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
-                       dataset_config_name=dataset_config_name, text_key=text_key,
-                       target_key=target_key, random_state=sample_rs, revision=None,
-                       trust_remote_code=False, processor=processor, tokenizer=tokenizer,
-                       collate_fn=collate_fn, gguf_file=None, model_kwargs=None,
-                       show_progress=show_progress, verbose=verbose)
-    return select_from_embeddings(emb, k=k, task=task, random_state=select_rs,
-                                  show_progress=show_progress, verbose=verbose, logger=logger,
-                                  **select_kwargs)
+        emb = _extract(
+            model,
+            dataset,
+            dataloader,
+            cfg,
+            task=task,
+            k=k,
+            split=split,
+            dataset_config_name=dataset_config_name,
+            text_key=text_key,
+            target_key=target_key,
+            random_state=sample_rs,
+            revision=None,
+            trust_remote_code=False,
+            processor=processor,
+            tokenizer=tokenizer,
+            collate_fn=collate_fn,
+            gguf_file=None,
+            model_kwargs=None,
+            show_progress=show_progress,
+            verbose=verbose,
+        )
+    return select_from_embeddings(
+        emb,
+        k=k,
+        task=task,
+        random_state=select_rs,
+        show_progress=show_progress,
+        verbose=verbose,
+        logger=logger,
+        **select_kwargs,
+    )
 
 
 @warnings_at_caller
 def select_layers_from_hf_id(
-    model_id_or_path: Union[str, os.PathLike],
+    model_id_or_path: str | os.PathLike,
     dataset: Any = None,
     *,
     dataloader: Any = None,
     task: str = "classification",
-    k: Optional[int] = None,
+    k: int | None = None,
     split: str = "train",
-    dataset_config_name: Optional[str] = None,
+    dataset_config_name: str | None = None,
     text_key: Any = None,
-    target_key: Optional[str] = None,
-    max_calibration_samples: Optional[int] = DEFAULT_MAX_SAMPLES,
+    target_key: str | None = None,
+    max_calibration_samples: int | None = DEFAULT_MAX_SAMPLES,
     batch_size: int = 32,
     pooling: str = "auto",
     device: Any = None,
     dtype: Any = None,
-    revision: Optional[str] = None,
+    revision: str | None = None,
     trust_remote_code: bool = False,
-    gguf_file: Optional[str] = None,
-    model_loader: Optional[Callable[[str], torch.nn.Module]] = None,
-    model_kwargs: Optional[Dict[str, Any]] = None,
+    gguf_file: str | None = None,
+    model_loader: Callable[[str], torch.nn.Module] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     processor: Any = None,
     tokenizer: Any = None,
-    collate_fn: Optional[Callable] = None,
-    max_length: Optional[int] = None,
+    collate_fn: Callable | None = None,
+    max_length: int | None = None,
     num_workers: int = 0,
     include_embeddings: bool = False,
-    cache_dir: Union[None, bool, str, os.PathLike] = None,
-    cache_key: Optional[str] = None,
-    cache_max_bytes: Optional[int] = None,
-    config: Optional[ExtractionConfig] = None,
+    cache_dir: None | bool | str | os.PathLike = None,
+    cache_key: str | None = None,
+    cache_max_bytes: int | None = None,
+    config: ExtractionConfig | None = None,
     random_state: Any = 0,
     show_progress: ProgressSetting = "auto",
     verbose: bool = False,
-    logger: Optional[logging.Logger] = None,
+    logger: logging.Logger | None = None,
     **select_kwargs: Any,
 ) -> LOESResult:
     """Load a model by hub id or local folder and select ``k`` of its layers.
@@ -254,16 +310,32 @@ def select_layers_from_hf_id(
     ...                                   max_calibration_samples=256)  # doctest: +SKIP
     >>> print(result.summary())  # doctest: +SKIP
     """
-    _check_request(select_layers_from_hf_id, k=k, task=task, random_state=random_state,
-                   select_kwargs=select_kwargs)
+    _check_request(
+        select_layers_from_hf_id,
+        k=k,
+        task=task,
+        random_state=random_state,
+        select_kwargs=select_kwargs,
+    )
     if not isinstance(model_id_or_path, (str, os.PathLike)):
-        raise LOESError(f"model_id_or_path must be a hub id or a local folder; got "
-                        f"{type(model_id_or_path).__name__} (for a loaded model use select_layers_from_hf)")
+        raise LOESError(
+            f"model_id_or_path must be a hub id or a local folder; got "
+            f"{type(model_id_or_path).__name__} (for a loaded model use select_layers_from_hf)"
+        )
     cfg = ExtractionConfig.from_keywords(
-        config, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        max_samples=max_calibration_samples, device=device, dtype=dtype,
-        include_embeddings=include_embeddings, cache_dir=cache_dir, cache_key=cache_key,
-        cache_max_bytes=cache_max_bytes, num_workers=num_workers)
+        config,
+        pooling=pooling,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_samples=max_calibration_samples,
+        device=device,
+        dtype=dtype,
+        include_embeddings=include_embeddings,
+        cache_dir=cache_dir,
+        cache_key=cache_key,
+        cache_max_bytes=cache_max_bytes,
+        num_workers=num_workers,
+    )
     sample_rs, select_rs = split_random_state(random_state)
     source = os.fspath(model_id_or_path)
     t0 = time.perf_counter()
@@ -276,14 +348,37 @@ def select_layers_from_hf_id(
                     model.config._name_or_path = model.config._name_or_path or source
                 except AttributeError:
                     pass
-        emb = _extract(model, dataset, dataloader, cfg, task=task, k=k, split=split,
-                       dataset_config_name=dataset_config_name, text_key=text_key,
-                       target_key=target_key, random_state=sample_rs, revision=revision,
-                       trust_remote_code=trust_remote_code, processor=processor, tokenizer=tokenizer,
-                       collate_fn=collate_fn, gguf_file=gguf_file, model_kwargs=model_kwargs,
-                       show_progress=show_progress, verbose=verbose)
+        emb = _extract(
+            model,
+            dataset,
+            dataloader,
+            cfg,
+            task=task,
+            k=k,
+            split=split,
+            dataset_config_name=dataset_config_name,
+            text_key=text_key,
+            target_key=target_key,
+            random_state=sample_rs,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            processor=processor,
+            tokenizer=tokenizer,
+            collate_fn=collate_fn,
+            gguf_file=gguf_file,
+            model_kwargs=model_kwargs,
+            show_progress=show_progress,
+            verbose=verbose,
+        )
     emb.model_name = source
     emb.info.setdefault("timings", {})["load_and_extract"] = time.perf_counter() - t0
-    return select_from_embeddings(emb, k=k, task=task, random_state=select_rs,
-                                  show_progress=show_progress, verbose=verbose, logger=logger,
-                                  **select_kwargs)
+    return select_from_embeddings(
+        emb,
+        k=k,
+        task=task,
+        random_state=select_rs,
+        show_progress=show_progress,
+        verbose=verbose,
+        logger=logger,
+        **select_kwargs,
+    )

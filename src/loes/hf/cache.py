@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import torch
 
@@ -30,7 +30,12 @@ from loes._exceptions import LOESError
 from loes._json import dumps
 
 __all__ = [
-    "cache_key", "default_cache_dir", "load_entry", "resolve_cache_dir", "resolve_max_bytes", "save_entry",
+    "cache_key",
+    "default_cache_dir",
+    "load_entry",
+    "resolve_cache_dir",
+    "resolve_max_bytes",
+    "save_entry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,18 +55,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "loes"
 
 
-def resolve_cache_dir(cache_dir: Union[None, bool, str, os.PathLike]) -> Optional[Path]:
+def resolve_cache_dir(cache_dir: None | bool | str | os.PathLike) -> Path | None:
     """``None``/``False``: no cache; ``True``: :func:`default_cache_dir`; else that folder."""
     if cache_dir is None or cache_dir is False:
         return None
     if cache_dir is True:
         return default_cache_dir()
     if not isinstance(cache_dir, (str, os.PathLike)):
-        raise LOESError(f"cache_dir must be None, True/False or a folder path; got {type(cache_dir).__name__}")
+        raise LOESError(
+            f"cache_dir must be None, True/False or a folder path; got {type(cache_dir).__name__}"
+        )
     return Path(cache_dir)
 
 
-def resolve_max_bytes(max_bytes: Optional[int]) -> Optional[int]:
+def resolve_max_bytes(max_bytes: int | None) -> int | None:
     """The size cap: ``max_bytes``, else ``$LOES_CACHE_MAX_BYTES``, else none."""
     if max_bytes is None:
         env = os.environ.get("LOES_CACHE_MAX_BYTES")
@@ -70,19 +77,23 @@ def resolve_max_bytes(max_bytes: Optional[int]) -> Optional[int]:
         try:
             max_bytes = int(env)
         except ValueError:
-            raise LOESError(f"LOES_CACHE_MAX_BYTES must be an integer number of bytes; got {env!r}") from None
+            raise LOESError(
+                f"LOES_CACHE_MAX_BYTES must be an integer number of bytes; got {env!r}"
+            ) from None
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-        raise LOESError(f"cache_max_bytes must be a non-negative integer or None; got {max_bytes!r}")
+        raise LOESError(
+            f"cache_max_bytes must be a non-negative integer or None; got {max_bytes!r}"
+        )
     return max_bytes
 
 
-def cache_key(payload: Dict[str, Any]) -> str:
+def cache_key(payload: dict[str, Any]) -> str:
     """32 hex digits of the SHA-256 of ``payload`` as canonical JSON."""
     text = json.dumps({"format": FORMAT_VERSION, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _paths(cache_dir: Path, key: str) -> Tuple[Path, Path]:
+def _paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
 
 
@@ -115,7 +126,7 @@ def remove_orphans(cache_dir: Path, max_age_s: float = ORPHAN_AGE_S) -> int:
 
 def _evict(cache_dir: Path, max_bytes: int, keep: str) -> None:
     """Delete least recently used entries (by mtime, refreshed on every hit) until under ``max_bytes``."""
-    entries: Dict[str, Tuple[float, int]] = {}
+    entries: dict[str, tuple[float, int]] = {}
     for path in list(cache_dir.glob("*.safetensors")) + list(cache_dir.glob("*.json")):
         try:
             st = path.stat()
@@ -134,11 +145,19 @@ def _evict(cache_dir: Path, max_bytes: int, keep: str) -> None:
         total -= size
         logger.info("cache over %d bytes: evicted least recently used entry %s", max_bytes, key)
     if total > max_bytes:
-        logger.warning("the newest cache entry alone (%d bytes) exceeds cache_max_bytes=%d", total, max_bytes)
+        logger.warning(
+            "the newest cache entry alone (%d bytes) exceeds cache_max_bytes=%d", total, max_bytes
+        )
 
 
-def save_entry(cache_dir: Path, key: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], *,
-               max_bytes: Optional[int] = None) -> Path:
+def save_entry(
+    cache_dir: Path,
+    key: str,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    *,
+    max_bytes: int | None = None,
+) -> Path:
     """Write one entry atomically, recording each tensor's shape and dtype; returns the safetensors path."""
     st = require("safetensors.torch", extra="hf", package="safetensors")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +174,9 @@ def save_entry(cache_dir: Path, key: str, tensors: Dict[str, torch.Tensor], meta
     return tensor_path
 
 
-def _mismatch(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], n_samples: Optional[int]) -> Optional[str]:
+def _mismatch(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], n_samples: int | None
+) -> str | None:
     """Why an entry cannot be the features it claims to be, or None."""
     missing = [f for f in REQUIRED_FIELDS if f not in meta]
     if missing:
@@ -167,11 +188,18 @@ def _mismatch(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], n_samples:
         return f"tensors {sorted(tensors)} differ from the recorded {sorted(recorded or {})}"
     for name, t in tensors.items():
         want = recorded[name]
-        if not isinstance(want, dict) or list(t.shape) != want.get("shape") or str(t.dtype) != want.get("dtype"):
+        if (
+            not isinstance(want, dict)
+            or list(t.shape) != want.get("shape")
+            or str(t.dtype) != want.get("dtype")
+        ):
             return f"{name} is {tuple(t.shape)} {t.dtype}, the sidecar recorded {want}"
     n_layers = len(meta["layer_names"])
-    feats = ([tensors["embeddings"]] if "embeddings" in tensors
-             else [t for name, t in tensors.items() if name.startswith("layer_")])
+    feats = (
+        [tensors["embeddings"]]
+        if "embeddings" in tensors
+        else [t for name, t in tensors.items() if name.startswith("layer_")]
+    )
     if not feats:
         return "no feature tensors"
     if "embeddings" in tensors:
@@ -193,8 +221,9 @@ def _mismatch(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], n_samples:
     return None
 
 
-def load_entry(cache_dir: Path, key: str, *, n_samples: Optional[int] = None
-               ) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+def load_entry(
+    cache_dir: Path, key: str, *, n_samples: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """``(tensors, meta)`` of an entry, or ``None`` when absent, unreadable or inconsistent.
 
     ``n_samples`` is the row count the caller expects (None: unknown). A hit
@@ -220,7 +249,9 @@ def load_entry(cache_dir: Path, key: str, *, n_samples: Optional[int] = None
         return None
     why = _mismatch(tensors, meta, n_samples)
     if why is not None:
-        logger.warning("cache entry %s does not match its record (%s); recomputing", tensor_path, why)
+        logger.warning(
+            "cache entry %s does not match its record (%s); recomputing", tensor_path, why
+        )
         return None
     for path in (tensor_path, meta_path):
         try:

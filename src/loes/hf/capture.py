@@ -20,7 +20,8 @@ forward and slices the returned states, so the features are right either way.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -53,16 +54,20 @@ class _Stop(Exception):
     """Raised by the hook of the deepest requested block to end the forward pass there."""
 
 
-def find_blocks(module: torch.nn.Module) -> Optional[Tuple[torch.nn.Module, torch.nn.ModuleList]]:
+def find_blocks(module: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList] | None:
     """(the module that owns the block list, the block list), or None.
 
     The block list is the shallowest ``ModuleList`` named ``layer(s)``, ``h``,
     ``block(s)`` or ``stages`` whose children share one class.
     """
-    best: Optional[Tuple[int, str, torch.nn.ModuleList]] = None
+    best: tuple[int, str, torch.nn.ModuleList] | None = None
     for name, m in module.named_modules():
-        if (isinstance(m, torch.nn.ModuleList) and len(m) > 0 and name.rsplit(".", 1)[-1] in _BLOCK_NAMES
-                and len({type(c) for c in m}) == 1):
+        if (
+            isinstance(m, torch.nn.ModuleList)
+            and len(m) > 0
+            and name.rsplit(".", 1)[-1] in _BLOCK_NAMES
+            and len({type(c) for c in m}) == 1
+        ):
             depth = name.count(".")
             if best is None or depth < best[0]:
                 best = (depth, name, m)
@@ -72,13 +77,15 @@ def find_blocks(module: torch.nn.Module) -> Optional[Tuple[torch.nn.Module, torc
     return module.get_submodule(parent), best[2]
 
 
-def slice_rows(kwargs: Dict[str, Any], start: int, stop: int, n_rows: int) -> Dict[str, Any]:
+def slice_rows(kwargs: dict[str, Any], start: int, stop: int, n_rows: int) -> dict[str, Any]:
     """Rows ``start:stop`` of every tensor in ``kwargs`` whose first axis has ``n_rows`` entries."""
-    return {k: (v[start:stop] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n_rows else v)
-            for k, v in kwargs.items()}
+    return {
+        k: (v[start:stop] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n_rows else v)
+        for k, v in kwargs.items()
+    }
 
 
-def _tensor_of(output: Any) -> Optional[torch.Tensor]:
+def _tensor_of(output: Any) -> torch.Tensor | None:
     """The hidden-state tensor of a block's or a stack's output."""
     if torch.is_tensor(output):
         return output
@@ -90,9 +97,12 @@ def _tensor_of(output: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _close(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
-    return (a is not None and a.shape == b.shape
-            and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6))
+def _close(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return (
+        a is not None
+        and a.shape == b.shape
+        and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    )
 
 
 class LayerCapture:
@@ -116,36 +126,52 @@ class LayerCapture:
         self.first = 0 if include_embeddings else 1
         found = find_blocks(module) if layers is not None else None
         self.owner, self.blocks = found if found is not None else (None, None)
-        self.states: Optional[List[int]] = None
+        self.states: list[int] | None = None
         self.hooked = False
         self.final = "block"
 
-    def resolve(self, n_states: int) -> List[int]:
+    def resolve(self, n_states: int) -> list[int]:
         """Hidden-state indices (sorted, unique) of the requested layers, for ``n_states`` states."""
         n_layers = n_states - self.first
         if n_layers < 1:
-            raise LOESError(f"the model returned {n_states} hidden state(s); no block outputs to select from")
+            raise LOESError(
+                f"the model returned {n_states} hidden state(s); no block outputs to select from"
+            )
         idx = range(n_layers) if self.spec is None else resolve_layers(self.spec, n_layers)
         return sorted({int(i) + self.first for i in idx})
 
-    def prepare(self, kwargs: Dict[str, Any], n_rows: int) -> None:
+    def prepare(self, kwargs: dict[str, Any], n_rows: int) -> None:
         """Resolve the layers and check the hooks on the first row of the first batch."""
         if self.blocks is None:
             return
         self.states = self.resolve(len(self.blocks) + 1)
         self.hooked = self._check(slice_rows(kwargs, 0, 1, n_rows))
         if not self.hooked:
-            logger.debug("hooks on %s do not reproduce its hidden_states: running the full forward",
-                         type(self.module).__name__)
+            logger.debug(
+                "hooks on %s do not reproduce its hidden_states: running the full forward",
+                type(self.module).__name__,
+            )
 
-    def _check(self, kwargs: Dict[str, Any]) -> bool:
+    def _check(self, kwargs: dict[str, Any]) -> bool:
         n = len(self.blocks)
-        got: Dict[Any, Any] = {}
-        handles = [self.blocks[h].register_forward_pre_hook(self._pre(got, h, lambda h, x: x, None),
-                                                            with_kwargs=True)
-                   for h in self.states if h < n]
-        handles.append(self.blocks[-1].register_forward_hook(lambda m, a, o: got.__setitem__("block", _tensor_of(o))))
-        handles.append(self.owner.register_forward_hook(lambda m, a, o: got.__setitem__("owner", _tensor_of(o))))
+        got: dict[Any, Any] = {}
+        handles = [
+            self.blocks[h].register_forward_pre_hook(
+                self._pre(got, h, lambda h, x: x, None), with_kwargs=True
+            )
+            for h in self.states
+            if h < n
+        ]
+        handles.append(
+            self.blocks[-1].register_forward_hook(
+                lambda m, a, o: got.__setitem__("block", _tensor_of(o))
+            )
+        )
+        handles.append(
+            self.owner.register_forward_hook(
+                lambda m, a, o: got.__setitem__("owner", _tensor_of(o))
+            )
+        )
         try:
             ref = hidden_states_of(self.module(**kwargs), self.module)
         finally:
@@ -160,15 +186,17 @@ class LayerCapture:
         return n not in self.states
 
     @staticmethod
-    def _pre(got: Dict[Any, Any], h: int, keep: Callable[[int, torch.Tensor], Any],
-             stop: Optional[int]) -> Callable:
-        def hook(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    def _pre(
+        got: dict[Any, Any], h: int, keep: Callable[[int, torch.Tensor], Any], stop: int | None
+    ) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             got[h] = keep(h, args[0] if args else kwargs["hidden_states"])
             if h == stop:
                 raise _Stop
+
         return hook
 
-    def run(self, kwargs: Dict[str, Any], keep: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+    def run(self, kwargs: dict[str, Any], keep: Callable[[int, torch.Tensor], Any]) -> list[Any]:
         """One forward; ``[keep(h, hidden_states[h]) for h in self.states]``.
 
         ``kwargs`` are the backbone's inputs with ``output_hidden_states=True``.
@@ -179,17 +207,30 @@ class LayerCapture:
                 self.states = self.resolve(len(states))
             return [keep(h, states[h]) for h in self.states]
         n = len(self.blocks)
-        got: Dict[Any, Any] = {}
+        got: dict[Any, Any] = {}
         stop = max(self.states) if max(self.states) < n else None
-        handles = [self.blocks[h].register_forward_pre_hook(self._pre(got, h, keep, stop), with_kwargs=True)
-                   for h in self.states if h < n]
+        handles = [
+            self.blocks[h].register_forward_pre_hook(
+                self._pre(got, h, keep, stop), with_kwargs=True
+            )
+            for h in self.states
+            if h < n
+        ]
         if n in self.states:
             target = self.blocks[-1] if self.final == "block" else self.owner
-            handles.append(target.register_forward_hook(
-                lambda m, a, o: got.__setitem__(n, keep(n, _tensor_of(o)))))
+            handles.append(
+                target.register_forward_hook(
+                    lambda m, a, o: got.__setitem__(n, keep(n, _tensor_of(o)))
+                )
+            )
         try:
-            self.module(**({**kwargs, "output_hidden_states": False} if "output_hidden_states" in kwargs
-                           else kwargs))
+            self.module(
+                **(
+                    {**kwargs, "output_hidden_states": False}
+                    if "output_hidden_states" in kwargs
+                    else kwargs
+                )
+            )
         except _Stop:
             pass
         finally:

@@ -13,8 +13,9 @@ import difflib
 import functools
 import inspect
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,13 @@ from loes.hf.capture import check_layer_spec
 from loes.hf.pooling import POOLINGS
 from loes.hf.sampling import DEFAULT_MAX_SAMPLES
 
-__all__ = ["DEFAULT_MAX_LENGTH", "ExtractionConfig", "check_keywords", "sampling_random_state", "split_random_state"]
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "ExtractionConfig",
+    "check_keywords",
+    "sampling_random_state",
+    "split_random_state",
+]
 
 #: Token budget when ``max_length`` is not given (capped at the model's positions).
 DEFAULT_MAX_LENGTH = 512
@@ -36,8 +43,14 @@ DEFAULT_MAX_LENGTH = 512
 def _positive_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise LOESError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}; got {value!r}")
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise LOESError(
+            f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}; got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,32 +104,36 @@ class ExtractionConfig:
 
     pooling: str = "auto"
     batch_size: int = 32
-    max_length: Optional[int] = None
-    max_samples: Optional[int] = DEFAULT_MAX_SAMPLES
+    max_length: int | None = None
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
     device: Any = None
     dtype: Any = None
     include_embeddings: bool = False
-    cache_dir: Union[None, bool, str, os.PathLike] = None
-    cache_key: Optional[str] = None
-    cache_max_bytes: Optional[int] = None
+    cache_dir: None | bool | str | os.PathLike = None
+    cache_key: str | None = None
+    cache_max_bytes: int | None = None
     num_workers: int = 0
     layers: Any = None
     sort_by_length: bool = True
-    device_map: Union[None, str, Mapping[str, Any]] = None
-    max_memory: Optional[Mapping[Any, Any]] = None
-    offload_folder: Union[None, str, os.PathLike] = None
+    device_map: None | str | Mapping[str, Any] = None
+    max_memory: Mapping[Any, Any] | None = None
+    offload_folder: None | str | os.PathLike = None
     quantization_config: Any = None
 
     def __post_init__(self) -> None:
         name = str(self.pooling).lower() if isinstance(self.pooling, str) else None
         if name not in (*POOLINGS, "auto", "avg", "average"):
-            raise LOESError(f"pooling must be 'auto' or one of {list(POOLINGS)}; got {self.pooling!r}")
+            raise LOESError(
+                f"pooling must be 'auto' or one of {list(POOLINGS)}; got {self.pooling!r}"
+            )
         _positive_int("batch_size", self.batch_size)
         _positive_int("max_length", self.max_length, 2, allow_none=True)
         _positive_int("max_calibration_samples (max_samples)", self.max_samples, allow_none=True)
         _positive_int("num_workers", self.num_workers, 0)
         if not isinstance(self.include_embeddings, (bool, np.bool_)):
-            raise LOESError(f"include_embeddings must be True or False; got {self.include_embeddings!r}")
+            raise LOESError(
+                f"include_embeddings must be True or False; got {self.include_embeddings!r}"
+            )
         device = check_device(self.device)
         if self.dtype is not None:
             M.parse_dtype(self.dtype, device)
@@ -133,20 +150,26 @@ class ExtractionConfig:
 
     def _check_placement(self) -> None:
         if self.device_map is not None and not isinstance(self.device_map, (str, Mapping)):
-            raise LOESError(f"device_map must be 'auto', 'balanced', 'sequential', a device name or a dict "
-                            f"of module name to device; got {type(self.device_map).__name__}")
+            raise LOESError(
+                f"device_map must be 'auto', 'balanced', 'sequential', a device name or a dict "
+                f"of module name to device; got {type(self.device_map).__name__}"
+            )
         if self.device_map is not None and self.device is not None:
-            raise LOESError("pass either device=... or device_map=..., not both (device_map places the "
-                            "model's parts itself)")
+            raise LOESError(
+                "pass either device=... or device_map=..., not both (device_map places the "
+                "model's parts itself)"
+            )
         if self.max_memory is not None and not isinstance(self.max_memory, Mapping):
-            raise LOESError(f"max_memory must be a dict of device to size, e.g. {{0: '20GiB', 'cpu': "
-                            f"'60GiB'}}; got {type(self.max_memory).__name__}")
+            raise LOESError(
+                f"max_memory must be a dict of device to size, e.g. {{0: '20GiB', 'cpu': "
+                f"'60GiB'}}; got {type(self.max_memory).__name__}"
+            )
         for name in ("max_memory", "offload_folder"):
             if getattr(self, name) is not None and self.device_map is None:
                 raise LOESError(f"{name}=... needs device_map=... (e.g. device_map='auto')")
 
     @classmethod
-    def from_keywords(cls, config: Optional["ExtractionConfig"], **keywords: Any) -> "ExtractionConfig":
+    def from_keywords(cls, config: ExtractionConfig | None, **keywords: Any) -> ExtractionConfig:
         """``config``, or one built from an entry point's keywords; both at once is an error
         unless every keyword is at its default."""
         if config is None:
@@ -162,7 +185,7 @@ class ExtractionConfig:
             )
         return config
 
-    def resolved_max_length(self, limit: Optional[int]) -> int:
+    def resolved_max_length(self, limit: int | None) -> int:
         """``max_length`` checked against the model's position count ``limit`` (None: unknown)."""
         if self.max_length is None:
             return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
@@ -186,26 +209,34 @@ def check_device(device: Any) -> torch.device:
     try:
         dev = M.default_device(device)
     except (RuntimeError, TypeError) as e:
-        raise LOESError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device; "
-                        f"got {device!r}") from e
+        raise LOESError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device; "
+            f"got {device!r}"
+        ) from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LOESError(f"device={device!r} but CUDA is not available here: use device='cpu' or 'auto'")
+        raise LOESError(
+            f"device={device!r} but CUDA is not available here: use device='cpu' or 'auto'"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LOESError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise LOESError(
+            f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
     return dev
 
 
 def _is_seed(random_state: Any) -> bool:
-    return isinstance(random_state, (int, np.integer)) and not isinstance(random_state, (bool, np.bool_))
+    return isinstance(random_state, (int, np.integer)) and not isinstance(
+        random_state, (bool, np.bool_)
+    )
 
 
-def sampling_random_state(random_state: Any) -> Union[int, np.random.Generator]:
+def sampling_random_state(random_state: Any) -> int | np.random.Generator:
     """What the calibration draw gets: an int seed as a Python int, anything else as a
     numpy Generator (:func:`loes._rng.check_random_state`)."""
     return seed_of(random_state) if _is_seed(random_state) else check_random_state(random_state)
 
 
-def split_random_state(random_state: Any) -> Tuple[Any, Any]:
+def split_random_state(random_state: Any) -> tuple[Any, Any]:
     """(for sampling, for the selector): the same semantics on both paths.
 
     An int seed (Python or numpy) is given to both as a Python int; any other
@@ -222,7 +253,7 @@ def check_random_state_kind(random_state: Any) -> None:
         check_random_state(random_state)
 
 
-def suggest(name: str, candidates: Iterable[str], aliases: Optional[Mapping[str, str]] = None) -> str:
+def suggest(name: str, candidates: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
     """``"; did you mean 'x'?"`` for the closest candidate, or ``""``."""
     aliases = dict(aliases or {})
     pool = sorted(set(candidates) | set(aliases))
@@ -230,8 +261,9 @@ def suggest(name: str, candidates: Iterable[str], aliases: Optional[Mapping[str,
     return f"; did you mean {aliases.get(close[0], close[0])!r}?" if close else ""
 
 
-def unknown_keywords(where: str, given: Iterable[str], known: Iterable[str],
-                     aliases: Optional[Mapping[str, str]] = None) -> None:
+def unknown_keywords(
+    where: str, given: Iterable[str], known: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> None:
     """A :class:`LOESError` naming the first keyword of ``given`` not in ``known``, with a hint."""
     known = set(known)
     bad = [k for k in given if k not in known]

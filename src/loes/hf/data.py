@@ -12,8 +12,9 @@ import itertools
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,15 +28,36 @@ from loes.hf.sampling import calibration_indices, stratified_reservoir
 logger = logging.getLogger(__name__)
 
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
-TEXT_KEYS = ("text", "sentence", "query", "document", "content", "review", "question", "prompt", "input")
+TEXT_KEYS = (
+    "text",
+    "sentence",
+    "query",
+    "document",
+    "content",
+    "review",
+    "question",
+    "prompt",
+    "input",
+)
 TEXT_PAIR_KEYS = (
-    ("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
-    ("question", "sentence"), ("question", "passage"), ("query", "document"), ("text_a", "text_b"),
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("question", "passage"),
+    ("query", "document"),
+    ("text_a", "text_b"),
 )
 IMAGE_KEYS = ("image", "img", "images", "picture", "photo")
 AUDIO_KEYS = ("audio", "speech", "waveform")
 #: Local data files the loader reads, by extension.
-DATA_FILE_BUILDERS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+DATA_FILE_BUILDERS = {
+    "csv": "csv",
+    "tsv": "csv",
+    "json": "json",
+    "jsonl": "json",
+    "parquet": "parquet",
+}
 
 
 @dataclass
@@ -53,10 +75,10 @@ class Batch:
     targets : array of shape (batch, ...), optional
     """
 
-    inputs: Dict[str, Any]
-    mask: Optional[torch.Tensor]
+    inputs: dict[str, Any]
+    mask: torch.Tensor | None
     positions: np.ndarray
-    targets: Optional[np.ndarray] = None
+    targets: np.ndarray | None = None
 
 
 @dataclass
@@ -65,12 +87,12 @@ class CalibrationData:
 
     batches: Callable[[], Iterator[Batch]]
     modality: str
-    n_samples: Optional[int] = None
-    targets: Optional[np.ndarray] = None
-    indices: Optional[np.ndarray] = None
-    name: Optional[str] = None
-    fingerprint: Optional[str] = None
-    info: Dict[str, Any] = field(default_factory=dict)
+    n_samples: int | None = None
+    targets: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    name: str | None = None
+    fingerprint: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- datasets
@@ -78,7 +100,11 @@ def is_dataloader(obj: Any) -> bool:
     """A torch DataLoader or any iterable of batches that is not a datasets object."""
     if isinstance(obj, torch.utils.data.DataLoader):
         return True
-    if isinstance(obj, (str, bytes, os.PathLike, dict)) or _is_hf_dataset(obj) or _is_dataset_dict(obj):
+    if (
+        isinstance(obj, (str, bytes, os.PathLike, dict))
+        or _is_hf_dataset(obj)
+        or _is_dataset_dict(obj)
+    ):
         return False
     if _is_dataframe(obj):
         return False
@@ -86,7 +112,9 @@ def is_dataloader(obj: Any) -> bool:
 
 
 def _is_hf_dataset(obj: Any) -> bool:
-    return type(obj).__name__ == "Dataset" and hasattr(obj, "column_names") and hasattr(obj, "select")
+    return (
+        type(obj).__name__ == "Dataset" and hasattr(obj, "column_names") and hasattr(obj, "select")
+    )
 
 
 def _is_dataframe(obj: Any) -> bool:
@@ -99,7 +127,9 @@ def _is_dataset_dict(obj: Any) -> bool:
     )
 
 
-def load_dataset_any(dataset: Any, *, split: str = "train", config_name: Optional[str] = None) -> Tuple[Any, str]:
+def load_dataset_any(
+    dataset: Any, *, split: str = "train", config_name: str | None = None
+) -> tuple[Any, str]:
     """A ``datasets.Dataset`` and a name for it from an id, a path, a ``Dataset`` or a ``DatasetDict``.
 
     Strings: ``"loes:drugreview"`` / ``"loes:bbc_news"`` (packaged data), a folder
@@ -116,7 +146,9 @@ def load_dataset_any(dataset: Any, *, split: str = "train", config_name: Optiona
         dataset = _load_by_name(name, split=split, config_name=config_name)
     if _is_dataset_dict(dataset):
         if split not in dataset:
-            raise LOESError(f"split {split!r} not found; the dataset has splits {sorted(dataset)}: pass split=...")
+            raise LOESError(
+                f"split {split!r} not found; the dataset has splits {sorted(dataset)}: pass split=..."
+            )
         name = f"{name or 'dataset'}[{split}]"
         dataset = dataset[split]
     if not _is_hf_dataset(dataset):
@@ -126,26 +158,32 @@ def load_dataset_any(dataset: Any, *, split: str = "train", config_name: Optiona
         )
     if name is None:
         info = getattr(dataset, "info", None)
-        name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "Dataset"
+        name = (
+            getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "Dataset"
+        )
         split_name = getattr(dataset, "split", None)
         if split_name is not None:
             name = f"{name}[{split_name}]"
     return dataset, str(name)
 
 
-def _load_by_name(name: str, *, split: str, config_name: Optional[str]):
+def _load_by_name(name: str, *, split: str, config_name: str | None):
     if name.startswith("loes:"):
         key = name[5:].replace("-", "_")
         if key == "drugreview":
             return load_drugreview(split if split in ("train", "test", "all") else "train")
         if key in ("bbc_news", "bbc"):
             return load_bbc_news()
-        raise LOESError(f"unknown packaged dataset {name!r}: use 'loes:drugreview' or 'loes:bbc_news'")
+        raise LOESError(
+            f"unknown packaged dataset {name!r}: use 'loes:drugreview' or 'loes:bbc_news'"
+        )
     datasets = require("datasets", extra="hf")
     ext = name.rsplit(".", 1)[-1].lower() if "." in os.path.basename(name) else ""
     if not os.path.exists(name) and (ext in DATA_FILE_BUILDERS or looks_like_path(name)):
-        raise LOESError(f"dataset file not found: {name!r} does not exist (check the path; a hub "
-                        "dataset id has the form 'org/name')")
+        raise LOESError(
+            f"dataset file not found: {name!r} does not exist (check the path; a hub "
+            "dataset id has the form 'org/name')"
+        )
     if os.path.isdir(name):
         if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(
             os.path.join(name, "dataset_dict.json")
@@ -155,7 +193,9 @@ def _load_by_name(name: str, *, split: str, config_name: Optional[str]):
     if os.path.isfile(name):
         builder = DATA_FILE_BUILDERS.get(ext)
         if builder is None:
-            raise LOESError(f"cannot read {name!r}: use a .csv, .tsv, .json, .jsonl or .parquet file")
+            raise LOESError(
+                f"cannot read {name!r}: use a .csv, .tsv, .json, .jsonl or .parquet file"
+            )
         extra = {"delimiter": "\t"} if ext == "tsv" else {}
         return datasets.load_dataset(builder, data_files=name, split="train", **extra)
     check_source(name, what="dataset")
@@ -166,7 +206,9 @@ def _columns_hint(columns: Sequence[str]) -> str:
     return f"the dataset has columns {list(columns)}"
 
 
-def find_target_key(columns: Sequence[str], target_key: Optional[str], *, required: bool) -> Optional[str]:
+def find_target_key(
+    columns: Sequence[str], target_key: str | None, *, required: bool
+) -> str | None:
     if target_key is not None:
         if target_key not in columns:
             raise LOESError(f"target_key={target_key!r} not found: {_columns_hint(columns)}")
@@ -182,7 +224,7 @@ def find_target_key(columns: Sequence[str], target_key: Optional[str], *, requir
     return None
 
 
-def _feature_kind(dataset, column: str) -> Optional[str]:
+def _feature_kind(dataset, column: str) -> str | None:
     feat = dataset.features.get(column) if hasattr(dataset, "features") else None
     kind = type(feat).__name__
     if kind == "Image":
@@ -192,7 +234,7 @@ def _feature_kind(dataset, column: str) -> Optional[str]:
     return None
 
 
-def find_input(dataset, text_key: Any, target: Optional[str]) -> Tuple[str, Tuple[str, ...]]:
+def find_input(dataset, text_key: Any, target: str | None) -> tuple[str, tuple[str, ...]]:
     """(kind, columns): kind is "tokenized", "text", "text_pair", "image" or "audio"."""
     columns = list(dataset.column_names)
     if text_key is not None:
@@ -230,7 +272,7 @@ def find_input(dataset, text_key: Any, target: Optional[str]) -> Tuple[str, Tupl
     )
 
 
-def column_values(dataset, column: str) -> List[Any]:
+def column_values(dataset, column: str) -> list[Any]:
     return list(dataset[column])
 
 
@@ -245,13 +287,15 @@ def _as_target_array(values: Sequence[Any]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ padding
-def pad_rows(rows: Sequence[Dict[str, Any]], *, pad_token_id: int = 0, padding_side: str = "right") -> Dict[str, torch.Tensor]:
+def pad_rows(
+    rows: Sequence[dict[str, Any]], *, pad_token_id: int = 0, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Collate rows of model inputs, padding ragged sequences along the last axis.
 
     ``input_ids`` pad with ``pad_token_id``, masks and ids with 0; an
     ``attention_mask`` is created when sequences were ragged and none was given.
     """
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     lengths = None
     for key in rows[0]:
         values = [torch.as_tensor(r[key]) for r in rows]
@@ -260,14 +304,16 @@ def pad_rows(rows: Sequence[Dict[str, Any]], *, pad_token_id: int = 0, padding_s
             out[key] = torch.stack(values)
             continue
         if len({v.shape[:-1] for v in values}) != 1:
-            raise LOESError(f"cannot pad {key!r}: shapes {sorted(shapes)} differ beyond the last axis")
+            raise LOESError(
+                f"cannot pad {key!r}: shapes {sorted(shapes)} differ beyond the last axis"
+            )
         width = max(v.shape[-1] for v in values)
         pad_value = pad_token_id if key == "input_ids" else 0
         padded = values[0].new_full((len(values), *values[0].shape[:-1], width), pad_value)
         for i, v in enumerate(values):
             n = v.shape[-1]
             if padding_side == "left":
-                padded[i, ..., width - n:] = v
+                padded[i, ..., width - n :] = v
             else:
                 padded[i, ..., :n] = v
         out[key] = padded
@@ -282,7 +328,7 @@ def pad_rows(rows: Sequence[Dict[str, Any]], *, pad_token_id: int = 0, padding_s
     return out
 
 
-def tokenizer_padding(tokenizer: Any, config: Any) -> Tuple[int, str]:
+def tokenizer_padding(tokenizer: Any, config: Any) -> tuple[int, str]:
     """(pad id, side). Decoders without a pad token fall back to eos, then unk, bos, 0."""
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -291,8 +337,11 @@ def tokenizer_padding(tokenizer: Any, config: Any) -> Tuple[int, str]:
             if isinstance(pad, list):
                 pad = pad[0] if pad else None
             if pad is not None:
-                logger.info("tokenizer has no pad token; padding with %s (%d): padded positions are masked",
-                            attr.replace("_id", ""), pad)
+                logger.info(
+                    "tokenizer has no pad token; padding with %s (%d): padded positions are masked",
+                    attr.replace("_id", ""),
+                    pad,
+                )
                 break
     if pad is None and config is not None:
         pad = getattr(config, "pad_token_id", None)
@@ -300,15 +349,22 @@ def tokenizer_padding(tokenizer: Any, config: Any) -> Tuple[int, str]:
     return int(pad or 0), side
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], pairs: Optional[Sequence[str]], max_length: int) -> List[Dict[str, Any]]:
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int
+) -> list[dict[str, Any]]:
     """Tokenize without padding (one dict per row)."""
-    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None,
-                    truncation=True, max_length=max_length, padding=False)
+    enc = tokenizer(
+        list(texts),
+        list(pairs) if pairs is not None else None,
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+    )
     keys = [k for k in enc.keys() if k in MODEL_INPUT_KEYS]
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
-def _check_texts(values: Sequence[Any], column: str) -> List[str]:
+def _check_texts(values: Sequence[Any], column: str) -> list[str]:
     bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
     if bad:
         raise LOESError(
@@ -318,8 +374,15 @@ def _check_texts(values: Sequence[Any], column: str) -> List[str]:
     return list(values)
 
 
-def batches_from_rows(rows: List[Dict[str, Any]], targets: Optional[np.ndarray], batch_size: int, *,
-                      pad_token_id: int, padding_side: str, sort_by_length: bool = True) -> Iterator[Batch]:
+def batches_from_rows(
+    rows: list[dict[str, Any]],
+    targets: np.ndarray | None,
+    batch_size: int,
+    *,
+    pad_token_id: int,
+    padding_side: str,
+    sort_by_length: bool = True,
+) -> Iterator[Batch]:
     """Length-sorted (longest first), padded batches of tokenized rows."""
     if sort_by_length and rows and "input_ids" in rows[0]:
         lengths = np.array([len(r["input_ids"]) for r in rows])
@@ -327,10 +390,16 @@ def batches_from_rows(rows: List[Dict[str, Any]], targets: Optional[np.ndarray],
     else:
         order = np.arange(len(rows))
     for start in range(0, len(order), batch_size):
-        pos = order[start:start + batch_size]
-        inputs = pad_rows([rows[i] for i in pos], pad_token_id=pad_token_id, padding_side=padding_side)
-        yield Batch(inputs=inputs, mask=inputs.get("attention_mask"), positions=pos,
-                    targets=None if targets is None else targets[pos])
+        pos = order[start : start + batch_size]
+        inputs = pad_rows(
+            [rows[i] for i in pos], pad_token_id=pad_token_id, padding_side=padding_side
+        )
+        yield Batch(
+            inputs=inputs,
+            mask=inputs.get("attention_mask"),
+            positions=pos,
+            targets=None if targets is None else targets[pos],
+        )
 
 
 def _to_rgb(image: Any) -> Any:
@@ -340,7 +409,7 @@ def _to_rgb(image: Any) -> Any:
     return image
 
 
-def _audio_array(value: Any) -> Tuple[np.ndarray, Optional[int]]:
+def _audio_array(value: Any) -> tuple[np.ndarray, int | None]:
     if isinstance(value, dict) and "array" in value:
         return np.asarray(value["array"], dtype=np.float32), value.get("sampling_rate")
     if hasattr(value, "get_all_samples"):  # datasets >= 4 decodes audio lazily
@@ -349,7 +418,9 @@ def _audio_array(value: Any) -> Tuple[np.ndarray, Optional[int]]:
     return np.asarray(value, dtype=np.float32), None
 
 
-def audio_batch(processor: Any, values: Sequence[Any]) -> Tuple[Dict[str, Any], Optional[torch.Tensor]]:
+def audio_batch(
+    processor: Any, values: Sequence[Any]
+) -> tuple[dict[str, Any], torch.Tensor | None]:
     arrays, rates = zip(*(_audio_array(v) for v in values))
     expected = getattr(processor, "sampling_rate", None)
     rates = {r for r in rates if r is not None}
@@ -358,7 +429,7 @@ def audio_batch(processor: Any, values: Sequence[Any]) -> Tuple[Dict[str, Any], 
             f"audio sampled at {sorted(rates)} Hz but the feature extractor expects {expected} Hz: "
             f"resample first, e.g. dataset.cast_column('audio', datasets.Audio(sampling_rate={expected}))"
         )
-    kwargs: Dict[str, Any] = {"return_tensors": "pt", "return_attention_mask": True}
+    kwargs: dict[str, Any] = {"return_tensors": "pt", "return_attention_mask": True}
     if expected:
         kwargs["sampling_rate"] = expected
     if not hasattr(processor, "chunk_length"):  # Whisper pads to its 30 s window itself
@@ -370,7 +441,9 @@ def audio_batch(processor: Any, values: Sequence[Any]) -> Tuple[Dict[str, Any], 
     return enc, mask
 
 
-def content_fingerprint(dataset, columns: Sequence[str], indices: np.ndarray, extra: str = "") -> str:
+def content_fingerprint(
+    dataset, columns: Sequence[str], indices: np.ndarray, extra: str = ""
+) -> str:
     """Hash of the used columns of the sampled rows (content, not object identity)."""
     h = hashlib.sha256(extra.encode())
     h.update(np.asarray(indices, dtype=np.int64).tobytes())
@@ -393,14 +466,14 @@ def from_dataset(
     config: Any,
     task: str,
     split: str = "train",
-    config_name: Optional[str] = None,
+    config_name: str | None = None,
     text_key: Any = None,
-    target_key: Optional[str] = None,
-    max_samples: Optional[int],
+    target_key: str | None = None,
+    max_samples: int | None,
     batch_size: int,
     max_length: int = 512,
     random_state: Any = 0,
-    collate_fn: Optional[Callable] = None,
+    collate_fn: Callable | None = None,
     num_workers: int = 0,
     sort_by_length: bool = True,
 ) -> CalibrationData:
@@ -429,22 +502,40 @@ def from_dataset(
     if type(feat).__name__ == "ClassLabel":
         all_classes = list(range(feat.num_classes))
     indices = calibration_indices(
-        len(ds), max_samples, labels if task == "classification" else None,
-        all_classes=all_classes, random_state=random_state,
+        len(ds),
+        max_samples,
+        labels if task == "classification" else None,
+        all_classes=all_classes,
+        random_state=random_state,
     )
     targets = labels[indices] if labels is not None else None
     sub = ds.select(indices) if len(indices) < len(ds) else ds
-    info: Dict[str, Any] = {"target_key": tkey, "split": split, "n_rows": len(ds)}
+    info: dict[str, Any] = {"target_key": tkey, "split": split, "n_rows": len(ds)}
 
     if collate_fn is not None:
-        loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, collate_fn=collate_fn,
-                                             num_workers=num_workers, shuffle=False)
-        data = from_dataloader(loader, get_processor=get_processor, config=config, task=task,
-                               target_key=target_key, max_samples=None, text_key=text_key,
-                               max_length=max_length, random_state=random_state)
+        loader = torch.utils.data.DataLoader(
+            sub,
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            shuffle=False,
+        )
+        data = from_dataloader(
+            loader,
+            get_processor=get_processor,
+            config=config,
+            task=task,
+            target_key=target_key,
+            max_samples=None,
+            text_key=text_key,
+            max_length=max_length,
+            random_state=random_state,
+        )
         data.indices, data.name = indices, name
         fn_name = f"{getattr(collate_fn, '__module__', '')}.{getattr(collate_fn, '__qualname__', collate_fn)}"
-        data.fingerprint = content_fingerprint(ds, columns, indices, extra=f"{name}|collate_fn={fn_name}")
+        data.fingerprint = content_fingerprint(
+            ds, columns, indices, extra=f"{name}|collate_fn={fn_name}"
+        )
         return data
 
     kind, in_cols = find_input(ds, text_key, tkey)
@@ -454,12 +545,23 @@ def from_dataset(
         modality = modality_of({k: None for k in in_cols})
     pad_free = kind == "audio" and group_norm_audio(config)
     if pad_free:
-        logger.info("%s normalises over time (feat_extract_norm='group'): clips are batched only with "
-                    "clips of equal length, never padded", getattr(config, "model_type", "the model"))
-    fingerprint = content_fingerprint(ds, list(in_cols) + ([tkey] if tkey else []), indices,
-                                      extra=f"{name}|{kind}|{max_length}")
-    logger.info("calibration rows: %d of %d from %s (input %s %s, target %s)",
-                len(indices), len(ds), name, kind, list(in_cols), tkey)
+        logger.info(
+            "%s normalises over time (feat_extract_norm='group'): clips are batched only with "
+            "clips of equal length, never padded",
+            getattr(config, "model_type", "the model"),
+        )
+    fingerprint = content_fingerprint(
+        ds, list(in_cols) + ([tkey] if tkey else []), indices, extra=f"{name}|{kind}|{max_length}"
+    )
+    logger.info(
+        "calibration rows: %d of %d from %s (input %s %s, target %s)",
+        len(indices),
+        len(ds),
+        name,
+        kind,
+        list(in_cols),
+        tkey,
+    )
 
     def make_batches() -> Iterator[Batch]:
         if kind in ("text", "text_pair", "tokenized"):
@@ -470,11 +572,21 @@ def from_dataset(
             else:
                 tok = get_processor("text")
                 texts = _check_texts(column_values(sub, in_cols[0]), in_cols[0])
-                pairs = _check_texts(column_values(sub, in_cols[1]), in_cols[1]) if kind == "text_pair" else None
+                pairs = (
+                    _check_texts(column_values(sub, in_cols[1]), in_cols[1])
+                    if kind == "text_pair"
+                    else None
+                )
                 rows = tokenize(tok, texts, pairs, max_length)
             pad_id, side = tokenizer_padding(tok, config) if tok is not None else (0, "right")
-            yield from batches_from_rows(rows, targets, batch_size, pad_token_id=pad_id, padding_side=side,
-                                         sort_by_length=sort_by_length)
+            yield from batches_from_rows(
+                rows,
+                targets,
+                batch_size,
+                pad_token_id=pad_id,
+                padding_side=side,
+                sort_by_length=sort_by_length,
+            )
             return
         proc = get_processor(modality)
         if kind == "audio" and pad_free:
@@ -482,18 +594,29 @@ def from_dataset(
             return
         for start in range(0, len(sub), batch_size):
             pos = np.arange(start, min(start + batch_size, len(sub)))
-            values = list(sub[int(pos[0]):int(pos[-1]) + 1][in_cols[0]])
+            values = list(sub[int(pos[0]) : int(pos[-1]) + 1][in_cols[0]])
             if kind == "image":
                 inputs = dict(proc(images=[_to_rgb(v) for v in values], return_tensors="pt"))
                 mask = None
             else:
                 inputs, mask = audio_batch(proc, values)
-            yield Batch(inputs=inputs, mask=mask, positions=pos,
-                        targets=None if targets is None else targets[pos])
+            yield Batch(
+                inputs=inputs,
+                mask=mask,
+                positions=pos,
+                targets=None if targets is None else targets[pos],
+            )
 
-    return CalibrationData(batches=make_batches, modality=modality, n_samples=len(indices),
-                           targets=targets, indices=indices, name=name, fingerprint=fingerprint,
-                           info=info)
+    return CalibrationData(
+        batches=make_batches,
+        modality=modality,
+        n_samples=len(indices),
+        targets=targets,
+        indices=indices,
+        name=name,
+        fingerprint=fingerprint,
+        info=info,
+    )
 
 
 def group_norm_audio(config: Any) -> bool:
@@ -502,8 +625,9 @@ def group_norm_audio(config: Any) -> bool:
     return getattr(config, "feat_extract_norm", None) == "group"
 
 
-def _equal_length_batches(proc: Any, values: List[Any], targets: Optional[np.ndarray],
-                          batch_size: int) -> Iterator[Batch]:
+def _equal_length_batches(
+    proc: Any, values: list[Any], targets: np.ndarray | None, batch_size: int
+) -> Iterator[Batch]:
     """Batches of clips of equal length only (no padding), at most ``batch_size`` each."""
     decoded = [_audio_array(v) for v in values]
     lengths = np.array([len(a) for a, _ in decoded])
@@ -511,16 +635,27 @@ def _equal_length_batches(proc: Any, values: List[Any], targets: Optional[np.nda
     start = 0
     while start < len(order):
         stop = start + 1
-        while stop < len(order) and stop - start < batch_size and lengths[order[stop]] == lengths[order[start]]:
+        while (
+            stop < len(order)
+            and stop - start < batch_size
+            and lengths[order[stop]] == lengths[order[start]]
+        ):
             stop += 1
         pos = order[start:stop]
-        inputs, _ = audio_batch(proc, [{"array": decoded[i][0], "sampling_rate": decoded[i][1]} for i in pos])
+        inputs, _ = audio_batch(
+            proc, [{"array": decoded[i][0], "sampling_rate": decoded[i][1]} for i in pos]
+        )
         inputs.pop("attention_mask", None)
-        yield Batch(inputs=inputs, mask=None, positions=pos, targets=None if targets is None else targets[pos])
+        yield Batch(
+            inputs=inputs,
+            mask=None,
+            positions=pos,
+            targets=None if targets is None else targets[pos],
+        )
         start = stop
 
 
-def split_batch(batch: Any, *, target_key: Optional[str], require_targets: bool) -> Tuple[Any, Any]:
+def split_batch(batch: Any, *, target_key: str | None, require_targets: bool) -> tuple[Any, Any]:
     """(inputs, targets) from a dict with a target key or an (inputs, targets) pair."""
     if isinstance(batch, dict) or hasattr(batch, "keys") and not torch.is_tensor(batch):
         keys = list(batch.keys())
@@ -551,7 +686,7 @@ def split_batch(batch: Any, *, target_key: Optional[str], require_targets: bool)
     )
 
 
-def _batch_size_of(inputs: Dict[str, Any]) -> int:
+def _batch_size_of(inputs: dict[str, Any]) -> int:
     for v in inputs.values():
         if torch.is_tensor(v) or isinstance(v, np.ndarray):
             return int(v.shape[0])
@@ -560,7 +695,9 @@ def _batch_size_of(inputs: Dict[str, Any]) -> int:
     raise LOESError("could not tell the batch size: the batch holds no tensors or lists")
 
 
-def _subset_loader(loader: Any, max_samples: Optional[int], random_state: Any, task: str) -> Tuple[Any, Optional[np.ndarray]]:
+def _subset_loader(
+    loader: Any, max_samples: int | None, random_state: Any, task: str
+) -> tuple[Any, np.ndarray | None]:
     """A sequential DataLoader over a map-style dataset longer than the cap is
     re-drawn as a seeded (stratified where labels are cheap to read) subset."""
     if not isinstance(loader, torch.utils.data.DataLoader) or max_samples is None:
@@ -572,17 +709,28 @@ def _subset_loader(loader: Any, max_samples: Optional[int], random_state: Any, t
         return loader, None
     labels = None
     if task == "classification":
-        if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2 and ds.tensors[-1].ndim == 1:
+        if (
+            isinstance(ds, torch.utils.data.TensorDataset)
+            and len(ds.tensors) >= 2
+            and ds.tensors[-1].ndim == 1
+        ):
             labels = ds.tensors[-1].numpy()
         elif _is_hf_dataset(ds):
             key = find_target_key(list(ds.column_names), None, required=False)
             labels = _as_target_array(column_values(ds, key)) if key else None
     idx = calibration_indices(len(ds), max_samples, labels, random_state=random_state)
-    logger.info("dataloader is sequential over %d rows: drawing a seeded %s sample of %d",
-                len(ds), "stratified" if labels is not None else "random", len(idx))
+    logger.info(
+        "dataloader is sequential over %d rows: drawing a seeded %s sample of %d",
+        len(ds),
+        "stratified" if labels is not None else "random",
+        len(idx),
+    )
     sub = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, idx.tolist()), batch_size=loader.batch_size or 32,
-        collate_fn=loader.collate_fn, num_workers=loader.num_workers, shuffle=False,
+        torch.utils.data.Subset(ds, idx.tolist()),
+        batch_size=loader.batch_size or 32,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        shuffle=False,
     )
     return sub, idx
 
@@ -593,9 +741,9 @@ def from_dataloader(
     get_processor: Callable[[str], Any],
     config: Any,
     task: str,
-    target_key: Optional[str] = None,
+    target_key: str | None = None,
     text_key: Any = None,
-    max_samples: Optional[int],
+    max_samples: int | None,
     max_length: int = 512,
     random_state: Any = 0,
     main_input_name: str = "input_ids",
@@ -604,24 +752,36 @@ def from_dataloader(
     """Calibration data from a dataloader (or any iterable of batches)."""
     loader, indices = _subset_loader(loader, max_samples, random_state, task)
     require_targets = task != "label_free"
-    state: Dict[str, Any] = {}
+    state: dict[str, Any] = {}
 
     def make_batches() -> Iterator[Batch]:
         seen = 0
         row_shape = None
         for b, raw in enumerate(loader):
-            inputs, targets = split_batch(raw, target_key=target_key, require_targets=require_targets)
+            inputs, targets = split_batch(
+                raw, target_key=target_key, require_targets=require_targets
+            )
             inputs = _inputs_dict(inputs, main_input_name, positional_names)
             inputs = _tokenize_raw(inputs, text_key, get_processor, config, max_length)
             n = _batch_size_of(inputs)
             if max_samples is not None and seen + n > max_samples:
                 n = max_samples - seen
-                inputs = {k: (v[:n] if hasattr(v, "__getitem__") and not isinstance(v, (str, bytes)) else v)
-                          for k, v in inputs.items()}
+                inputs = {
+                    k: (
+                        v[:n]
+                        if hasattr(v, "__getitem__") and not isinstance(v, (str, bytes))
+                        else v
+                    )
+                    for k, v in inputs.items()
+                }
                 targets = targets[:n] if targets is not None else None
             tgt = None
             if targets is not None:
-                tgt = targets.detach().cpu().numpy() if torch.is_tensor(targets) else _as_target_array(targets)
+                tgt = (
+                    targets.detach().cpu().numpy()
+                    if torch.is_tensor(targets)
+                    else _as_target_array(targets)
+                )
                 tgt = tgt.reshape(1) if tgt.ndim == 0 else tgt
                 row_shape = tgt.shape[1:] if row_shape is None else row_shape
                 if tgt.shape[1:] != row_shape or len(tgt) != n:
@@ -632,39 +792,58 @@ def from_dataloader(
                     )
             pos = np.arange(seen, seen + n)
             seen += n
-            yield Batch(inputs=inputs, mask=inputs.get("attention_mask"), positions=pos, targets=tgt)
+            yield Batch(
+                inputs=inputs, mask=inputs.get("attention_mask"), positions=pos, targets=tgt
+            )
             if max_samples is not None and seen >= max_samples:
                 state["truncated"] = True
                 break
         state["seen"] = seen
 
     shuffled = isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler)
-    return CalibrationData(batches=make_batches, modality="unknown", indices=indices,
-                           name="pytorch_dataloader",
-                           info={"state": state, "resampled": indices is not None or shuffled})
+    return CalibrationData(
+        batches=make_batches,
+        modality="unknown",
+        indices=indices,
+        name="pytorch_dataloader",
+        info={"state": state, "resampled": indices is not None or shuffled},
+    )
 
 
-def _inputs_dict(inputs: Any, main_input_name: str, positional: Sequence[str]) -> Dict[str, Any]:
+def _inputs_dict(inputs: Any, main_input_name: str, positional: Sequence[str]) -> dict[str, Any]:
     if torch.is_tensor(inputs) or isinstance(inputs, np.ndarray):
         return {main_input_name: torch.as_tensor(inputs)}
     if isinstance(inputs, (tuple, list)) and inputs and all(torch.is_tensor(v) for v in inputs):
         names = [n for n in positional if n != "self"][: len(inputs)]
         if len(names) < len(inputs):
-            raise LOESError(f"got {len(inputs)} positional inputs but the forward takes {list(positional)}")
+            raise LOESError(
+                f"got {len(inputs)} positional inputs but the forward takes {list(positional)}"
+            )
         return dict(zip(names, inputs))
     if hasattr(inputs, "keys"):
         return dict(inputs)
-    raise LOESError(f"unsupported batch inputs of type {type(inputs).__name__}: yield tensors or dicts of tensors")
+    raise LOESError(
+        f"unsupported batch inputs of type {type(inputs).__name__}: yield tensors or dicts of tensors"
+    )
 
 
-def _tokenize_raw(inputs: Dict[str, Any], text_key: Any, get_processor, config, max_length: int) -> Dict[str, Any]:
+def _tokenize_raw(
+    inputs: dict[str, Any], text_key: Any, get_processor, config, max_length: int
+) -> dict[str, Any]:
     """Dict batches of raw strings (no input_ids) go through the tokenizer; ragged lists are padded."""
     if any(k in inputs for k in ("input_ids", "pixel_values", "input_values", "input_features")):
-        ragged = {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS and isinstance(v, (list, tuple))}
+        ragged = {
+            k: v
+            for k, v in inputs.items()
+            if k in MODEL_INPUT_KEYS and isinstance(v, (list, tuple))
+        }
         if ragged:
             tok = get_processor("text") if "input_ids" in ragged else None
             pad_id, side = tokenizer_padding(tok, config) if tok is not None else (0, "right")
-            rows = [{k: v[i] for k, v in ragged.items()} for i in range(len(next(iter(ragged.values()))))]
+            rows = [
+                {k: v[i] for k, v in ragged.items()}
+                for i in range(len(next(iter(ragged.values()))))
+            ]
             inputs = {**inputs, **pad_rows(rows, pad_token_id=pad_id, padding_side=side)}
         return inputs
     keys = (text_key,) if isinstance(text_key, str) else tuple(text_key or ())
@@ -684,7 +863,7 @@ def _tokenize_raw(inputs: Dict[str, Any], text_key: Any, get_processor, config, 
     return pad_rows(rows, pad_token_id=pad_id, padding_side=side)
 
 
-def warn_dataloader_sample(data: CalibrationData, targets: Optional[np.ndarray], task: str) -> None:
+def warn_dataloader_sample(data: CalibrationData, targets: np.ndarray | None, task: str) -> None:
     """After a dataloader run: say when the sample may be unrepresentative."""
     state = data.info.get("state", {})
     if state.get("truncated") and not data.info.get("resampled"):
@@ -695,7 +874,12 @@ def warn_dataloader_sample(data: CalibrationData, targets: Optional[np.ndarray],
             LOESWarning,
             stacklevel=4,
         )
-    if task == "classification" and targets is not None and targets.ndim == 1 and len(np.unique(targets)) == 1:
+    if (
+        task == "classification"
+        and targets is not None
+        and targets.ndim == 1
+        and len(np.unique(targets)) == 1
+    ):
         warnings.warn(
             f"the calibration sample holds a single class ({targets[0]!r}): check the data order or labels",
             LOESWarning,
@@ -719,7 +903,7 @@ def _is_row(item: Any) -> bool:
     return True
 
 
-def as_row_stream(obj: Any) -> Tuple[Any, bool]:
+def as_row_stream(obj: Any) -> tuple[Any, bool]:
     """(the object, or an equivalent iterable if its first item had to be read; whether it is
     a stream of rows). ``datasets.IterableDataset`` always is; a DataLoader never is; any other
     iterable is when its first item is a row (:func:`_is_row`)."""
@@ -737,8 +921,15 @@ def as_row_stream(obj: Any) -> Tuple[Any, bool]:
     return itertools.chain([first], it), _is_row(first)
 
 
-def from_stream(stream: Any, *, task: str, target_key: Optional[str], max_samples: Optional[int],
-                random_state: Any, **dataset_args: Any) -> CalibrationData:
+def from_stream(
+    stream: Any,
+    *,
+    task: str,
+    target_key: str | None,
+    max_samples: int | None,
+    random_state: Any,
+    **dataset_args: Any,
+) -> CalibrationData:
     """Calibration data from a row stream (``datasets.IterableDataset`` or an iterable of dicts
     or ``(text, label)`` pairs), sampled in one pass (:func:`~loes.hf.sampling.stratified_reservoir`,
     stratified by class for classification); ``max_samples=None`` keeps every row.
@@ -747,26 +938,32 @@ def from_stream(stream: Any, *, task: str, target_key: Optional[str], max_sample
     """
     datasets = require("datasets", extra="hf")
     features = getattr(stream, "features", None)
-    state: Dict[str, Any] = {}
+    state: dict[str, Any] = {}
 
-    def rows() -> Iterator[Dict[str, Any]]:
+    def rows() -> Iterator[dict[str, Any]]:
         for i, row in enumerate(stream):
             if isinstance(row, (tuple, list)):
                 if not (len(row) == 2 and isinstance(row[0], str)):
-                    raise LOESError(f"stream row {i} is a {type(row).__name__} of length {len(row)}: yield "
-                                    "dicts of columns or (text, label) pairs")
+                    raise LOESError(
+                        f"stream row {i} is a {type(row).__name__} of length {len(row)}: yield "
+                        "dicts of columns or (text, label) pairs"
+                    )
                 row = {"text": row[0], "label": row[1]}
             elif not isinstance(row, dict):
-                raise LOESError(f"stream row {i} is a {type(row).__name__}: yield dicts of columns or "
-                                "(text, label) pairs")
+                raise LOESError(
+                    f"stream row {i} is a {type(row).__name__}: yield dicts of columns or "
+                    "(text, label) pairs"
+                )
             if "key" not in state:
                 state["key"] = find_target_key(list(row), target_key, required=task != "label_free")
             yield row
 
-    def class_of(row: Dict[str, Any]) -> Any:
+    def class_of(row: dict[str, Any]) -> Any:
         value = row.get(state["key"])
         if value is None:
-            raise LOESError(f"a stream row has no value for the target {state['key']!r}: drop such rows first")
+            raise LOESError(
+                f"a stream row has no value for the target {state['key']!r}: drop such rows first"
+            )
         return value if isinstance(value, (str, int, float, bool, np.generic)) else repr(value)
 
     stratify = task == "classification"
@@ -774,22 +971,35 @@ def from_stream(stream: Any, *, task: str, target_key: Optional[str], max_sample
         sample = list(rows())
         positions, n_rows = np.arange(len(sample), dtype=np.int64), len(sample)
     else:
-        positions, sample, counts = stratified_reservoir(rows(), int(max_samples),
-                                                         class_of if stratify else None,
-                                                         random_state=random_state)
+        positions, sample, counts = stratified_reservoir(
+            rows(), int(max_samples), class_of if stratify else None, random_state=random_state
+        )
         n_rows = sum(counts.values())
     if not sample:
         raise LOESError("the stream yielded no rows")
-    table = (datasets.Dataset.from_list(sample, features=features) if features is not None
-             else datasets.Dataset.from_list(sample))
-    data = from_dataset(table, task=task, target_key=target_key, max_samples=None,
-                        random_state=random_state, **dataset_args)
+    table = (
+        datasets.Dataset.from_list(sample, features=features)
+        if features is not None
+        else datasets.Dataset.from_list(sample)
+    )
+    data = from_dataset(
+        table,
+        task=task,
+        target_key=target_key,
+        max_samples=None,
+        random_state=random_state,
+        **dataset_args,
+    )
     data.indices = positions
     data.name = f"stream[{type(stream).__name__}]"
     data.info.update(n_rows=n_rows, sampling="stratified reservoir" if stratify else "reservoir")
     h = hashlib.sha256((data.fingerprint or "").encode())
     h.update(positions.tobytes())
     data.fingerprint = h.hexdigest()[:16]
-    logger.info("streamed %d rows in one pass; kept a seeded %s sample of %d", n_rows,
-                data.info["sampling"], len(positions))
+    logger.info(
+        "streamed %d rows in one pass; kept a seeded %s sample of %d",
+        n_rows,
+        data.info["sampling"],
+        len(positions),
+    )
     return data

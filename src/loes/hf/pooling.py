@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -46,19 +46,44 @@ _ST_MODES = (
 _ST_POOLING = "sentence_transformers.models.Pooling"
 
 #: Text encoders whose first token is a sentence-level [CLS]/<s> token.
-TEXT_CLS_TYPES = frozenset({
-    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra",
-    "ernie", "megatron-bert", "modernbert", "mpnet", "nomic_bert", "roberta",
-    "roberta-prelayernorm", "roformer", "xlm-roberta", "xlm-roberta-xl",
-})
+TEXT_CLS_TYPES = frozenset(
+    {
+        "albert",
+        "bert",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "ernie",
+        "megatron-bert",
+        "modernbert",
+        "mpnet",
+        "nomic_bert",
+        "roberta",
+        "roberta-prelayernorm",
+        "roformer",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
 #: Vision transformers with a class token at position 0.
-VIT_CLS_TYPES = frozenset({
-    "beit", "clip_vision_model", "data2vec-vision", "deit", "dinov2",
-    "dinov2_with_registers", "dinov3_vit", "vit", "vit_msn",
-})
+VIT_CLS_TYPES = frozenset(
+    {
+        "beit",
+        "clip_vision_model",
+        "data2vec-vision",
+        "deit",
+        "dinov2",
+        "dinov2_with_registers",
+        "dinov3_vit",
+        "vit",
+        "vit_msn",
+    }
+)
 
 
-def _st_file(source: str, filename: str, revision: Optional[str]) -> Optional[str]:
+def _st_file(source: str, filename: str, revision: str | None) -> str | None:
     """Local path of ``filename`` in a model folder or hub repo (None when it has none)."""
     folder = os.path.expanduser(source)
     if os.path.isdir(folder):
@@ -75,17 +100,20 @@ def _st_file(source: str, filename: str, revision: Optional[str]) -> Optional[st
             return hit
         if hit is not None:  # cached as absent
             return None
-        return cached_file(source, filename, revision=revision,
-                           _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False,
-                           _raise_exceptions_for_gated_repo=False)
+        return cached_file(
+            source,
+            filename,
+            revision=revision,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            _raise_exceptions_for_gated_repo=False,
+        )
     except Exception as e:  # not a hub id, no network: no declared pooling
         logger.debug("no %s for %s: %s", filename, source, e)
         return None
 
 
-def declared_pooling(source: Optional[str], revision: Optional[str] = None
-                     ) -> Optional[Dict[str, Any]]:
+def declared_pooling(source: str | None, revision: str | None = None) -> dict[str, Any] | None:
     """The pooling a sentence-transformers model declares, read from its folder or hub repo.
 
     Parameters
@@ -124,9 +152,16 @@ def declared_pooling(source: Optional[str], revision: Optional[str] = None
     return {"file": rel, "modes": modes, "pooling": names.pop() if len(names) == 1 else None}
 
 
-def choose_pooling(pooling: str, family: str, model_type: str, state_ndim: int = 3, *,
-                   source: Optional[str] = None, revision: Optional[str] = None,
-                   module: Optional[str] = None) -> Tuple[str, str]:
+def choose_pooling(
+    pooling: str,
+    family: str,
+    model_type: str,
+    state_ndim: int = 3,
+    *,
+    source: str | None = None,
+    revision: str | None = None,
+    module: str | None = None,
+) -> tuple[str, str]:
     """The concrete pooling for ``pooling`` and the reason for it.
 
     ``"auto"`` resolves, in this order:
@@ -166,9 +201,7 @@ def choose_pooling(pooling: str, family: str, model_type: str, state_ndim: int =
     if name == "avg" or name == "average":
         name = "mean"
     if name not in POOLINGS and name != "auto":
-        raise LOESError(
-            f"pooling must be 'auto' or one of {list(POOLINGS)}; got {pooling!r}"
-        )
+        raise LOESError(f"pooling must be 'auto' or one of {list(POOLINGS)}; got {pooling!r}")
     if state_ndim == 4:
         if name in ("cls", "last_token"):
             raise LOESError(
@@ -182,8 +215,13 @@ def choose_pooling(pooling: str, family: str, model_type: str, state_ndim: int =
     st = declared_pooling(source, revision)
     if st is not None and st["pooling"] is not None:
         modes = ", ".join(st["modes"])
-        chosen, reason = st["pooling"], (f"{st['pooling']}: from the model's sentence-transformers "
-                                         f"pooling config {st['file']} ({modes})")
+        chosen, reason = (
+            st["pooling"],
+            (
+                f"{st['pooling']}: from the model's sentence-transformers "
+                f"pooling config {st['file']} ({modes})"
+            ),
+        )
         if "pooling_mode_mean_sqrt_len_tokens" in st["modes"]:
             reason += "; its sum / sqrt(length) is the masked mean up to a per-row scale"
     elif st is not None:
@@ -192,7 +230,8 @@ def choose_pooling(pooling: str, family: str, model_type: str, state_ndim: int =
             f"the model's sentence-transformers pooling config {st['file']} asks for {modes}, "
             "which loes cannot reproduce (it pools one way: cls, mean, masked_mean, max or "
             "last_token); using masked_mean. Pass pooling=... to choose another",
-            LOESWarning, stacklevel=find_stacklevel(),
+            LOESWarning,
+            stacklevel=find_stacklevel(),
         )
         chosen = "masked_mean"
         reason = f"masked_mean: fallback, {st['file']} asks for {modes} (not supported)"
@@ -210,13 +249,14 @@ def choose_pooling(pooling: str, family: str, model_type: str, state_ndim: int =
     return chosen, reason
 
 
-def resolve_pooling(pooling: str, family: str, model_type: str, state_ndim: int = 3, *,
-                    source: Optional[str] = None) -> str:
+def resolve_pooling(
+    pooling: str, family: str, model_type: str, state_ndim: int = 3, *, source: str | None = None
+) -> str:
     """The concrete pooling name of :func:`choose_pooling` (without the reason)."""
     return choose_pooling(pooling, family, model_type, state_ndim, source=source)[0]
 
 
-def pool(state: torch.Tensor, mask: Optional[torch.Tensor], pooling: str) -> torch.Tensor:
+def pool(state: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """Pool one layer's states to (batch, dim), accumulating in float32.
 
     Parameters

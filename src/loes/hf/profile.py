@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,17 +30,17 @@ def profile_model(
     dataset: Any,
     *,
     split: str = "train",
-    text_key: Optional[str] = None,
-    max_samples: Optional[int] = 256,
+    text_key: str | None = None,
+    max_samples: int | None = 256,
     n_views: int = 0,
-    augment: Optional[Callable[[str], str]] = None,
-    metrics: Optional[Sequence[str]] = None,
+    augment: Callable[[str], str] | None = None,
+    metrics: Sequence[str] | None = None,
     alpha: float = 1.0,
     batch_size: int = 32,
     max_length: int = 256,
     device: Any = None,
     dtype: Any = None,
-    gguf_file: Optional[str] = None,
+    gguf_file: str | None = None,
     tokenizer: Any = None,
     random_state: int = 0,
     show_progress: ProgressSetting = "auto",
@@ -83,14 +84,23 @@ def profile_model(
     ds, name = load_dataset_any(dataset, split=split)
     kind, columns = find_input(ds, text_key, None)
     if kind != "text":
-        raise LOESError(f"profile_model needs a single text column; the dataset's input is {kind} {columns}")
+        raise LOESError(
+            f"profile_model needs a single text column; the dataset's input is {kind} {columns}"
+        )
     texts = list(ds[columns[0]])
     rng = np.random.default_rng(random_state)
     if max_samples is not None and max_samples < len(texts):
         rows = np.sort(rng.choice(len(texts), size=max_samples, replace=False))
         texts = [texts[i] for i in rows]
-    common = dict(text_key="text", max_samples=None, batch_size=batch_size, max_length=max_length,
-                  tokenizer=tokenizer, random_state=random_state, show_progress=show_progress)
+    common = dict(
+        text_key="text",
+        max_samples=None,
+        batch_size=batch_size,
+        max_length=max_length,
+        tokenizer=tokenizer,
+        random_state=random_state,
+        show_progress=show_progress,
+    )
     acc = TokenMetricAccumulator(alpha=alpha)
     layer_names = None
     for item in iter_hidden_states(model, datasets.Dataset.from_dict({"text": texts}), **common):
@@ -101,14 +111,33 @@ def profile_model(
         augment = augment or TextAugmenter(random_state=rng)
         views = []
         for view_texts in make_views(texts, augment, n_views):
-            emb = extract_embeddings(model, datasets.Dataset.from_dict({"text": view_texts}),
-                                     task="label_free", pooling="masked_mean", **common)
+            emb = extract_embeddings(
+                model,
+                datasets.Dataset.from_dict({"text": view_texts}),
+                task="label_free",
+                pooling="masked_mean",
+                **common,
+            )
             order = np.argsort(emb.indices) if emb.indices is not None else slice(None)
             views.append(torch.as_tensor(emb.embeddings)[order])
-    logger.info("profiled %s on %s: %d texts, %d views", getattr(model, "name_or_path", "model"), name,
-                len(texts), n_views)
-    out = profile(acc.pooled(), tokens=acc, views=views, metrics=metrics, alpha=alpha,
-                  random_state=random_state, layer_names=layer_names, show_progress=show_progress)
-    out.config.update({"dataset": name, "n_samples": len(texts), "n_views": n_views,
-                       "pooling": "masked_mean"})
+    logger.info(
+        "profiled %s on %s: %d texts, %d views",
+        getattr(model, "name_or_path", "model"),
+        name,
+        len(texts),
+        n_views,
+    )
+    out = profile(
+        acc.pooled(),
+        tokens=acc,
+        views=views,
+        metrics=metrics,
+        alpha=alpha,
+        random_state=random_state,
+        layer_names=layer_names,
+        show_progress=show_progress,
+    )
+    out.config.update(
+        {"dataset": name, "n_samples": len(texts), "n_views": n_views, "pooling": "masked_mean"}
+    )
     return out

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import heapq
 import warnings
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ __all__ = ["DEFAULT_MAX_SAMPLES", "calibration_indices", "stratified_reservoir"]
 #: up to ~1k, small enough to extract in minutes on a CPU.
 DEFAULT_MAX_SAMPLES = 1024
 
+
 def _label_keys(labels: np.ndarray) -> np.ndarray:
     """One hashable, sortable key per row (rows of a 2-D label matrix become tuples)."""
     if labels.ndim == 1:
@@ -33,11 +35,11 @@ def _label_keys(labels: np.ndarray) -> np.ndarray:
 
 def calibration_indices(
     n_rows: int,
-    max_samples: Optional[int] = DEFAULT_MAX_SAMPLES,
+    max_samples: int | None = DEFAULT_MAX_SAMPLES,
     labels: Any = None,
     *,
     stratify: bool = True,
-    all_classes: Optional[Sequence[Any]] = None,
+    all_classes: Sequence[Any] | None = None,
     random_state: RandomState = 0,
 ) -> np.ndarray:
     """Row indices of a calibration sample, sorted ascending.
@@ -72,7 +74,9 @@ def calibration_indices(
     if n_rows <= 0:
         raise LOESError("the dataset has no rows to sample calibration data from")
     if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
-        raise LOESError(f"max_calibration_samples must be a positive integer or None; got {max_samples!r}")
+        raise LOESError(
+            f"max_calibration_samples must be a positive integer or None; got {max_samples!r}"
+        )
     rng = check_random_state(random_state)
     take_all = max_samples is None or int(max_samples) >= n_rows
     keys = None
@@ -97,15 +101,20 @@ def _stratified(keys: np.ndarray, budget: int, rng: np.random.Generator) -> np.n
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     quota = allocate(budget, counts, capacity=counts)
-    chosen = [rng.choice(np.flatnonzero(inverse == c), size=int(q), replace=False)
-              for c, q in enumerate(quota) if q]
+    chosen = [
+        rng.choice(np.flatnonzero(inverse == c), size=int(q), replace=False)
+        for c, q in enumerate(quota)
+        if q
+    ]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def _warn_missing(keys: np.ndarray, idx: np.ndarray, all_classes, labels) -> None:
     sampled = set(np.unique(keys[idx]).tolist())
     in_split = set(np.unique(keys).tolist())
-    expected = set(all_classes) if all_classes is not None and np.asarray(labels).ndim == 1 else in_split
+    expected = (
+        set(all_classes) if all_classes is not None and np.asarray(labels).ndim == 1 else in_split
+    )
     absent_split = sorted(expected - in_split, key=str)
     if absent_split:
         warnings.warn(
@@ -134,10 +143,10 @@ def _warn_missing(keys: np.ndarray, idx: np.ndarray, all_classes, labels) -> Non
 def stratified_reservoir(
     rows: Iterable[Any],
     max_samples: int,
-    class_of: Optional[Callable[[Any], Hashable]] = None,
+    class_of: Callable[[Any], Hashable] | None = None,
     *,
     random_state: RandomState = 0,
-) -> Tuple[np.ndarray, List[Any], Dict[Hashable, int]]:
+) -> tuple[np.ndarray, list[Any], dict[Hashable, int]]:
     """A seeded, class-stratified sample of a stream, drawn in one pass.
 
     Priority sampling: row ``i`` gets the key ``u_i`` (the ``i``-th uniform draw of
@@ -176,8 +185,8 @@ def stratified_reservoir(
     (70, 700)
     """
     rng = check_random_state(random_state)
-    heaps: Dict[Hashable, List[Tuple[float, int, Any]]] = {}
-    counts: Dict[Hashable, int] = {}
+    heaps: dict[Hashable, list[tuple[float, int, Any]]] = {}
+    counts: dict[Hashable, int] = {}
     draws = np.empty(0)
     for i, row in enumerate(rows):
         if i % 4096 == 0:
@@ -191,9 +200,19 @@ def stratified_reservoir(
         elif item[0] > heap[0][0]:
             heapq.heapreplace(heap, item)
     classes = sorted(counts, key=repr)
-    quota = allocate(max_samples, np.array([counts[c] for c in classes]),
-                     capacity=np.array([counts[c] for c in classes])) if classes else []
-    chosen = [(i, row) for c, q in zip(classes, quota)
-              for _, i, row in sorted(heaps[c], key=lambda t: -t[0])[:int(q)]]
+    quota = (
+        allocate(
+            max_samples,
+            np.array([counts[c] for c in classes]),
+            capacity=np.array([counts[c] for c in classes]),
+        )
+        if classes
+        else []
+    )
+    chosen = [
+        (i, row)
+        for c, q in zip(classes, quota)
+        for _, i, row in sorted(heaps[c], key=lambda t: -t[0])[: int(q)]
+    ]
     chosen.sort(key=lambda t: t[0])
     return np.array([i for i, _ in chosen], dtype=np.int64), [row for _, row in chosen], counts

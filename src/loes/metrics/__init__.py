@@ -17,10 +17,21 @@ batches with bounded memory; :func:`select_layers_label_free` turns a metric
 """
 
 from loes._linalg import isotropy
-from loes.metrics._entropy import dataset_entropy, effective_rank, matrix_entropy, prompt_entropy, rankme
+from loes.metrics._entropy import (
+    dataset_entropy,
+    effective_rank,
+    matrix_entropy,
+    prompt_entropy,
+    rankme,
+)
 from loes.metrics._geometry import cka_matrix, curvature, twonn_dimension
 from loes.metrics._profile import METRICS, MetricProfile, MetricSpec, layer_metrics, profile
-from loes.metrics._select import LABEL_FREE_METHODS, best_layer_by_metric, layer_scores, select_layers_label_free
+from loes.metrics._select import (
+    LABEL_FREE_METHODS,
+    best_layer_by_metric,
+    layer_scores,
+    select_layers_label_free,
+)
 from loes.metrics._tokens import TokenMetricAccumulator
 from loes.metrics._views import dime, infonce, lidar
 

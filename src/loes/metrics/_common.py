@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def as_matrix(x: Any, what: str = "x", min_rows: int = 2) -> torch.Tensor:
     return t
 
 
-def as_tokens(tokens: Any, mask: Optional[Any] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def as_tokens(tokens: Any, mask: Any | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token states as float64 (B, T, D) and a bool mask (B, T).
 
     A single prompt of shape (T, D) is accepted as a batch of one. Padded
@@ -75,13 +75,15 @@ def entropy_of_spectrum(p: torch.Tensor, alpha: float) -> torch.Tensor:
         raise LOESError(f"alpha must be positive; got {alpha!r}")
     p = p.clamp(min=0.0)
     if abs(alpha - 1.0) < 1e-12:
-        logp = torch.where(p > 0, torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+        logp = torch.where(
+            p > 0, torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)
+        )
         return -(p * logp).sum(-1)
     powered = torch.where(p > 0, p.pow(alpha), torch.zeros_like(p))
     return torch.log(powered.sum(-1)) / (1.0 - alpha)
 
 
-def gram_spectrum(k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def gram_spectrum(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues of symmetric PSD matrices ``k`` (..., n, n) divided by their sum.
 
     Returns ``(p, total)``: ``p`` sums to 1 along the last axis (0 where the

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 
-def _batched_entropy(z: torch.Tensor, counts: torch.Tensor, alpha: float, normalize: bool) -> torch.Tensor:
+def _batched_entropy(
+    z: torch.Tensor, counts: torch.Tensor, alpha: float, normalize: bool
+) -> torch.Tensor:
     """α-entropy of each zero-padded (n_b, D) block of ``z`` (B, T, D).
 
     ``counts`` (B,) holds the number of real rows of each block. Returns (B,)
@@ -80,7 +82,7 @@ def matrix_entropy(z: Any, alpha: float = 1.0, *, normalize: bool = True) -> flo
 
 def prompt_entropy(
     tokens: Any,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     alpha: float = 1.0,
     *,
     normalize: bool = True,
@@ -124,12 +126,16 @@ def _reduce(values: torch.Tensor, reduction: str, name: str):
         raise LOESError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
     ok = ~torch.isnan(values)
     if not bool(ok.any()):
-        warnings.warn(f"{name} is undefined for every prompt (too few tokens?)", LOESWarning, stacklevel=3)
+        warnings.warn(
+            f"{name} is undefined for every prompt (too few tokens?)", LOESWarning, stacklevel=3
+        )
         return float("nan")
     return float(values[ok].mean())
 
 
-def dataset_entropy(x: Any, alpha: float = 1.0, *, normalize: bool = True, center: bool = False) -> float:
+def dataset_entropy(
+    x: Any, alpha: float = 1.0, *, normalize: bool = True, center: bool = False
+) -> float:
     """Dataset entropy: α-entropy of the Gram matrix of pooled samples.
 
     Parameters
@@ -203,4 +209,3 @@ def rankme(x: Any, eps: float = 1e-7) -> float:
     Direction: higher is better (RankMe's claim for SSL encoders).
     """
     return effective_rank(x, center=False, eps=eps)
-

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from loes._exceptions import LOESError
-from loes._validation import check_embeddings
 from loes._linalg import as_float
 from loes._linalg import cka_matrix as _cka_matrix
+from loes._validation import check_embeddings
 from loes.metrics._common import as_matrix, as_tokens
 from loes.metrics._entropy import _reduce
 
 __all__ = ["cka_matrix", "curvature", "twonn_dimension"]
 
 
-def curvature(tokens: Any, mask: Optional[Any] = None, *, reduction: str = "mean", degrees: bool = False):
+def curvature(
+    tokens: Any, mask: Any | None = None, *, reduction: str = "mean", degrees: bool = False
+):
     """Mean turning angle of each prompt's path through token space.
 
     With ``v_k = z_{k+1} − z_k`` the steps between consecutive (unmasked)
@@ -139,8 +141,9 @@ def twonn_dimension(
     return float((xs * ys).sum() / (xs * xs).sum())
 
 
-def cka_matrix(layers: Any, *, method: str = "auto", memory_limit: float = 4e8,
-               debiased: bool = False) -> torch.Tensor:
+def cka_matrix(
+    layers: Any, *, method: str = "auto", memory_limit: float = 4e8, debiased: bool = False
+) -> torch.Tensor:
     """Linear CKA between every pair of layers, as an (L, L) matrix.
 
     The one implementation, :func:`loes._linalg.cka_matrix`, on all samples:
@@ -166,5 +169,9 @@ def cka_matrix(layers: Any, *, method: str = "auto", memory_limit: float = 4e8,
     """
     if method not in ("auto", "gram", "feature"):
         raise LOESError(f"method must be 'auto', 'gram' or 'feature'; got {method!r}")
-    return _cka_matrix([as_float(x) for x in check_embeddings(layers)], debiased=debiased, method=method,
-                       memory_limit=memory_limit)
+    return _cka_matrix(
+        [as_float(x) for x in check_embeddings(layers)],
+        debiased=debiased,
+        method=method,
+        memory_limit=memory_limit,
+    )

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any
 
 import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError
 from loes._json import to_jsonable
+from loes._linalg import isotropy
 from loes._progress import ProgressSetting, progress
 from loes._validation import check_embeddings
-from loes._linalg import isotropy
 from loes.metrics._entropy import dataset_entropy, effective_rank, rankme
 from loes.metrics._geometry import cka_matrix, twonn_dimension
 from loes.metrics._tokens import TokenMetricAccumulator
@@ -40,20 +41,42 @@ class MetricSpec:
     description: str
 
 
-METRICS: Dict[str, MetricSpec] = {
+METRICS: dict[str, MetricSpec] = {
     m.name: m
     for m in [
-        MetricSpec("prompt_entropy", "tokens", "lower",
-                   "normalised α-entropy of each prompt's token Gram matrix (compression)"),
-        MetricSpec("curvature", "tokens", "lower", "mean turning angle of token trajectories (radians)"),
-        MetricSpec("dataset_entropy", "pooled", "higher", "normalised α-entropy of the pooled sample Gram matrix"),
-        MetricSpec("effective_rank", "pooled", "higher", "exp entropy of the singular values (centred)"),
+        MetricSpec(
+            "prompt_entropy",
+            "tokens",
+            "lower",
+            "normalised α-entropy of each prompt's token Gram matrix (compression)",
+        ),
+        MetricSpec(
+            "curvature", "tokens", "lower", "mean turning angle of token trajectories (radians)"
+        ),
+        MetricSpec(
+            "dataset_entropy",
+            "pooled",
+            "higher",
+            "normalised α-entropy of the pooled sample Gram matrix",
+        ),
+        MetricSpec(
+            "effective_rank", "pooled", "higher", "exp entropy of the singular values (centred)"
+        ),
         MetricSpec("rankme", "pooled", "higher", "RankMe: effective rank of the raw embeddings"),
-        MetricSpec("isotropy", "pooled", "higher", "normalised participation ratio of the covariance, in [0, 1]"),
+        MetricSpec(
+            "isotropy",
+            "pooled",
+            "higher",
+            "normalised participation ratio of the covariance, in [0, 1]",
+        ),
         MetricSpec("twonn", "pooled", "lower", "TwoNN intrinsic dimension"),
         MetricSpec("infonce", "views", "lower", "InfoNCE loss between two augmented views"),
-        MetricSpec("lidar", "views", "higher", "effective rank of the LDA matrix over augmented views"),
-        MetricSpec("dime", "views", "higher", "DiME mutual-information estimate between two views (nats)"),
+        MetricSpec(
+            "lidar", "views", "higher", "effective rank of the LDA matrix over augmented views"
+        ),
+        MetricSpec(
+            "dime", "views", "higher", "DiME mutual-information estimate between two views (nats)"
+        ),
     ]
 }
 
@@ -75,32 +98,39 @@ class MetricProfile:
         Settings used (alpha, temperature, random_state, ...).
     """
 
-    values: Dict[str, List[float]]
-    directions: Dict[str, str]
-    layer_names: Optional[List[str]] = None
-    cka: Optional[torch.Tensor] = None
-    config: Dict[str, Any] = field(default_factory=dict)
+    values: dict[str, list[float]]
+    directions: dict[str, str]
+    layer_names: list[str] | None = None
+    cka: torch.Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
         return len(next(iter(self.values.values()))) if self.values else 0
 
     @property
-    def metrics(self) -> List[str]:
+    def metrics(self) -> list[str]:
         return list(self.values)
 
-    def best_layer(self, metric: str, direction: Optional[str] = None) -> int:
+    def best_layer(self, metric: str, direction: str | None = None) -> int:
         """The layer with the highest (or lowest) value of ``metric``."""
         return self.ranking(metric, direction)[0]
 
-    def ranking(self, metric: str, direction: Optional[str] = None) -> List[int]:
+    def ranking(self, metric: str, direction: str | None = None) -> list[int]:
         """Layers from best to worst by ``metric`` in ``direction`` (NaN last)."""
         if metric not in self.values:
             raise LOESError(f"metric {metric!r} was not computed; available: {self.metrics}")
         direction = _check_direction(direction or self.directions[metric])
         sign = 1.0 if direction == "lower" else -1.0
         vals = self.values[metric]
-        return sorted(range(len(vals)), key=lambda i: (math.isnan(vals[i]), sign * vals[i] if not math.isnan(vals[i]) else 0.0, i))
+        return sorted(
+            range(len(vals)),
+            key=lambda i: (
+                math.isnan(vals[i]),
+                sign * vals[i] if not math.isnan(vals[i]) else 0.0,
+                i,
+            ),
+        )
 
     def table(self) -> str:
         """A plain-text table: one row per layer, one column per metric."""
@@ -117,10 +147,17 @@ class MetricProfile:
             lines.append(f"{label:<18}{row}")
         return "\n".join(lines)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A strict-JSON dict (:mod:`loes._json`: a NaN value as None)."""
-        return to_jsonable({"values": self.values, "directions": self.directions,
-                            "layer_names": self.layer_names, "cka": self.cka, "config": self.config})
+        return to_jsonable(
+            {
+                "values": self.values,
+                "directions": self.directions,
+                "layer_names": self.layer_names,
+                "cka": self.cka,
+                "config": self.config,
+            }
+        )
 
     def to_frame(self):
         """A pandas DataFrame with one row per layer."""
@@ -132,7 +169,7 @@ class MetricProfile:
             df.insert(0, "name", self.layer_names)
         return df
 
-    def plot(self, path: Optional[str] = None, *, title: Optional[str] = None):
+    def plot(self, path: str | None = None, *, title: str | None = None):
         """One panel per metric across layers, plus the CKA heat map.
 
         Needs matplotlib (``pip install 'loes[plot]'``). Returns a
@@ -181,7 +218,7 @@ def _check_direction(direction: str) -> str:
     return direction
 
 
-def _as_view_layers(views: Any, n_layers: Optional[int]) -> List[List[torch.Tensor]]:
+def _as_view_layers(views: Any, n_layers: int | None) -> list[list[torch.Tensor]]:
     """Views given as q embeddings (each (N, L, D) or a list of L layers) -> [layer][view]."""
     if isinstance(views, torch.Tensor) or hasattr(views, "ndim"):
         views = list(views)
@@ -193,7 +230,9 @@ def _as_view_layers(views: Any, n_layers: Optional[int]) -> List[List[torch.Tens
     per_view = [check_embeddings(v) for v in views]
     lens = {len(v) for v in per_view}
     if len(lens) != 1 or (n_layers is not None and lens != {n_layers}):
-        raise LOESError(f"every view must have the same number of layers as the embeddings; got {sorted(lens)}")
+        raise LOESError(
+            f"every view must have the same number of layers as the embeddings; got {sorted(lens)}"
+        )
     return [[v[i] for v in per_view] for i in range(len(per_view[0]))]
 
 
@@ -202,13 +241,13 @@ def profile(
     *,
     tokens: Any = None,
     views: Any = None,
-    metrics: Optional[Sequence[str]] = None,
+    metrics: Sequence[str] | None = None,
     alpha: float = 1.0,
     temperature: float = 0.1,
     n_permutations: int = 5,
     random_state: int = 0,
     with_cka: bool = True,
-    layer_names: Optional[Sequence[str]] = None,
+    layer_names: Sequence[str] | None = None,
     show_progress: ProgressSetting = "auto",
 ) -> MetricProfile:
     """Compute every applicable metric for every layer.
@@ -258,7 +297,7 @@ def profile(
         raise LOESError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if embeddings is None and tokens is None and views is None:
         raise LOESError("profile needs embeddings, tokens or views")
-    values: Dict[str, List[float]] = {}
+    values: dict[str, list[float]] = {}
 
     token_needed = [m for m in wanted if METRICS[m].source == "tokens"]
     if tokens is not None:
@@ -271,7 +310,7 @@ def profile(
 
     layers = check_embeddings(embeddings) if embeddings is not None else None
     n_layers = len(layers) if layers is not None else None
-    pooled_fns: Dict[str, Callable[[torch.Tensor], float]] = {
+    pooled_fns: dict[str, Callable[[torch.Tensor], float]] = {
         "dataset_entropy": lambda x: dataset_entropy(x, alpha),
         "effective_rank": lambda x: effective_rank(x, center=True),
         "rankme": rankme,
@@ -285,13 +324,16 @@ def profile(
 
     if views is not None:
         by_layer = _as_view_layers(views, n_layers)
-        view_fns: Dict[str, Callable[[List[torch.Tensor]], float]] = {
+        view_fns: dict[str, Callable[[list[torch.Tensor]], float]] = {
             "infonce": lambda v: infonce(v[0], v[1], temperature),
             "lidar": lidar,
-            "dime": lambda v: dime(v[0], v[1], alpha=alpha, n_permutations=n_permutations,
-                                   random_state=random_state),
+            "dime": lambda v: dime(
+                v[0], v[1], alpha=alpha, n_permutations=n_permutations, random_state=random_state
+            ),
         }
-        for name in progress([m for m in wanted if m in view_fns], show_progress, desc="view metrics"):
+        for name in progress(
+            [m for m in wanted if m in view_fns], show_progress, desc="view metrics"
+        ):
             values[name] = [view_fns[name](v) for v in by_layer]
 
     if not values:
@@ -305,15 +347,23 @@ def profile(
     ordered = {m: values[m] for m in METRICS if m in values}
     names = list(layer_names) if layer_names is not None else None
     if names is not None and len(names) != lengths.pop():
-        raise LOESError(f"layer_names has {len(names)} names for {len(next(iter(ordered.values())))} layers")
-    cka = cka_matrix(layers).cpu() if (with_cka and layers is not None and len(layers) > 1) else None
+        raise LOESError(
+            f"layer_names has {len(names)} names for {len(next(iter(ordered.values())))} layers"
+        )
+    cka = (
+        cka_matrix(layers).cpu() if (with_cka and layers is not None and len(layers) > 1) else None
+    )
     return MetricProfile(
         values=ordered,
         directions={m: METRICS[m].direction for m in ordered},
         layer_names=names,
         cka=cka,
-        config={"alpha": alpha, "temperature": temperature, "n_permutations": n_permutations,
-                "random_state": random_state},
+        config={
+            "alpha": alpha,
+            "temperature": temperature,
+            "n_permutations": n_permutations,
+            "random_state": random_state,
+        },
     )
 
 
@@ -325,7 +375,12 @@ def _accumulate(tokens: Any, alpha: float) -> TokenMetricAccumulator:
     if isinstance(tokens, TokenMetricAccumulator):
         return tokens
     acc = TokenMetricAccumulator(alpha=alpha)
-    if isinstance(tokens, tuple) and len(tokens) == 2 and hasattr(tokens[0], "ndim") and tokens[0].ndim == 4:
+    if (
+        isinstance(tokens, tuple)
+        and len(tokens) == 2
+        and hasattr(tokens[0], "ndim")
+        and tokens[0].ndim == 4
+    ):
         acc.update(tokens[0], tokens[1])
         return acc
     if isinstance(tokens, (torch.Tensor,)) and tokens.ndim == 4:

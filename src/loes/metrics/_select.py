@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from loes._exceptions import LOESError
 from loes._validation import check_k
@@ -26,11 +27,11 @@ def select_layers_label_free(
     *,
     tokens: Any = None,
     views: Any = None,
-    direction: Optional[str] = None,
-    metric_profile: Optional[MetricProfile] = None,
+    direction: str | None = None,
+    metric_profile: MetricProfile | None = None,
     alpha: float = 1.0,
     random_state: int = 0,
-    layer_names: Optional[Sequence[str]] = None,
+    layer_names: Sequence[str] | None = None,
     show_progress: Any = "auto",
     **loes_options: Any,
 ) -> LOESResult:
@@ -82,8 +83,14 @@ def select_layers_label_free(
         if embeddings is None:
             raise LOESError("method='loes' needs pooled embeddings")
         return select_layers_from_custom_embeddings(
-            embeddings, None, k, task="label_free", random_state=random_state,
-            layer_names=layer_names, show_progress=show_progress, **loes_options,
+            embeddings,
+            None,
+            k,
+            task="label_free",
+            random_state=random_state,
+            layer_names=layer_names,
+            show_progress=show_progress,
+            **loes_options,
         )
     if method not in METRICS:
         raise LOESError(f"method must be one of {list(LABEL_FREE_METHODS)}; got {method!r}")
@@ -93,9 +100,17 @@ def select_layers_label_free(
     direction = _check_direction(direction or METRICS[method].direction)
     prof = metric_profile
     if prof is None or method not in prof.values:
-        prof = profile(embeddings, tokens=tokens, views=views, metrics=[method], alpha=alpha,
-                       random_state=random_state, with_cka=False, layer_names=layer_names,
-                       show_progress=show_progress)
+        prof = profile(
+            embeddings,
+            tokens=tokens,
+            views=views,
+            metrics=[method],
+            alpha=alpha,
+            random_state=random_state,
+            with_cka=False,
+            layer_names=layer_names,
+            show_progress=show_progress,
+        )
     values = prof.values[method]
     n_layers = len(values)
     k = check_k(k, n_layers)
@@ -104,7 +119,7 @@ def select_layers_label_free(
     if len(valid) < k:
         raise LOESError(f"{method} is defined for only {len(valid)} layers; cannot pick k={k}")
     sign = 1.0 if direction == "lower" else -1.0
-    selected: List[int] = valid[:k]
+    selected: list[int] = valid[:k]
     steps = []
     for step, layer in enumerate(selected, 1):
         candidates = [i for i in range(n_layers) if i not in selected[: step - 1]]
@@ -123,15 +138,25 @@ def select_layers_label_free(
         preset=None,
         method=method,
         steps=steps,
-        config={"method": method, "metric": method, "direction": direction, "k": k,
-                "random_state": random_state, **prof.config},
+        config={
+            "method": method,
+            "metric": method,
+            "direction": direction,
+            "k": k,
+            "random_state": random_state,
+            **prof.config,
+        },
         timings={"total": time.perf_counter() - t0},
         layer_names=list(layer_names) if layer_names is not None else prof.layer_names,
     )
 
 
 def best_layer_by_metric(
-    embeddings: Any = None, metric: str = "dataset_entropy", *, direction: Optional[str] = None, **kwargs: Any
+    embeddings: Any = None,
+    metric: str = "dataset_entropy",
+    *,
+    direction: str | None = None,
+    **kwargs: Any,
 ) -> LOESResult:
     """The single best layer by ``metric`` (``k=1`` of :func:`select_layers_label_free`).
 
@@ -144,8 +169,13 @@ def best_layer_by_metric(
 
 
 def layer_scores(
-    embeddings: Any, metric: str, *, direction: Optional[str] = None, random_state: int = 0, **kwargs: Any
-) -> List[float]:
+    embeddings: Any,
+    metric: str,
+    *,
+    direction: str | None = None,
+    random_state: int = 0,
+    **kwargs: Any,
+) -> list[float]:
     """One score per layer for ``metric``, signed so that lower is better.
 
     The metric's value for ``"lower"`` metrics and its negative for
@@ -163,7 +193,9 @@ def layer_scores(
         raise LOESError(f"metric must be one of {list(METRICS)}; got {metric!r}")
     direction = _check_direction(direction or METRICS[metric].direction)
     kwargs.setdefault("show_progress", False)
-    prof = profile(embeddings, metrics=[metric], random_state=random_state, with_cka=False, **kwargs)
+    prof = profile(
+        embeddings, metrics=[metric], random_state=random_state, with_cka=False, **kwargs
+    )
     sign = 1.0 if direction == "lower" else -1.0
     return [sign * v for v in prof.values[metric]]
 

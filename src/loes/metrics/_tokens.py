@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ __all__ = ["TOKEN_METRICS", "TokenMetricAccumulator", "split_batch"]
 TOKEN_METRICS = ("prompt_entropy", "curvature")
 
 
-def split_batch(item: Any) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+def split_batch(item: Any) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Per-layer (B, T, D) states and the (B, T) mask from one stream item.
 
     Accepts ``(states, mask)`` tuples, dicts with ``"hidden_states"`` and
@@ -35,7 +36,9 @@ def split_batch(item: Any) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     else:
         states, mask = item, None
     if states is None:
-        raise LOESError("a token batch needs hidden states: pass (states, mask) or a dict with 'hidden_states'")
+        raise LOESError(
+            "a token batch needs hidden states: pass (states, mask) or a dict with 'hidden_states'"
+        )
     if isinstance(states, (list, tuple)):
         layers = list(states)
     else:
@@ -86,13 +89,15 @@ class TokenMetricAccumulator:
         self.alpha = alpha
         self.normalize = normalize
         self.keep_pooled = keep_pooled
-        self._sums: Dict[str, List[float]] = {}
-        self._counts: Dict[str, List[int]] = {}
-        self._pooled: List[torch.Tensor] = []
-        self.n_layers: Optional[int] = None
+        self._sums: dict[str, list[float]] = {}
+        self._counts: dict[str, list[int]] = {}
+        self._pooled: list[torch.Tensor] = []
+        self.n_layers: int | None = None
         self.n_samples = 0
 
-    def update(self, states: Union[torch.Tensor, Sequence[torch.Tensor]], mask: Optional[Any] = None) -> None:
+    def update(
+        self, states: torch.Tensor | Sequence[torch.Tensor], mask: Any | None = None
+    ) -> None:
         """Add one batch: (B, L, T, D) states or L tensors of (B, T, D); mask (B, T)."""
         layers, mask = split_batch((states, mask) if mask is not None else states)
         if self.n_layers is None:
@@ -107,7 +112,9 @@ class TokenMetricAccumulator:
             z = as_float(layer.detach().cpu())
             m = None if mask is None else mask.detach().cpu()
             values = {
-                "prompt_entropy": prompt_entropy(z, m, self.alpha, normalize=self.normalize, reduction="none"),
+                "prompt_entropy": prompt_entropy(
+                    z, m, self.alpha, normalize=self.normalize, reduction="none"
+                ),
                 "curvature": curvature(z, m, reduction="none"),
             }
             for name, v in values.items():
@@ -120,26 +127,30 @@ class TokenMetricAccumulator:
             self._pooled.append(torch.stack(pooled, 1).float())
         self.n_samples += layers[0].shape[0]
 
-    def consume(self, stream: Iterable[Any]) -> "TokenMetricAccumulator":
+    def consume(self, stream: Iterable[Any]) -> TokenMetricAccumulator:
         """Update from every item of a stream (see :func:`split_batch`); returns self."""
         for item in stream:
             layers, mask = split_batch(item)
             self.update(layers, mask)
         return self
 
-    def compute(self) -> Dict[str, List[float]]:
+    def compute(self) -> dict[str, list[float]]:
         """Mean prompt entropy and curvature per layer (NaN where undefined)."""
         if self.n_layers is None:
             raise LOESError("no token batches were added: call update() or consume() first")
         return {
-            name: [s / c if c else float("nan") for s, c in zip(self._sums[name], self._counts[name])]
+            name: [
+                s / c if c else float("nan") for s, c in zip(self._sums[name], self._counts[name])
+            ]
             for name in TOKEN_METRICS
         }
 
     def pooled(self) -> torch.Tensor:
         """Masked-mean pooled states of every sample seen, (n_samples, n_layers, dim)."""
         if not self.keep_pooled:
-            raise LOESError("pooled states were not kept: create the accumulator with keep_pooled=True")
+            raise LOESError(
+                "pooled states were not kept: create the accumulator with keep_pooled=True"
+            )
         if not self._pooled:
             raise LOESError("no token batches were added")
         return torch.cat(self._pooled, 0)

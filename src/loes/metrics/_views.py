@@ -8,7 +8,7 @@ coming from input i.
 from __future__ import annotations
 
 import math
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from loes.metrics._common import as_matrix, entropy_of_spectrum, gram_spectrum
 __all__ = ["as_views", "dime", "infonce", "lidar"]
 
 
-def as_views(views: Any, min_views: int = 2) -> List[torch.Tensor]:
+def as_views(views: Any, min_views: int = 2) -> list[torch.Tensor]:
     """A list of float64 (N, D) views from a list of arrays or a (Q, N, D) array."""
     if isinstance(views, (list, tuple)):
         out = [as_matrix(v, f"views[{i}]") for i, v in enumerate(views)]
@@ -37,7 +37,9 @@ def as_views(views: Any, min_views: int = 2) -> List[torch.Tensor]:
     shape = out[0].shape
     for i, v in enumerate(out):
         if v.shape != shape:
-            raise LOESError(f"all views must have the same shape {tuple(shape)}; view {i} has {tuple(v.shape)}")
+            raise LOESError(
+                f"all views must have the same shape {tuple(shape)}; view {i} has {tuple(v.shape)}"
+            )
     return out
 
 
@@ -176,7 +178,9 @@ def dime(
     a = as_matrix(view_a, "view_a")
     b = as_matrix(view_b, "view_b")
     if a.shape[0] != b.shape[0]:
-        raise LOESError(f"views must have the same number of samples; got {a.shape[0]} and {b.shape[0]}")
+        raise LOESError(
+            f"views must have the same number of samples; got {a.shape[0]} and {b.shape[0]}"
+        )
     gen = torch_generator(random_state)
     ua, ub = _unit_rows(a), _unit_rows(b)
     ka, kb = ua @ ua.T, ub @ ub.T

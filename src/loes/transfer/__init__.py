@@ -20,8 +20,15 @@ True
 from loes.transfer._finetune import FineTunedModel, finetune
 from loes.transfer._fusion import FUSIONS, FusionHead, FusionProbe, cosine_schedule
 from loes.transfer._georeg import GeoReg, eigenvalue_variance, triangle_log_area
-from loes.transfer._probes import (LayerStandardizer, LinearProbe, encode_labels, select_layers,
-                                   split_indices, take_layers, task_score)
+from loes.transfer._probes import (
+    LayerStandardizer,
+    LinearProbe,
+    encode_labels,
+    select_layers,
+    split_indices,
+    take_layers,
+    task_score,
+)
 
 __all__ = [
     "FUSIONS",

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,16 @@ class FineTunedModel(nn.Module):
     in the selector's results.
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, head: FusionHead, layers: Sequence[int],
-                 task: str, classes: Optional[list] = None, max_length: int = 128):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        head: FusionHead,
+        layers: Sequence[int],
+        task: str,
+        classes: list | None = None,
+        max_length: int = 128,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -52,10 +61,15 @@ class FineTunedModel(nn.Module):
         self.y_mean = None
         self.y_std = None
 
-    def _encode(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         device = next(self.backbone.parameters()).device
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {k: v.to(device) for k, v in enc.items()}
 
     def features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -64,9 +78,13 @@ class FineTunedModel(nn.Module):
         out = self.backbone(**enc, output_hidden_states=True)
         states = out.hidden_states
         if max(self.layers) + 1 >= len(states):
-            raise LOESError(f"layer {max(self.layers)} does not exist: the backbone has "
-                            f"{len(states) - 1} layers")
-        mask = enc.get("attention_mask", torch.ones(enc["input_ids"].shape, device=states[0].device))
+            raise LOESError(
+                f"layer {max(self.layers)} does not exist: the backbone has "
+                f"{len(states) - 1} layers"
+            )
+        mask = enc.get(
+            "attention_mask", torch.ones(enc["input_ids"].shape, device=states[0].device)
+        )
         pooled = [masked_mean(states[i + 1], mask).float() for i in self.layers]
         return self.head.features(pooled)
 
@@ -78,7 +96,7 @@ class FineTunedModel(nn.Module):
     def decision_function(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Logits or predicted values for ``texts`` (eval mode, batched)."""
         self.eval()
-        outs = [self(texts[i:i + batch_size]).cpu() for i in range(0, len(texts), batch_size)]
+        outs = [self(texts[i : i + batch_size]).cpu() for i in range(0, len(texts), batch_size)]
         out = torch.cat(outs)
         if self.task == "regression":
             out = out * self.y_std + self.y_mean
@@ -122,7 +140,7 @@ def finetune(
     georeg: Any = None,
     max_length: int = 128,
     freeze_backbone: bool = False,
-    random_state: Optional[int] = 0,
+    random_state: int | None = 0,
     show_progress: ProgressSetting = "auto",
 ) -> FineTunedModel:
     """Fine-tune a Hugging Face text encoder with a fusion head on ``layers``.
@@ -170,8 +188,10 @@ def finetune(
         raise LOESError("pass tokenizer= when model is a loaded model object")
     texts, val_texts = list(texts), list(val_texts)
     if len(texts) != len(targets) or len(val_texts) != len(val_targets):
-        raise LOESError(f"texts and targets must have equal lengths; got {len(texts)} texts and "
-                        f"{len(targets)} targets (validation: {len(val_texts)} and {len(val_targets)})")
+        raise LOESError(
+            f"texts and targets must have equal lengths; got {len(texts)} texts and "
+            f"{len(targets)} targets (validation: {len(val_texts)} and {len(val_targets)})"
+        )
     if not layers:
         raise LOESError("layers is empty: pass the selected layer indices")
     classes = None
@@ -182,7 +202,9 @@ def finetune(
         loss_fn: nn.Module = nn.CrossEntropyLoss()
     else:
         y = torch.as_tensor(np.asarray(targets, dtype=np.float32)).reshape(len(texts), -1)
-        y_va = torch.as_tensor(np.asarray(val_targets, dtype=np.float32)).reshape(len(val_texts), -1)
+        y_va = torch.as_tensor(np.asarray(val_targets, dtype=np.float32)).reshape(
+            len(val_texts), -1
+        )
         n_out = y.shape[1]
         loss_fn = nn.MSELoss()
     dim = int(getattr(model.config, "hidden_size", 0) or model.config.to_dict().get("d_model", 0))
@@ -192,7 +214,9 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = FusionHead([dim] * len(layers), n_out, hidden=hidden, fusion=fusion, dropout=dropout)
-        wrapped = FineTunedModel(model, tokenizer, head.to(device), layers, task, classes, max_length)
+        wrapped = FineTunedModel(
+            model, tokenizer, head.to(device), layers, task, classes, max_length
+        )
         if task == "regression":
             wrapped.y_mean, wrapped.y_std = y.mean(0), y.std(0).clamp(min=1e-8)
             y_train = (y - wrapped.y_mean) / wrapped.y_std
@@ -216,22 +240,35 @@ def finetune(
             order = torch.randperm(n, generator=gen).tolist()
             total = 0.0
             batches = range(0, n, batch_size)
-            for start in progress(batches, show_progress, desc=f"fine-tune epoch {epoch + 1}/{epochs}",
-                                  total=len(batches), unit="batch"):
-                idx = order[start:start + batch_size]
+            for start in progress(
+                batches,
+                show_progress,
+                desc=f"fine-tune epoch {epoch + 1}/{epochs}",
+                total=len(batches),
+                unit="batch",
+            ):
+                idx = order[start : start + batch_size]
                 feats = wrapped.features([texts[i] for i in idx])
                 out = head.out(head.dropout(feats))
                 target = y_train[idx].to(device)
                 loss = loss_fn(out, target)
-                full = loss if reg is None else loss + reg(feats, target if task == "classification" else None)
+                full = (
+                    loss
+                    if reg is None
+                    else loss + reg(feats, target if task == "classification" else None)
+                )
                 opt.zero_grad()
                 full.backward()
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
-            score = wrapped.score(val_texts, val_targets if task == "classification" else y_va.numpy())
+            score = wrapped.score(
+                val_texts, val_targets if task == "classification" else y_va.numpy()
+            )
             history.append({"epoch": epoch, "train_loss": total / n, "val_score": score})
-            logger.info("fine-tune epoch %d: loss %.4f, validation %.4f", epoch + 1, total / n, score)
+            logger.info(
+                "fine-tune epoch %d: loss %.4f, validation %.4f", epoch + 1, total / n, score
+            )
             best.update(score, epoch, wrapped)
         best.restore(wrapped)
     wrapped.history_ = history

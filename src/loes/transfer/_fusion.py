@@ -19,7 +19,8 @@ import copy
 import logging
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class FusionHead(nn.Module):
         dims: Sequence[int],
         n_outputs: int,
         *,
-        hidden: Optional[int] = 256,
+        hidden: int | None = 256,
         fusion: str = "concat",
         dropout: float = 0.2,
     ):
@@ -90,7 +91,8 @@ class FusionHead(nn.Module):
             width = hidden * len(dims) if fusion == "concat" else hidden
         self.fusion = fusion
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU()) if hidden is not None
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU())
+            if hidden is not None
             else nn.Sequential(nn.LayerNorm(d))
             for d in dims
         )
@@ -99,7 +101,7 @@ class FusionHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(width, n_outputs)
 
-    def layer_weights(self) -> Optional[torch.Tensor]:
+    def layer_weights(self) -> torch.Tensor | None:
         """The softmax layer weights (``fusion="weighted"``), else None."""
         return None if self.layer_logits is None else torch.softmax(self.layer_logits, 0)
 
@@ -131,9 +133,9 @@ class BestEpoch:
     """
 
     def __init__(self):
-        self.score: Optional[float] = None
+        self.score: float | None = None
         self.epoch = -1
-        self.state: Optional[Dict[str, torch.Tensor]] = None
+        self.state: dict[str, torch.Tensor] | None = None
 
     def update(self, score: float, epoch: int, module: nn.Module) -> None:
         """Record ``module``'s weights if ``score`` beats the best so far."""
@@ -209,20 +211,20 @@ class FusionProbe:
 
     def __init__(
         self,
-        layers: Optional[Sequence[int]] = None,
+        layers: Sequence[int] | None = None,
         *,
         task: str = "classification",
-        hidden: Optional[int] = 256,
+        hidden: int | None = 256,
         fusion: str = "concat",
         dropout: float = 0.2,
         epochs: int = 30,
-        patience: Optional[int] = 5,
+        patience: int | None = 5,
         batch_size: int = 64,
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
         georeg: Any = None,
         val_fraction: float = 0.2,
-        random_state: Optional[int] = 0,
+        random_state: int | None = 0,
         show_progress: ProgressSetting = False,
     ):
         self.layers = layers
@@ -240,7 +242,7 @@ class FusionProbe:
         self.random_state = random_state
         self.show_progress = show_progress
 
-    def _prepare(self, embeddings: Any) -> List[torch.Tensor]:
+    def _prepare(self, embeddings: Any) -> list[torch.Tensor]:
         return [x.float() for x in take_layers(embeddings, self.layers)]
 
     def _targets(self, targets: Any, n: int, fit: bool) -> torch.Tensor:
@@ -249,14 +251,18 @@ class FusionProbe:
             if fit:
                 self.classes_ = classes
             return ids
-        arr = np.asarray(targets.detach().cpu() if isinstance(targets, torch.Tensor) else targets,
-                         dtype=np.float32).reshape(n, -1)
+        arr = np.asarray(
+            targets.detach().cpu() if isinstance(targets, torch.Tensor) else targets,
+            dtype=np.float32,
+        ).reshape(n, -1)
         y = torch.from_numpy(arr)
         if fit:
             self.y_mean_, self.y_std_ = y.mean(0), y.std(0).clamp(min=1e-8)
         return y
 
-    def fit(self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None):
+    def fit(
+        self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None
+    ):
         """Train on (embeddings, targets); keep the best epoch on the validation split.
 
         Parameters
@@ -273,10 +279,15 @@ class FusionProbe:
         self.task_ = normalize_task(self.task)
         if self.task_ == "label_free":
             raise LOESError("a probe needs targets: task must be 'classification' or 'regression'")
-        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
-                                          or self.patience < 1):
-            raise LOESError(f"patience must be a positive integer (epochs without improvement) or None; "
-                            f"got {self.patience!r}")
+        if self.patience is not None and (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, int)
+            or self.patience < 1
+        ):
+            raise LOESError(
+                f"patience must be a positive integer (epochs without improvement) or None; "
+                f"got {self.patience!r}"
+            )
         layers = self._prepare(embeddings)
         n = layers[0].shape[0]
         y = self._targets(targets, n, fit=True)
@@ -310,23 +321,35 @@ class FusionProbe:
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # initialisation and dropout, restored on exit
-            head = FusionHead([x.shape[1] for x in xs], n_out, hidden=self.hidden,
-                              fusion=self.fusion, dropout=self.dropout)
+            head = FusionHead(
+                [x.shape[1] for x in xs],
+                n_out,
+                hidden=self.hidden,
+                fusion=self.fusion,
+                dropout=self.dropout,
+            )
             reg = self.georeg
             if reg is not None and not isinstance(reg, GeoReg):
                 reg = GeoReg(weight=float(reg), random_state=seed) if float(reg) > 0 else None
             steps_per_epoch = max(1, math.ceil(n / self.batch_size))
             opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            sched = cosine_schedule(opt, self.epochs * steps_per_epoch, warmup=min(steps_per_epoch, 10))
+            sched = cosine_schedule(
+                opt, self.epochs * steps_per_epoch, warmup=min(steps_per_epoch, 10)
+            )
             best = BestEpoch()
-            self.history_: List[Dict[str, float]] = []
-            for epoch in progress(range(self.epochs), self.show_progress, desc="fusion head",
-                                  total=self.epochs, unit="epoch"):
+            self.history_: list[dict[str, float]] = []
+            for epoch in progress(
+                range(self.epochs),
+                self.show_progress,
+                desc="fusion head",
+                total=self.epochs,
+                unit="epoch",
+            ):
                 head.train()
                 order = torch.randperm(n, generator=gen)
                 tot_task, tot_reg = 0.0, 0.0
                 for start in range(0, n, self.batch_size):
-                    idx = order[start:start + self.batch_size]
+                    idx = order[start : start + self.batch_size]
                     if idx.numel() < 2 and n >= 2:
                         continue  # LayerNorm/GeoReg need a batch; skip a final singleton
                     batch = [x[idx] for x in xs]
@@ -344,8 +367,14 @@ class FusionProbe:
                     sched.step()
                     tot_task += float(loss.detach()) * idx.numel()
                 score = self._evaluate(head, xs_va, y_va)
-                self.history_.append({"epoch": epoch, "train_loss": tot_task / n,
-                                      "reg_loss": tot_reg / n, "val_score": score})
+                self.history_.append(
+                    {
+                        "epoch": epoch,
+                        "train_loss": tot_task / n,
+                        "reg_loss": tot_reg / n,
+                        "val_score": score,
+                    }
+                )
                 best.update(score, epoch, head)
                 if self.patience is not None and epoch - best.epoch >= self.patience:
                     break
@@ -369,7 +398,7 @@ class FusionProbe:
             )
         return self
 
-    def _lead_over_constant(self, head: FusionHead, xs: List[torch.Tensor], y: torch.Tensor):
+    def _lead_over_constant(self, head: FusionHead, xs: list[torch.Tensor], y: torch.Tensor):
         """``(constant's score, head's lead over it, standard error of the lead)`` on validation.
 
         The lead is the mean of per-sample differences ``d``: correct(head) −
@@ -392,10 +421,10 @@ class FusionProbe:
         se = float(d.std()) / math.sqrt(n) if n > 1 else 0.0
         return constant, float(d.mean()), se
 
-    def _scale(self, layers: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _scale(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
         return [(x - m) / s for x, m, s in zip(layers, self.means_, self.stds_)]
 
-    def _raw(self, head: FusionHead, xs: List[torch.Tensor]) -> torch.Tensor:
+    def _raw(self, head: FusionHead, xs: list[torch.Tensor]) -> torch.Tensor:
         head.eval()
         with torch.no_grad():
             out = head(xs)
@@ -403,7 +432,7 @@ class FusionProbe:
             out = out * self.y_std_ + self.y_mean_
         return out
 
-    def _evaluate(self, head: FusionHead, xs: List[torch.Tensor], y: torch.Tensor) -> float:
+    def _evaluate(self, head: FusionHead, xs: list[torch.Tensor], y: torch.Tensor) -> float:
         out = self._raw(head, xs)
         if self.task_ == "classification":
             return task_score(out.argmax(1), y, "classification")

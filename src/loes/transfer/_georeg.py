@@ -118,8 +118,12 @@ class GeoReg(nn.Module):
         super().__init__()
         if triplets not in ("random", "all"):
             raise LOESError(f"triplets must be 'random' or 'all'; got {triplets!r}")
-        for name, value in (("weight", weight), ("spread_weight", spread_weight),
-                            ("triangle_weight", triangle_weight), ("eps", eps)):
+        for name, value in (
+            ("weight", weight),
+            ("spread_weight", spread_weight),
+            ("triangle_weight", triangle_weight),
+            ("eps", eps),
+        ):
             if not float(value) >= 0:
                 raise LOESError(f"{name} must be a non-negative number; got {value!r}")
         self.weight = float(weight)
@@ -164,8 +168,13 @@ class GeoReg(nn.Module):
                     triples = [present.cpu()[pick]]
                 else:
                     triples = list(torch.combinations(present.cpu(), 3))
-                tri = torch.stack([triangle_log_area(features, labels, t.to(labels.device)) for t in triples]).mean()
+                tri = torch.stack(
+                    [triangle_log_area(features, labels, t.to(labels.device)) for t in triples]
+                ).mean()
                 n_triples = len(triples)
-        self.last_terms = {"spread": float(spread.detach()), "log_area": float(tri.detach()),
-                           "triangles": n_triples}
+        self.last_terms = {
+            "spread": float(spread.detach()),
+            "log_area": float(tri.detach()),
+            "triangles": n_triples,
+        }
         return self.weight * (self.spread_weight * spread - self.triangle_weight * tri)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ LOGISTIC_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 # ------------------------------------------------------------------ helpers
-def take_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+def take_layers(embeddings: Any, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Validate ``embeddings`` and take the given layers (columns) as float64 tensors.
 
     Parameters
@@ -71,14 +72,17 @@ def take_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List
     return [all_layers[i].detach().to("cpu", torch.float64) for i in layers]
 
 
-def select_layers(embeddings: Any, layers: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+def select_layers(embeddings: Any, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Deprecated alias of :func:`take_layers` (it selects nothing: it takes the given layers)."""
-    warnings.warn("loes.transfer.select_layers is deprecated; use loes.transfer.take_layers",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "loes.transfer.select_layers is deprecated; use loes.transfer.take_layers",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return take_layers(embeddings, layers)
 
 
-def encode_labels(labels: Any, classes: Optional[Sequence[Any]] = None):
+def encode_labels(labels: Any, classes: Sequence[Any] | None = None):
     """Map labels of any values to ids ``0..C-1``.
 
     Returns ``(ids, classes)``; with ``classes`` given, labels not among them
@@ -96,7 +100,9 @@ def encode_labels(labels: Any, classes: Optional[Sequence[Any]] = None):
 
 
 def _regression_targets(targets: Any, n: int) -> torch.Tensor:
-    arr = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    arr = (
+        targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    )
     if arr.shape[0] != n:
         raise LOESError(f"targets must have one row per sample ({n}); got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number):
@@ -181,13 +187,13 @@ class LinearProbe:
 
     def __init__(
         self,
-        layers: Optional[Sequence[int]] = None,
+        layers: Sequence[int] | None = None,
         *,
         kind: str = "ridge",
         task: str = "classification",
-        grid: Optional[Sequence[float]] = None,
+        grid: Sequence[float] | None = None,
         val_fraction: float = 0.2,
-        random_state: Optional[int] = 0,
+        random_state: int | None = 0,
     ):
         self.layers = layers
         self.kind = kind
@@ -197,7 +203,9 @@ class LinearProbe:
         self.random_state = random_state
 
     # ------------------------------------------------------------- fitting
-    def fit(self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None):
+    def fit(
+        self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None
+    ):
         """Fit on training data; choose the regularisation on the validation split.
 
         Parameters
@@ -219,7 +227,9 @@ class LinearProbe:
         if self.kind not in ("ridge", "logistic"):
             raise LOESError(f"kind must be 'ridge' or 'logistic'; got {self.kind!r}")
         if self.kind == "logistic" and task != "classification":
-            raise LOESError("the logistic probe is for classification; use kind='ridge' for regression")
+            raise LOESError(
+                "the logistic probe is for classification; use kind='ridge' for regression"
+            )
         self.task_ = task
         layers = take_layers(embeddings, self.layers)
         n = layers[0].shape[0]
@@ -264,7 +274,7 @@ class LinearProbe:
             return ids
         return _regression_targets(targets, n)
 
-    def _design(self, layers: List[torch.Tensor], fit: bool) -> torch.Tensor:
+    def _design(self, layers: list[torch.Tensor], fit: bool) -> torch.Tensor:
         if fit:
             self.standardizer_ = LayerStandardizer().fit(layers)
         return self.standardizer_.transform(layers)
@@ -277,7 +287,9 @@ class LinearProbe:
         scores = {}
         for c in self.grid or LOGISTIC_GRID:
             model = self._logistic(float(c)).fit(x_tr.numpy(), y_tr.numpy())
-            scores[float(c)] = task_score(torch.from_numpy(model.predict(x_va.numpy())), y_va, "classification")
+            scores[float(c)] = task_score(
+                torch.from_numpy(model.predict(x_va.numpy())), y_va, "classification"
+            )
         return scores
 
     def _targets_matrix(self, y: torch.Tensor) -> torch.Tensor:
@@ -288,8 +300,10 @@ class LinearProbe:
     def _ridge_path(self, x_tr, y_tr, x_va, y_va):
         """Validation score of every grid value from one :class:`~loes._linalg.RidgePath`."""
         path = RidgePath(x_tr, self._targets_matrix(y_tr))
-        return {float(rel): self._score_matrix(path.predict(float(rel), x_va), y_va)
-                for rel in self.grid or RIDGE_GRID}
+        return {
+            float(rel): self._score_matrix(path.predict(float(rel), x_va), y_va)
+            for rel in self.grid or RIDGE_GRID
+        }
 
     def _score_matrix(self, pred: torch.Tensor, y: torch.Tensor) -> float:
         if self.task_ == "classification":
@@ -316,7 +330,9 @@ class LinearProbe:
         x = self.standardizer_.transform(take_layers(embeddings, self.layers))
         if self.kind == "ridge":
             return x @ self.coef_ + self.intercept_
-        return torch.from_numpy(np.asarray(self.model_.decision_function(x.numpy()), dtype=np.float64))
+        return torch.from_numpy(
+            np.asarray(self.model_.decision_function(x.numpy()), dtype=np.float64)
+        )
 
     def predict(self, embeddings: Any):
         """Class labels (classification) or predicted values (regression)."""
