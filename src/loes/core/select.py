@@ -178,17 +178,15 @@ def select_layers_from_custom_embeddings(
         if n < 3:
             raise LOESError(f"LOES needs at least 3 labelled calibration samples; got {n}")
         dims = [layer.shape[1] for layer in layers]
-        if n <= max(dims):
+        if n <= max(dims) and preset == "reference":
             warnings.warn(
                 f"N={n} calibration samples <= dimension {max(dims)}: in-sample fits interpolate; "
-                + (
-                    "the robust preset scores out-of-sample fits (GCV or leave-one-out), which stay honest"
-                    if preset == "robust"
-                    else "the reference preset's fit term is unreliable here (use preset='robust')"
-                ),
+                "the reference preset's fit term is unreliable here (use preset='robust')",
                 LOESWarning,
                 stacklevel=2,
             )
+        elif n <= max(dims):  # normal for the robust preset: its fit is out of sample
+            log.info("N=%d <= dimension %d: the robust preset scores out-of-sample fits", n, max(dims))
         log.info(
             "LOES %s: task=%s N=%d layers=%d dim=%s k=%d device=%s",
             preset,
