@@ -620,3 +620,10 @@ def test_group_norm_audio_padded_by_a_dataloader_warns(speech):
     ]
     with pytest.warns(LOESWarning, match="normalises over time"):
         extract_embeddings(model, dataloader=loader, processor=fe, show_progress=False)
+
+
+def test_a_model_folder_without_tokenizer_files_is_a_clear_error(tmp_path, ds):
+    """transformers would build an empty tokenizer mapping every text to [UNK]."""
+    _tiny_bert().save_pretrained(tmp_path)
+    with pytest.raises(LOESError, match="has no tokenizer files"):
+        extract_embeddings(str(tmp_path), ds, max_samples=8)

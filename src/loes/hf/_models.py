@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -327,6 +328,18 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+#: Files one of which a model folder's tokenizer is loaded from.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
 def load_processor(
     source: str,
     modality: str,
@@ -348,6 +361,18 @@ def load_processor(
     if gguf_file is not None and modality == "text":
         kwargs["gguf_file"] = gguf_file
     what = {"text": "tokenizer", "image": "image processor", "audio": "feature extractor"}[modality]
+    folder = Path(source)
+    if (
+        modality == "text"
+        and gguf_file is None
+        and folder.is_dir()
+        and not any((folder / name).exists() for name in TOKENIZER_FILES)
+    ):
+        # transformers would build an empty tokenizer that maps every text to [UNK]
+        raise LOESError(
+            f"the model folder {source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+            "pass tokenizer=AutoTokenizer.from_pretrained(...) or save the tokenizer into the folder"
+        )
     try:
         return cls.from_pretrained(source, **kwargs)
     except Exception as e:
