@@ -186,7 +186,9 @@ def select_layers_from_custom_embeddings(
                 stacklevel=2,
             )
         elif n <= max(dims):  # normal for the robust preset: its fit is out of sample
-            log.info("N=%d <= dimension %d: the robust preset scores out-of-sample fits", n, max(dims))
+            log.info(
+                "N=%d <= dimension %d: the robust preset scores out-of-sample fits", n, max(dims)
+            )
         log.info(
             "LOES %s: task=%s N=%d layers=%d dim=%s k=%d device=%s",
             preset,
