@@ -85,9 +85,9 @@ def test_report_opens_with_the_verdicts_and_figures(demo):
 
 def test_warnings_name_their_split(demo):
     _, _, _, messages = demo
-    inside = [m for m in messages if "calibration samples" in m]  # 30 calibration rows < 384 dims
+    # 30 calibration rows: the tiny run's splits warn that no layer explains the targets
+    inside = [m for m in messages if "out of sample" in m]
     assert inside and all(re.match(r"split \d: ", m) for m in inside)
-    assert any(m.startswith("split 1: ") for m in inside)
 
 
 def test_verdict_line_says_within_noise_and_gain():
