@@ -63,7 +63,7 @@ class LOESSelector:
 
     def __init__(
         self,
-        k: int | str | None = "auto",
+        k: int | str | None = 4,
         *,
         task: str = "classification",
         preset: str = "robust",
