@@ -5,8 +5,9 @@ Messages say what was expected, what arrived and how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,3 +372,18 @@ def _warn_small_classes(labels: torch.Tensor) -> None:
 def as_layer_list(x: Sequence[Any] | Any) -> list[torch.Tensor]:
     """Like :func:`check_embeddings` but without the finiteness scan (for transform)."""
     return check_embeddings(x, check_finite=False)
+
+
+def closest(
+    name: str, candidates: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> str | None:
+    """The candidate closest to a misspelt ``name`` (an alias gives its target), or None.
+
+    The one "did you mean" of loes (options, keywords, metric names).
+
+    >>> closest("orht_reg", ["orth_reg", "reg"])
+    'orth_reg'
+    """
+    aliases = dict(aliases or {})
+    close = difflib.get_close_matches(name, sorted(set(candidates) | set(aliases)), n=1)
+    return aliases.get(close[0], close[0]) if close else None

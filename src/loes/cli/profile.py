@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from typing import Any
 
 from loes import _json
 from loes._exceptions import LOESError
 from loes._io import load_embeddings_file
+from loes._validation import closest
 from loes.cli._common import (
     check_device,
     check_input_path,
@@ -109,8 +109,8 @@ def _metrics(text: str | None) -> list[str] | None:
     names = [m.strip() for m in text.split(",") if m.strip()]
     for name in names:
         if name not in METRICS:
-            close = difflib.get_close_matches(name, list(METRICS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(name, METRICS)
+            hint = f"did you mean {close!r}? " if close else ""
             raise LOESError(
                 f"--metrics: unknown metric {name!r}; {hint}choose from {','.join(METRICS)}"
             )

@@ -8,7 +8,6 @@ string where a bool belongs fails in microseconds, before any data is read.
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError
+from loes._validation import closest
 from loes.result import StepTable
 
 __all__ = [
@@ -233,9 +233,9 @@ def make_options(preset: str, **given: Any) -> PresetOptions:
     unknown = sorted(set(given) - set(known))
     if unknown:
         hints = [
-            f"{name!r}: did you mean {close[0]!r}?"
+            f"{name!r}: did you mean {close!r}?"
             for name in unknown
-            for close in [difflib.get_close_matches(name, known + ["beta"], n=1)]
+            for close in [closest(name, known + ["beta"])]
             if close
         ]
         raise LOESError(

@@ -9,7 +9,6 @@ gives the HF entry points a "did you mean" error for a misspelt keyword.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import inspect
 import os
@@ -22,6 +21,7 @@ import torch
 
 from loes._exceptions import LOESError
 from loes._rng import check_random_state, seed_of
+from loes._validation import closest
 from loes.hf import _models as M
 from loes.hf.cache import resolve_cache_dir, resolve_max_bytes
 from loes.hf.capture import check_layer_spec
@@ -253,14 +253,6 @@ def check_random_state_kind(random_state: Any) -> None:
         check_random_state(random_state)
 
 
-def suggest(name: str, candidates: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
-    """``"; did you mean 'x'?"`` for the closest candidate, or ``""``."""
-    aliases = dict(aliases or {})
-    pool = sorted(set(candidates) | set(aliases))
-    close = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
-    return f"; did you mean {aliases.get(close[0], close[0])!r}?" if close else ""
-
-
 def unknown_keywords(
     where: str, given: Iterable[str], known: Iterable[str], aliases: Mapping[str, str] | None = None
 ) -> None:
@@ -268,7 +260,8 @@ def unknown_keywords(
     known = set(known)
     bad = [k for k in given if k not in known]
     if bad:
-        hint = suggest(bad[0], known, aliases)
+        close = closest(bad[0], known, aliases)
+        hint = f"; did you mean {close!r}?" if close else ""
         more = f" (also {bad[1:]})" if len(bad) > 1 else ""
         raise LOESError(f"{where}: unknown keyword {bad[0]!r}{hint}{more}")
 
