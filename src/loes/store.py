@@ -362,19 +362,20 @@ class FeatureStore:
             out.append(self.layers.index(i))
         return out
 
-    def _read(self, shard: dict[str, Any], rows: slice, positions: list[int]) -> tuple:
+    def _read(self, shard: dict[str, Any], positions: list[int]) -> tuple:
+        """One shard's features of the given stored-layer positions, targets and row numbers."""
         safe_open = require("safetensors", extra="hf").safe_open
         with safe_open(str(self.path / shard["file"]), framework="pt") as f:
-            feats = [f.get_slice(_layer_key(j))[rows].float() for j in positions]
+            feats = [f.get_tensor(_layer_key(j)).float() for j in positions]
             keys = set(f.keys())
             targets: Any = None
             if "targets" in keys:
-                targets = f.get_slice("targets")[rows].numpy()
+                targets = f.get_tensor("targets").numpy()
             else:
                 meta = f.metadata() or {}
                 if "targets" in meta:
-                    targets = np.asarray(json.loads(meta["targets"]))[rows]
-            indices = f.get_slice("indices")[rows].numpy()
+                    targets = np.asarray(json.loads(meta["targets"]))
+            indices = f.get_tensor("indices").numpy()
         return feats, targets, indices
 
     def batches(
@@ -404,7 +405,7 @@ class FeatureStore:
         held = 0
         for s in order:
             shard = self._shards[s]
-            feats, targets, indices = self._read(shard, slice(None), positions)
+            feats, targets, indices = self._read(shard, positions)
             if rng is not None:
                 perm = torch.as_tensor(rng.permutation(shard["rows"]))
                 feats = [f[perm] for f in feats]
