@@ -718,6 +718,7 @@ CASES = [
     ),
     # demo (all fail before any model is loaded)
     ("demo-k0", ["demo", "--k", "0"], (), 2, "--k: must be a positive integer"),
+    ("demo-k-too-big", ["demo", "--k", "7", "--output", "o"], (), 2, "the model has 6 layers"),
     ("demo-seeds0", ["demo", "--seeds", "0"], (), 2, "--seeds: must be a positive integer"),
     ("demo-task", ["demo", "--task", "imdb"], (), 2, "invalid choice: 'imdb'"),
     ("demo-probe", ["demo", "--probe", "svm"], (), 2, "invalid choice: 'svm'"),

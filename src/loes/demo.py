@@ -43,6 +43,7 @@ from loes._splits import split_indices
 from loes.core import select_layers_from_custom_embeddings
 from loes.datasets import load_bbc_news, load_drugreview, minilm_path
 from loes.hf import extract_embeddings
+from loes.hf._models import load_config, n_hidden_layers
 from loes.report import plot_methods, write_report
 from loes.transfer import LinearProbe
 
@@ -440,6 +441,12 @@ def run_demo(
         raise LOESError(f"splits must be at least 1; got {splits}")
     if probe not in ("logistic", "ridge"):
         raise LOESError(f"probe must be 'logistic' or 'ridge'; got {probe!r}")
+    n_layers = n_hidden_layers(load_config(str(model or minilm_path())))
+    if n_layers is not None and k > n_layers:
+        raise LOESError(
+            f"k={k} but the model has {n_layers} layers (config.num_hidden_layers): pass "
+            f"--k {n_layers} or fewer"
+        )
     t0 = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
