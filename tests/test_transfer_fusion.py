@@ -1,6 +1,7 @@
 """Fusion head, its training loop, GeoReg and fine-tuning."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -191,14 +192,15 @@ def test_georeg_loss_falls_when_minimised():
 
 
 # -------------------------------------------------------------- fine-tuning
-def test_finetune_tiny_bert_learns_keyword_rule():
+FILLERS = ["the", "a", "drug", "day", "night", "pain", "it", "was", "after", "week"]
+
+
+def _tiny_bert():
+    """A 2-block random BERT and a word-level tokenizer over FILLERS + two keywords."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from loes.transfer import finetune
-
-    fillers = ["the", "a", "drug", "day", "night", "pain", "it", "was", "after", "week"]
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *fillers, "excellent", "terrible"])}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *FILLERS, "excellent", "terrible"])}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(
@@ -214,33 +216,75 @@ def test_finetune_tiny_bert_learns_keyword_rule():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.BertModel(cfg)
-    rng = np.random.default_rng(0)
+    return model, tok
+
+
+def _keyword_texts(n=96, seed=0):
+    """Texts whose label is which keyword they contain."""
+    rng = np.random.default_rng(seed)
     texts, labels = [], []
-    for i in range(96):
+    for i in range(n):
         lab = i % 2
-        words = list(rng.choice(fillers, 5)) + (["excellent"] if lab else ["terrible"])
+        words = list(rng.choice(FILLERS, 5)) + (["excellent"] if lab else ["terrible"])
         rng.shuffle(words)
         texts.append(" ".join(words))
         labels.append(lab)
-    ft = finetune(
-        model,
-        texts[:64],
-        labels[:64],
-        [0, 1],
-        val_texts=texts[64:80],
-        val_targets=labels[64:80],
-        tokenizer=tok,
-        epochs=6,
-        lr=1e-3,
-        head_lr=3e-3,
-        hidden=16,
-        batch_size=16,
-        georeg=0.1,
-        show_progress=False,
-    )
+    return texts, labels
+
+
+def test_finetune_tiny_bert_learns_keyword_rule():
+    from loes import LOESWarning
+    from loes.transfer import finetune
+
+    model, tok = _tiny_bert()
+    texts, labels = _keyword_texts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LOESWarning)  # a head that learns does not warn
+        ft = finetune(
+            model,
+            texts[:64],
+            labels[:64],
+            [0, 1],
+            val_texts=texts[64:80],
+            val_targets=labels[64:80],
+            tokenizer=tok,
+            epochs=6,
+            lr=1e-3,
+            head_lr=3e-3,
+            hidden=16,
+            batch_size=16,
+            georeg=0.1,
+            show_progress=False,
+        )
     losses = [h["train_loss"] for h in ft.history_]
     assert losses[-1] < losses[0]
     assert ft.score(texts[80:], labels[80:]) >= 0.9
+    assert ft.best_val_score_ > ft.baseline_val_score_ == 0.5
+
+
+def test_finetune_warns_when_it_does_not_beat_the_majority_class():
+    from loes import LOESWarning
+    from loes.transfer import finetune
+
+    model, tok = _tiny_bert()
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(FILLERS, 6)) for _ in range(64)]  # no keyword: nothing to learn
+    labels = (rng.random(64) < 0.25).astype(int).tolist()
+    with pytest.warns(LOESWarning, match=r"finetune\(layers=\[1\].*does not beat a constant"):
+        ft = finetune(
+            model,
+            texts[:40],
+            labels[:40],
+            [1],
+            val_texts=texts[40:],
+            val_targets=labels[40:],
+            tokenizer=tok,
+            epochs=2,
+            hidden=8,
+            batch_size=16,
+            show_progress=False,
+        )
+    assert ft.baseline_val_score_ == pytest.approx(np.mean(np.array(labels[40:]) == 0))
 
 
 # ------------------------------------------------- heads tell the truth

@@ -24,7 +24,7 @@ from loes._linalg import masked_mean
 from loes._progress import ProgressSetting, progress
 from loes._rng import seed_of
 from loes._validation import normalize_task
-from loes.transfer._fusion import BestEpoch, FusionHead, cosine_schedule
+from loes.transfer._fusion import BestEpoch, FusionHead, cosine_schedule, warn_without_lead
 from loes.transfer._georeg import GeoReg
 from loes.transfer._probes import encode_labels, task_score
 
@@ -174,7 +174,11 @@ def finetune(
     Returns
     -------
     FineTunedModel
-        In eval mode; ``history_`` holds per-epoch losses and validation scores.
+        In eval mode; ``history_`` holds per-epoch losses and validation scores,
+        ``best_val_score_`` the kept epoch's and ``baseline_val_score_`` that of a
+        constant predictor. Warns (:class:`~loes.LOESWarning`) when the kept
+        epoch does not beat the constant by more than two standard errors, as
+        :class:`~loes.transfer.FusionProbe` does.
     """
     task = normalize_task(task)
     if task == "label_free":
@@ -273,4 +277,14 @@ def finetune(
         best.restore(wrapped)
     wrapped.history_ = history
     wrapped.best_val_score_ = best.score
+    wrapped.baseline_val_score_ = warn_without_lead(
+        wrapped.decision_function(val_texts),
+        y_va,
+        task,
+        f"finetune(layers={list(layers)}, fusion={fusion!r}, epochs={epochs})",
+        best_score=best.score,
+        epoch=best.epoch,
+        epochs_run=len(history),
+        hint="Try more epochs or training data, another learning rate, or other layers.",
+    )
     return wrapped

@@ -33,7 +33,7 @@ from loes._validation import normalize_task
 from loes.transfer._georeg import GeoReg
 from loes.transfer._probes import _holdout_split, encode_labels, take_layers, task_score
 
-__all__ = ["FUSIONS", "FusionHead", "FusionProbe"]
+__all__ = ["FUSIONS", "FusionHead", "FusionProbe", "lead_over_constant", "warn_without_lead"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,59 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: 
         return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lead_over_constant(out: torch.Tensor, y: torch.Tensor, task: str) -> tuple[float, float, float]:
+    """``(constant's score, lead over it, standard error of the lead)`` of outputs ``out``.
+
+    The lead is the mean of per-sample differences ``d``: correct(model) −
+    correct(majority class), or ``(‖y − ȳ‖² − ‖y − ŷ‖²) / mean ‖y − ȳ‖²`` whose
+    mean is the model's R²; its standard error is ``std(d) / √n``.
+    """
+    if task == "classification":
+        majority = int(torch.bincount(y[y >= 0]).argmax())
+        const = (y == majority).double()
+        d = (out.argmax(1) == y).double() - const
+        constant = float(const.mean())
+    else:
+        yy = y.double().reshape(y.shape[0], -1)
+        sst = ((yy - yy.mean(0, keepdim=True)) ** 2).sum(1)
+        sse = ((out.double().reshape(yy.shape) - yy) ** 2).sum(1)
+        d = (sst - sse) / sst.mean().clamp(min=1e-300)
+        constant = 0.0
+    n = d.numel()
+    se = float(d.std()) / math.sqrt(n) if n > 1 else 0.0
+    return constant, float(d.mean()), se
+
+
+def warn_without_lead(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    what: str,
+    *,
+    best_score: float,
+    epoch: int,
+    epochs_run: int,
+    hint: str,
+) -> float:
+    """Warn (:class:`LOESWarning`) when the best epoch's validation outputs ``out`` do not beat
+    a constant predictor by more than two standard errors; returns the constant's score.
+
+    The best epoch is itself chosen on validation, so a smaller lead is noise.
+    """
+    constant, gain, se = lead_over_constant(out, y, task)
+    if not gain > 2 * se:
+        name = "the majority class" if task == "classification" else "the mean (R² 0)"
+        warnings.warn(
+            f"{what} does not beat a constant predictor on validation: best validation score "
+            f"{best_score:.4f} (epoch {epoch + 1} of {epochs_run}) vs {constant:.4f} for always "
+            f"predicting {name}, a lead of {gain:+.4f}, within two standard errors "
+            f"({2 * se:.4f}); its predictions carry no clear signal here. {hint}",
+            LOESWarning,
+            stacklevel=3,
+        )
+    return constant
 
 
 class FusionProbe:
@@ -382,44 +435,18 @@ class FusionProbe:
         self.head_ = head
         self.best_val_score_, self.best_epoch_ = best.score, best.epoch
         self.stopped_early_ = len(self.history_) < self.epochs
-        self.baseline_val_score_, gain, se = self._lead_over_constant(head, xs_va, y_va)
-        if not gain > 2 * se:
-            what = "the majority class" if self.task_ == "classification" else "the mean (R² 0)"
-            warnings.warn(
-                f"FusionProbe(layers={self.layers}, fusion={self.fusion!r}, hidden={self.hidden}, "
-                f"georeg={self.georeg!r}) does not beat a constant predictor on validation: best "
-                f"validation score {self.best_val_score_:.4f} (epoch {self.best_epoch_ + 1} of "
-                f"{len(self.history_)}) vs {self.baseline_val_score_:.4f} for always predicting "
-                f"{what}, a lead of {gain:+.4f}, within two standard errors ({2 * se:.4f}); its "
-                "predictions carry no clear signal here. Try a LinearProbe, more training data, "
-                "or other layers.",
-                LOESWarning,
-                stacklevel=2,
-            )
+        self.baseline_val_score_ = warn_without_lead(
+            self._raw(head, xs_va),
+            y_va,
+            self.task_,
+            f"FusionProbe(layers={self.layers}, fusion={self.fusion!r}, hidden={self.hidden}, "
+            f"georeg={self.georeg!r})",
+            best_score=self.best_val_score_,
+            epoch=self.best_epoch_,
+            epochs_run=len(self.history_),
+            hint="Try a LinearProbe, more training data, or other layers.",
+        )
         return self
-
-    def _lead_over_constant(self, head: FusionHead, xs: list[torch.Tensor], y: torch.Tensor):
-        """``(constant's score, head's lead over it, standard error of the lead)`` on validation.
-
-        The lead is the mean of per-sample differences ``d``: correct(head) −
-        correct(majority class), or ``(‖y − ȳ‖² − ‖y − ŷ‖²) / mean ‖y − ȳ‖²``
-        whose mean is the head's R²; its standard error is ``std(d) / √n``.
-        """
-        out = self._raw(head, xs)
-        if self.task_ == "classification":
-            majority = int(torch.bincount(y[y >= 0]).argmax())
-            const = (y == majority).double()
-            d = (out.argmax(1) == y).double() - const
-            constant = float(const.mean())
-        else:
-            yy = y.double().reshape(y.shape[0], -1)
-            sst = ((yy - yy.mean(0, keepdim=True)) ** 2).sum(1)
-            sse = ((out.double().reshape(yy.shape) - yy) ** 2).sum(1)
-            d = (sst - sse) / sst.mean().clamp(min=1e-300)
-            constant = 0.0
-        n = d.numel()
-        se = float(d.std()) / math.sqrt(n) if n > 1 else 0.0
-        return constant, float(d.mean()), se
 
     def _scale(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
         return [(x - m) / s for x, m, s in zip(layers, self.means_, self.stds_)]
