@@ -312,7 +312,7 @@ class LayerSweep:
         if names is not None and len(names) != self._n_layers:
             raise LOESError(f"layer_names has {len(names)} names for {self._n_layers} layers")
         self.layer_names_ = list(names) if names is not None else None
-        self.task_, self.classes_ = task, list(classes) if classes is not None else None
+        self.task_, self.classes_ = task, parts[0].classes
         self.validation_ = "holdout" if holdout else "shard_cv"
         n_rows = len(self.layers_)
         self.fold_scores_ = np.zeros((n_rows, k))
