@@ -360,3 +360,14 @@ def test_streaming_metrics_errors(rng):
         streaming_profile(LayerMoments())
     with pytest.raises(LOESError, match="no rows"):
         covariance_metrics(Moments())
+
+
+def test_stream_items_pairs_and_layer_lists(rng):
+    x = rng.normal(size=(20, 2, 3))
+    layers = [x[:, 0], x[:, 1]]
+    as_pair = LayerMoments().consume([(x, rng.integers(0, 2, 20))])  # label-free: y ignored
+    as_list = LayerMoments().consume([layers])  # two 2-D arrays: two layers, not (x, y)
+    as_list_pair = LayerMoments(task="regression").consume([(layers, rng.normal(size=20))])
+    for lm in (as_pair, as_list, as_list_pair):
+        assert lm.n == 20 and lm.widths == [3, 3]
+        close(lm[1].mean, x[:, 1].mean(0))
