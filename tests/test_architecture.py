@@ -33,6 +33,7 @@ RANKS: dict[str, int] = {
     "loes._estimate": 1,
     "loes.datasets": 1,
     "loes.augment": 1,
+    "loes.stats": 1,
     "loes.store": 1,
     "loes.result": 2,
     "loes.core": 3,

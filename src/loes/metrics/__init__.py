@@ -32,12 +32,14 @@ from loes.metrics._select import (
     layer_scores,
     select_layers_label_free,
 )
+from loes.metrics._streaming import STREAMING_METRICS, covariance_metrics, streaming_profile
 from loes.metrics._tokens import TokenMetricAccumulator
 from loes.metrics._views import dime, infonce, lidar
 
 __all__ = [
     "LABEL_FREE_METHODS",
     "METRICS",
+    "STREAMING_METRICS",
     "MetricProfile",
     "MetricSpec",
     "TokenMetricAccumulator",
@@ -46,6 +48,8 @@ __all__ = [
     "layer_scores",
     "profile",
     "select_layers_label_free",
+    "streaming_profile",
+    "covariance_metrics",
     "cka_matrix",
     "curvature",
     "dataset_entropy",
