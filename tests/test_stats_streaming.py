@@ -371,3 +371,18 @@ def test_stream_items_pairs_and_layer_lists(rng):
     for lm in (as_pair, as_list, as_list_pair):
         assert lm.n == 20 and lm.widths == [3, 3]
         close(lm[1].mean, x[:, 1].mean(0))
+
+
+def test_affine_moments_equal_the_moments_of_transformed_rows():
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(3.0, 2.0, size=(200, 6)), rng.normal(size=(200, 2))
+    scale, offset = rng.uniform(0.1, 4.0, size=6), rng.normal(size=6)
+    got = Moments(task="regression").update(x[:70], y[:70]).update(x[70:], y[70:])
+    got = got.affine(scale, offset)
+    want = Moments(task="regression").update((x - offset) * scale, y)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.m2, want.m2, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.cross, want.cross, rtol=1e-10, atol=1e-10)
+    with pytest.raises(LOESError, match=r"must have shape \(6,\)"):
+        got.affine(np.ones(5))

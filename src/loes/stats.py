@@ -452,6 +452,30 @@ class Moments:
         )
         return max(float(sse), 0.0)
 
+    def affine(self, scale: Any, offset: Any = None) -> Moments:
+        """The moments of ``(x − offset) · scale`` (per feature), exactly; targets unchanged.
+
+        ``M2 → diag(s) M2 diag(s)``, ``C → diag(s) C``, ``x̄ → (x̄ − offset)·s``: a
+        standardisation fitted from these moments, applied without the rows.
+
+        Parameters
+        ----------
+        scale : array of shape (D,)
+        offset : array of shape (D,), optional (default 0)
+        """
+        self._need()
+        s = np.asarray(scale, dtype=np.float64).reshape(-1)
+        o = np.zeros_like(s) if offset is None else np.asarray(offset, dtype=np.float64)
+        if s.shape != (self.dim,) or o.shape != (self.dim,):
+            raise LOESError(f"scale and offset must have shape ({self.dim},); got {s.shape}")
+        out = self.copy()
+        out.shift = (self.shift - o) * s
+        out.mean_shifted = self.mean_shifted * s
+        out.m2 = self.m2 * np.outer(s, s)
+        if self.cross is not None:
+            out.cross = self.cross * s[:, None]
+        return out
+
     # ----------------------------------------------------------------- state
     def to_dict(self) -> dict[str, Any]:
         """The state as plain Python values and numpy arrays (picklable; :meth:`from_dict`)."""

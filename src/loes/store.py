@@ -339,6 +339,31 @@ class FeatureStore:
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
 
+    def __iter__(self) -> Iterator[tuple]:
+        """``(x, y)`` batches of 1,024 rows in order (:meth:`batches`); a store is re-iterable."""
+        return self.batches()
+
+    @property
+    def targets(self) -> np.ndarray | None:
+        """Every row's target in row order (read from the shards without their features)."""
+        safe_open = require("safetensors", extra="hf").safe_open
+        parts = []
+        for shard in self._shards:
+            with safe_open(str(self.path / shard["file"]), framework="pt") as f:
+                if "targets" in set(f.keys()):
+                    parts.append(f.get_tensor("targets").numpy())
+                elif "targets" in (f.metadata() or {}):
+                    parts.append(np.asarray(json.loads(f.metadata()["targets"])))
+                else:
+                    return None
+        return np.concatenate(parts)
+
+    @property
+    def classes(self) -> list | None:
+        """The sorted distinct targets (the class list of a classification store), or None."""
+        t = self.targets
+        return None if t is None else np.unique(t).tolist()
+
     def __repr__(self) -> str:
         return (
             f"FeatureStore({str(self.path)!r}, rows={len(self)}, layers={self.layers}, "

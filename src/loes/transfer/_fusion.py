@@ -30,6 +30,8 @@ from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, progress
 from loes._rng import seed_of
 from loes._validation import normalize_task
+from loes.stats import LayerMoments
+from loes.store import FeatureStore
 from loes.transfer._georeg import GeoReg
 from loes.transfer._probes import _holdout_split, encode_labels, take_layers, task_score
 
@@ -38,6 +40,9 @@ __all__ = ["FUSIONS", "FusionHead", "FusionProbe", "lead_over_constant", "warn_w
 logger = logging.getLogger(__name__)
 
 FUSIONS = ("concat", "mean", "sum", "weighted")
+
+#: Most validation rows held out of a feature store when ``fit`` gets no validation store.
+STORE_MAX_VAL_ROWS = 20_000
 
 
 class FusionHead(nn.Module):
@@ -296,7 +301,9 @@ class FusionProbe:
         self.show_progress = show_progress
 
     def _prepare(self, embeddings: Any) -> list[torch.Tensor]:
-        return [x.float() for x in take_layers(embeddings, self.layers)]
+        # after a store fit, in-memory inputs hold just the fitted layers, in order
+        layers = None if hasattr(self, "store_layers_") else self.layers
+        return [x.float() for x in take_layers(embeddings, layers)]
 
     def _targets(self, targets: Any, n: int, fit: bool) -> torch.Tensor:
         if self.task_ == "classification":
@@ -314,14 +321,27 @@ class FusionProbe:
         return y
 
     def fit(
-        self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None
+        self,
+        embeddings: Any,
+        targets: Any = None,
+        val_embeddings: Any = None,
+        val_targets: Any = None,
     ):
         """Train on (embeddings, targets); keep the best epoch on the validation split.
 
         Parameters
         ----------
-        embeddings : array of shape (n_train, n_layers, dim) or list of layers
-        targets : array of shape (n_train,) or (n_train, m)
+        embeddings : array of shape (n_train, n_layers, dim), list of layers, or FeatureStore
+            A :class:`~loes.store.FeatureStore` (:func:`loes.store.load_features`)
+            trains on rows larger than memory: one pass gives the per-feature
+            mean and standard deviation (:class:`loes.stats.LayerMoments`), then
+            each epoch reads the shards in a new random order with rows shuffled
+            within each shard. ``layers`` are the model's layer indices as stored
+            (default: all stored), the targets the store's own; validation is
+            ``val_embeddings`` (another store) or a seeded sample of
+            ``val_fraction`` of the rows (at most :data:`STORE_MAX_VAL_ROWS`),
+            held in memory.
+        targets : array of shape (n_train,) or (n_train, m) (None for a store)
         val_embeddings, val_targets : optional
             Validation split (else ``val_fraction`` of the training data).
 
@@ -341,41 +361,30 @@ class FusionProbe:
                 f"patience must be a positive integer (epochs without improvement) or None; "
                 f"got {self.patience!r}"
             )
-        layers = self._prepare(embeddings)
-        n = layers[0].shape[0]
-        y = self._targets(targets, n, fit=True)
-        if val_embeddings is None:
-            strat = y if self.task_ == "classification" else None
-            tr, va = _holdout_split(n, self.val_fraction, self.random_state, strat)
-            va_layers, y_va = [x[va] for x in layers], y[va]
-            layers, y = [x[tr] for x in layers], y[tr]
+        seed = seed_of(self.random_state)
+        gen = torch.Generator().manual_seed(seed)
+        if isinstance(embeddings, FeatureStore):
+            widths, n, xs_va, y_va, batches = self._store_data(embeddings, val_embeddings, seed)
         else:
-            va_layers = self._prepare(val_embeddings)
-            y_va = self._targets(val_targets, va_layers[0].shape[0], fit=False)
-            if self.task_ == "regression":
-                self.y_mean_, self.y_std_ = y.mean(0), y.std(0).clamp(min=1e-8)
-        n = layers[0].shape[0]
-        self.means_ = [x.mean(0, keepdim=True) for x in layers]
-        self.stds_ = [x.std(0, keepdim=True).clamp(min=1e-6) for x in layers]
-        xs = self._scale(layers)
-        xs_va = self._scale(va_layers)
+            if targets is None:
+                raise LOESError("fit needs targets (one per row), or a feature store that has them")
+            self.__dict__.pop("store_layers_", None)
+            widths, n, xs_va, y_va, batches = self._memory_data(
+                embeddings, targets, val_embeddings, val_targets, gen
+            )
         if self.task_ == "classification":
             if len(self.classes_) < 2:
                 raise LOESError("classification needs at least 2 classes in the training split")
             n_out = len(self.classes_)
             loss_fn = nn.CrossEntropyLoss()
-            y_train = y
         else:
-            n_out = y.shape[1]
+            n_out = y_va.shape[1]
             loss_fn = nn.MSELoss()
-            y_train = (y - self.y_mean_) / self.y_std_
 
-        seed = seed_of(self.random_state)
-        gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # initialisation and dropout, restored on exit
             head = FusionHead(
-                [x.shape[1] for x in xs],
+                widths,
                 n_out,
                 hidden=self.hidden,
                 fusion=self.fusion,
@@ -399,26 +408,21 @@ class FusionProbe:
                 unit="epoch",
             ):
                 head.train()
-                order = torch.randperm(n, generator=gen)
                 tot_task, tot_reg = 0.0, 0.0
-                for start in range(0, n, self.batch_size):
-                    idx = order[start : start + self.batch_size]
-                    if idx.numel() < 2 and n >= 2:
-                        continue  # LayerNorm/GeoReg need a batch; skip a final singleton
-                    batch = [x[idx] for x in xs]
+                for batch, y_batch in batches(epoch):
                     feats = head.features(batch)
                     out = head.out(head.dropout(feats))
-                    loss = loss_fn(out, y_train[idx])
+                    loss = loss_fn(out, y_batch)
                     total = loss
                     if reg is not None:
-                        r = reg(feats, y_train[idx] if self.task_ == "classification" else None)
+                        r = reg(feats, y_batch if self.task_ == "classification" else None)
                         total = total + r
-                        tot_reg += float(r.detach()) * idx.numel()
+                        tot_reg += float(r.detach()) * len(y_batch)
                     opt.zero_grad()
                     total.backward()
                     opt.step()
                     sched.step()
-                    tot_task += float(loss.detach()) * idx.numel()
+                    tot_task += float(loss.detach()) * len(y_batch)
                 score = self._evaluate(head, xs_va, y_va)
                 self.history_.append(
                     {
@@ -448,6 +452,108 @@ class FusionProbe:
         )
         return self
 
+    def _memory_data(self, embeddings, targets, val_embeddings, val_targets, gen):
+        """Standardise in-memory rows: ``(widths, n_train, xs_va, y_va, batches)``."""
+        layers = self._prepare(embeddings)
+        n = layers[0].shape[0]
+        y = self._targets(targets, n, fit=True)
+        if val_embeddings is None:
+            strat = y if self.task_ == "classification" else None
+            tr, va = _holdout_split(n, self.val_fraction, self.random_state, strat)
+            va_layers, y_va = [x[va] for x in layers], y[va]
+            layers, y = [x[tr] for x in layers], y[tr]
+        else:
+            va_layers = self._prepare(val_embeddings)
+            y_va = self._targets(val_targets, va_layers[0].shape[0], fit=False)
+            if self.task_ == "regression":
+                self.y_mean_, self.y_std_ = y.mean(0), y.std(0).clamp(min=1e-8)
+        n = layers[0].shape[0]
+        self.means_ = [x.mean(0, keepdim=True) for x in layers]
+        self.stds_ = [x.std(0, keepdim=True).clamp(min=1e-6) for x in layers]
+        xs = self._scale(layers)
+        y_train = y if self.task_ == "classification" else (y - self.y_mean_) / self.y_std_
+
+        def batches(epoch: int):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                if idx.numel() < 2 and n >= 2:
+                    continue  # LayerNorm/GeoReg need a batch; skip a final singleton
+                yield [x[idx] for x in xs], y_train[idx]
+
+        return [x.shape[1] for x in xs], n, self._scale(va_layers), y_va, batches
+
+    def _store_data(self, store: FeatureStore, val: Any, seed: int):
+        """Stream a feature store: ``(widths, n_train, xs_va, y_va, batches)``.
+
+        One pass gives the training rows' per-feature mean and standard deviation
+        (:class:`loes.stats.LayerMoments`) and collects the validation rows:
+        ``val`` (another store, read into memory), or a seeded sample of
+        ``val_fraction`` of the rows, at most :data:`STORE_MAX_VAL_ROWS`. Each
+        epoch then reads the shards in a new random order, rows shuffled within
+        each shard (:meth:`FeatureStore.batches`).
+        """
+        if val is not None and not isinstance(val, FeatureStore):
+            raise LOESError("with a feature store, val_embeddings must be a feature store too")
+        layers = list(self.layers) if self.layers is not None else store.layers
+        self.store_layers_ = layers
+        targets = store.targets
+        if targets is None:
+            raise LOESError(f"the feature store {store.path} has no targets to train a head on")
+        rng = np.random.default_rng(seed)
+        held = np.zeros(len(store), dtype=bool)
+        if val is None:
+            n_val = min(max(1, round(self.val_fraction * len(store))), STORE_MAX_VAL_ROWS)
+            held[rng.choice(len(store), size=n_val, replace=False)] = True
+        y_all = self._targets(targets[~held], int((~held).sum()), fit=True)
+        moments = LayerMoments()
+        va_parts: list[list[torch.Tensor]] = []
+        va_y: list[Any] = []
+        for x, y, idx in store.batches(layers=layers, with_indices=True):
+            parts = list(x.unbind(1)) if torch.is_tensor(x) else list(x)
+            keep = torch.from_numpy(~held[idx])
+            if keep.any():
+                moments.update([p[keep] for p in parts])
+            if val is None and not keep.all():
+                va_parts.append([p[~keep] for p in parts])
+                va_y.append(y[~keep.numpy()])
+        if val is not None:
+            for x, y in val.batches(layers=layers):
+                va_parts.append(list(x.unbind(1)) if torch.is_tensor(x) else list(x))
+                va_y.append(y)
+        n = moments.n
+        self.means_ = [torch.from_numpy(m.mean).float().reshape(1, -1) for m in moments]
+        self.stds_ = [
+            torch.from_numpy(np.sqrt(np.diag(m.m2) / max(n - 1, 1)))
+            .float()
+            .reshape(1, -1)
+            .clamp(min=1e-6)
+            for m in moments
+        ]
+        va_layers = [torch.cat([b[j] for b in va_parts]) for j in range(len(layers))]
+        y_va = self._targets(np.concatenate(va_y), va_layers[0].shape[0], fit=False)
+        if self.task_ == "regression":
+            self.y_mean_, self.y_std_ = y_all.mean(0), y_all.std(0).clamp(min=1e-8)
+
+        def batches(epoch: int):
+            for x, y, idx in store.batches(
+                self.batch_size,
+                layers=layers,
+                shuffle=True,
+                random_state=seed + epoch,
+                with_indices=True,
+            ):
+                keep = torch.from_numpy(~held[idx])
+                if int(keep.sum()) < 2:
+                    continue  # LayerNorm/GeoReg need a batch
+                parts = list(x.unbind(1)) if torch.is_tensor(x) else list(x)
+                yb = self._targets(y[keep.numpy()], int(keep.sum()), fit=False)
+                if self.task_ == "regression":
+                    yb = (yb - self.y_mean_) / self.y_std_
+                yield self._scale([p[keep] for p in parts]), yb
+
+        return list(moments.widths), n, self._scale(va_layers), y_va, batches
+
     def _scale(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
         return [(x - m) / s for x, m, s in zip(layers, self.means_, self.stds_)]
 
@@ -469,6 +575,11 @@ class FusionProbe:
         """Raw outputs (n_samples, n_outputs): logits or predicted values."""
         if not hasattr(self, "head_"):
             raise LOESError("this probe is not fitted yet: call fit(embeddings, targets) first")
+        if isinstance(embeddings, FeatureStore):
+            layers = getattr(self, "store_layers_", self.layers)
+            return torch.cat(
+                [self.decision_function(x) for x, _ in embeddings.batches(layers=layers)]
+            )
         return self._raw(self.head_, self._scale(self._prepare(embeddings)))
 
     def predict(self, embeddings: Any):
@@ -478,8 +589,15 @@ class FusionProbe:
             return np.asarray(self.classes_)[out.argmax(1).numpy()]
         return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
 
-    def score(self, embeddings: Any, targets: Any) -> float:
-        """Accuracy (classification) or R² (regression): higher is better."""
+    def score(self, embeddings: Any, targets: Any = None) -> float:
+        """Accuracy (classification) or R² (regression): higher is better.
+
+        ``targets`` may be omitted for a feature store (its own targets are used).
+        """
+        if isinstance(embeddings, FeatureStore) and targets is None:
+            targets = embeddings.targets
+        if targets is None:
+            raise LOESError("score needs targets (or a feature store that has them)")
         out = self.decision_function(embeddings)
         y = self._targets(targets, out.shape[0], fit=False)
         if self.task_ == "classification":

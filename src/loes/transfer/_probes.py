@@ -25,6 +25,8 @@ from loes._rng import seed_of
 from loes._splits import holdout_split as _holdout_split
 from loes._splits import split_indices
 from loes._validation import check_embeddings, normalize_task
+from loes.stats import MomentRidge, Moments
+from loes.store import FeatureStore
 
 __all__ = [
     "LayerStandardizer",
@@ -204,14 +206,28 @@ class LinearProbe:
 
     # ------------------------------------------------------------- fitting
     def fit(
-        self, embeddings: Any, targets: Any, val_embeddings: Any = None, val_targets: Any = None
+        self,
+        embeddings: Any,
+        targets: Any = None,
+        val_embeddings: Any = None,
+        val_targets: Any = None,
     ):
         """Fit on training data; choose the regularisation on the validation split.
 
         Parameters
         ----------
-        embeddings : array of shape (n_train, n_layers, dim) or list of layers
+        embeddings : array of shape (n_train, n_layers, dim), list of layers, or FeatureStore
+            A :class:`~loes.store.FeatureStore` (:func:`loes.store.load_features`)
+            is streamed: its rows are read shard by shard into float64 moments
+            (:class:`loes.stats.Moments` of the concatenated layers, ``(Σ D_l)²``
+            floats whatever the number of rows), standardised and solved exactly
+            as in memory (tested equal to 1e-12). ``layers`` are then the
+            model's layer indices as stored (default: all stored layers), the
+            targets are the store's own, ``kind`` must be ``"ridge"``, and the
+            strength is chosen on ``val_embeddings`` (another store) or, without
+            one, by generalised cross-validation on the training moments.
         targets : array of shape (n_train,) (labels) or (n_train,) / (n_train, m) numbers
+            (None for a store)
         val_embeddings, val_targets : optional
             The validation split. Without it, ``val_fraction`` of the training
             data is held out for the choice and the probe is refitted on all of
@@ -231,6 +247,11 @@ class LinearProbe:
                 "the logistic probe is for classification; use kind='ridge' for regression"
             )
         self.task_ = task
+        if isinstance(embeddings, FeatureStore):
+            return self._fit_store(embeddings, val_embeddings)
+        if targets is None:
+            raise LOESError("fit needs targets (one per row), or a feature store that has them")
+        self.__dict__.pop("store_layers_", None)
         layers = take_layers(embeddings, self.layers)
         n = layers[0].shape[0]
         y = self._encode(targets, n, fit=True)
@@ -258,6 +279,67 @@ class LinearProbe:
             self._fit_one(layers, y, self.best_param_)
         else:
             self._fit_one(tr_layers, y_tr, self.best_param_)
+        return self
+
+    def _fit_store(self, store: FeatureStore, val: Any) -> LinearProbe:
+        """Ridge from streamed float64 moments of the store's rows (see :meth:`fit`)."""
+        if self.kind != "ridge":
+            raise LOESError(
+                "a probe fitted on a feature store streams its rows: use kind='ridge' (or a "
+                "FusionProbe); kind='logistic' needs the rows in memory (store.load())"
+            )
+        if val is not None and not isinstance(val, FeatureStore):
+            raise LOESError("with a feature store, val_embeddings must be a feature store too")
+        self.store_layers_ = list(self.layers) if self.layers is not None else store.layers
+        targets = store.targets
+        if targets is None:
+            raise LOESError(f"the feature store {store.path} has no targets to fit a probe on")
+        classes = np.unique(targets).tolist() if self.task_ == "classification" else None
+        if classes is not None:
+            if len(classes) < 2:
+                raise LOESError("classification needs at least 2 classes in the training split")
+            self.classes_ = classes
+        raw = Moments(task=self.task_, classes=classes)
+        for x, y in store.batches(layers=self.store_layers_):
+            raw.update(_flat(x), y)
+        widths = [store.widths[store.layers.index(i)] for i in self.store_layers_]
+        std = np.sqrt(np.diag(raw.m2) / raw.n)
+        const = (std <= 0) | (std <= 100 * np.finfo(np.float64).eps * np.abs(raw.mean))
+        scale = np.where(const, 0.0, 1.0 / np.maximum(std, 1e-300))
+        scale = scale / np.repeat(np.sqrt(widths), widths)
+        bounds = np.cumsum([0, *widths])
+        self.standardizer_ = LayerStandardizer()
+        self.standardizer_.means_ = [
+            torch.from_numpy(raw.mean[a:b].reshape(1, -1)) for a, b in zip(bounds, bounds[1:])
+        ]
+        self.standardizer_.scales_ = [
+            torch.from_numpy(scale[a:b].reshape(1, -1)) for a, b in zip(bounds, bounds[1:])
+        ]
+        ridge = MomentRidge(raw.affine(scale, raw.mean))
+        grid = [float(r) for r in self.grid or RIDGE_GRID]
+        fits = {r: ridge.coef(r) for r in grid}
+        if val is None:  # no held-out rows: generalised cross-validation on the moments
+            self.validation_ = "gcv"
+            self.val_scores_ = {r: -ridge.gcv(r) for r in grid}
+        else:
+            self.validation_ = "validation store"
+            outs = {r: [] for r in grid}
+            truth = []
+            for x, y in val.batches(layers=self.store_layers_):
+                z = self.standardizer_.transform(take_layers(x))
+                for r, (w, b) in fits.items():
+                    outs[r].append(z.numpy() @ w + b)
+                truth.append(y)
+            y_va = self._encode(np.concatenate(truth), sum(len(t) for t in truth), fit=False)
+            self.val_scores_ = {
+                r: self._score_matrix(torch.from_numpy(np.concatenate(o)), y_va)
+                for r, o in outs.items()
+            }
+        best_score = max(self.val_scores_.values())
+        self.best_param_ = max(r for r, v in self.val_scores_.items() if v == best_score)
+        self.best_val_score_ = best_score
+        w, b = fits[self.best_param_]
+        self.coef_, self.intercept_ = torch.from_numpy(w), torch.from_numpy(b)
         return self
 
     def _encode(self, targets: Any, n: int, fit: bool) -> torch.Tensor:
@@ -327,7 +409,13 @@ class LinearProbe:
     def decision_function(self, embeddings: Any) -> torch.Tensor:
         """Raw outputs (n_samples, n_outputs): ridge fits or logistic logits."""
         self._check_fitted()
-        x = self.standardizer_.transform(take_layers(embeddings, self.layers))
+        if isinstance(embeddings, FeatureStore):
+            layers = getattr(self, "store_layers_", self.layers)
+            return torch.cat(
+                [self.decision_function(x) for x, _ in embeddings.batches(layers=layers)]
+            )
+        layers = None if hasattr(self, "store_layers_") else self.layers
+        x = self.standardizer_.transform(take_layers(embeddings, layers))
         if self.kind == "ridge":
             return x @ self.coef_ + self.intercept_
         return torch.from_numpy(
@@ -345,9 +433,16 @@ class LinearProbe:
             return np.asarray(self.classes_)[ids.numpy()]
         return out.squeeze(1).numpy() if out.shape[1] == 1 else out.numpy()
 
-    def score(self, embeddings: Any, targets: Any) -> float:
-        """Accuracy (classification) or R² (regression) on the given data: higher is better."""
+    def score(self, embeddings: Any, targets: Any = None) -> float:
+        """Accuracy (classification) or R² (regression) on the given data: higher is better.
+
+        ``targets`` may be omitted for a feature store (its own targets are used).
+        """
         self._check_fitted()
+        if isinstance(embeddings, FeatureStore) and targets is None:
+            targets = embeddings.targets
+        if targets is None:
+            raise LOESError("score needs targets (or a feature store that has them)")
         pred = self.predict(embeddings)
         if self.task_ == "classification":
             ids_pred, _ = encode_labels(np.asarray(pred), self.classes_)
@@ -359,6 +454,11 @@ class LinearProbe:
     def _check_fitted(self):
         if not hasattr(self, "standardizer_"):
             raise LOESError("this probe is not fitted yet: call fit(embeddings, targets) first")
+
+
+def _flat(x: Any) -> torch.Tensor:
+    """A store batch, (n, k, D) or a list of (n, D_l), as one (n, Σ D_l) matrix of its layers."""
+    return x.flatten(1) if torch.is_tensor(x) else torch.cat(list(x), dim=1)
 
 
 def _sklearn_linear_model():
