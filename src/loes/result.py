@@ -138,7 +138,8 @@ class LOESResult:
         (:data:`loes.baselines.BASELINES`) or a label-free metric's name.
     estimate : Estimate, optional
         Cross-validated probe scores of the picked layers, the last layer, the
-        last-k and all layers on the calibration rows (:mod:`loes._estimate`);
+        last-k and all layers on the calibration rows, or on held-out rows the
+        caller passed (``estimate.rows``; :mod:`loes._estimate`);
         ``estimate.verdict()`` is the one-line answer to "is it worth it?".
     """
 
@@ -453,7 +454,7 @@ class LOESResult:
         if self.estimate is not None:
             lines += [
                 "",
-                "estimate (cross-validated probe on the calibration rows):",
+                f"estimate (cross-validated probe on {self.estimate.rows_used()}):",
                 self.estimate.table(),
             ]
         return "\n".join(lines)
