@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from loes import LOESError, LOESResult, select_layers_from_custom_embeddings
-from loes._estimate import Estimate, _fold_predictions, _standardized, cv_estimate, standard_sets
+from loes._estimate import (
+    CrossValidation,
+    Estimate,
+    _fold_predictions,
+    _standardized,
+    cv_estimate,
+    standard_sets,
+)
 from loes._linalg import RidgePath
 from loes._splits import kfold
 from loes.cli import main
@@ -81,6 +88,38 @@ def test_scores_match_an_explicit_loop():
         accs = [float((p.argmax(1) == y[h]).double().mean()) for p, h in zip(preds, folds)]
         assert est.mean[name] == pytest.approx(np.mean(accs), abs=1e-12)
         assert est.se[name] == pytest.approx(np.std(accs, ddof=1) / 2.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("strength,dim", [(0.5, 100), (1.5, 12), (4.0, 4)])
+def test_strength_search_equals_trying_every_strength(strength, dim):
+    """The search from the strongest down (stopping at the first worse) finds the
+    exhaustive minimum; the three cases are won by 1, 0.1 and 0.01 in turn."""
+    xs, _, y1h = _planted(strength=strength, dim=dim)
+    z = _standardized(xs[2])
+    folds = [torch.as_tensor(h) for _, h in kfold(len(y1h), 5, 3)]
+    by_reg = {reg: _explicit(z @ z.T, y1h, folds, reg, dim) for reg in (1e-2, 1e-1, 1.0)}
+    sse = {
+        reg: sum(float(((y1h[h] - p) ** 2).sum()) for p, h in zip(ps, folds))
+        for reg, ps in by_reg.items()
+    }
+    best = min(sse, key=sse.get)
+    assert best == {0.5: 1.0, 1.5: 1e-1, 4.0: 1e-2}[strength]
+    fast = _fold_predictions(z @ z.T, y1h, folds, (1e-2, 1e-1, 1.0), dim)
+    for a, b in zip(fast, by_reg[best]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_float32_features_score_as_float64():
+    """float32 features get float32 kernels (float64 solves): the fold scores match the
+    float64 computation within one row of a fold (a near-tie may flip), the means within 0.002."""
+    xs, _, y1h = _planted(n=300, dim=40, strength=1.0)
+    sets = standard_sets([2, 0], len(xs))
+    exact = CrossValidation(xs, y1h, "classification")
+    single = CrossValidation([x.float() for x in xs], y1h, "classification")
+    for layers in sets.values():
+        a, b = exact.fold_scores(layers), single.fold_scores(layers)
+        assert np.abs(a - b).max() <= 1 / 60 + 1e-12
+        assert abs(a.mean() - b.mean()) <= 0.002
 
 
 def test_planted_layer_wins_and_verdicts_say_so():

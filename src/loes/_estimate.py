@@ -1,4 +1,5 @@
-"""An honest estimate of what a layer choice is worth, from the calibration rows.
+"""An honest estimate of what a layer choice is worth, from the calibration rows
+(or held-out rows the caller passes).
 
 The probe is the one every comparison uses: ridge regression with an
 unpenalised intercept on the chosen layers, each layer z-scored and divided by
@@ -12,9 +13,16 @@ Scores are cross-validated without refitting. With the kernel
 diagonal, so the intercept's shrinkage is below 1e-3/N), and
 ``G = (K + c·11ᵀ + λI)⁻¹``, the residuals of a fold ``B`` held out from the fit
 on all other rows are exactly ``e_B = (G_BB)⁻¹ (G Y)_B`` (the block form of the
-leave-one-out identity). One factorisation per layer set serves every fold of
-every repeat. λ is relative, ``reg · tr(K) / min(N − 1, ΣD_l)``, with ``reg``
-from :data:`ESTIMATE_REGS` by the least held-out squared error.
+leave-one-out identity). One float64 factorisation per layer set and strength
+serves every fold of every repeat. λ is relative, ``reg · tr(K) / min(N − 1, ΣD_l)``,
+with ``reg`` from :data:`ESTIMATE_REGS` by the least held-out squared error
+(tried from the strongest down until one does worse).
+
+Each layer's kernel ``Z_l Z_lᵀ / D_l`` is formed once, in the features' precision
+(float32, or float64 for float64 input), and a layer set's kernel is the sum of its
+layers' (the linear kernel of a concatenation), started from the previous set's sum
+when that is a subset: the prefixes of ``k="auto"`` and last ⊂ last-k ⊂ all add one
+kernel each.
 
 The standard error of a mean over the ``n_splits × n_repeats`` fold scores is
 their standard deviation over ``sqrt(n_splits)`` (repeats average away the
@@ -55,11 +63,6 @@ ESTIMATE_MAX_ROWS = 2000
 #: Relative ridge strengths tried by the estimate's probe; the one with the least
 #: held-out squared error is used for each layer set.
 ESTIMATE_REGS = (1e-2, 1e-1, 1.0)
-
-#: Above this many rows, each layer set's strength is chosen on a stratified sample of
-#: this many (the same held-out criterion, at an eighth of the cost at 1,000 rows), and
-#: only the chosen strength is factorised on all rows.
-ESTIMATE_CHOICE_ROWS = 500
 
 
 @dataclass
@@ -232,20 +235,6 @@ def _fold_residuals(
     return [torch.linalg.solve(g[idx[:, None], idx], gy[idx]) for idx in folds]
 
 
-def _best_reg(
-    kernel: torch.Tensor,
-    y: torch.Tensor,
-    folds: list[torch.Tensor],
-    regs: Sequence[float],
-    dim: int,
-) -> float:
-    """The strength in ``regs`` with the least held-out squared error over ``folds``."""
-    return min(
-        regs,
-        key=lambda r: sum(float((e * e).sum()) for e in _fold_residuals(kernel, y, folds, r, dim)),
-    )
-
-
 def _fold_predictions(
     kernel: torch.Tensor,
     y: torch.Tensor,
@@ -254,13 +243,20 @@ def _fold_predictions(
     dim: int,
 ) -> list[torch.Tensor]:
     """Held-out predictions of each fold at the strength in ``regs`` with the least
-    held-out squared error."""
+    held-out squared error.
+
+    Strengths are tried from the strongest down, stopping at the first that does
+    worse than the one before: exact when the held-out error is unimodal in the
+    strength (as a ridge's is in practice), and one factorisation fewer whenever a
+    stronger strength wins.
+    """
     best, best_sse = None, math.inf
-    for reg in regs:
+    for reg in sorted(regs, reverse=True):
         resid = _fold_residuals(kernel, y, folds, reg, dim)
         sse = float(sum((e * e).sum() for e in resid))
-        if sse < best_sse:
-            best_sse, best = sse, [y[idx] - e for idx, e in zip(folds, resid)]
+        if sse >= best_sse:
+            break
+        best_sse, best = sse, [y[idx] - e for idx, e in zip(folds, resid)]
     return best
 
 
@@ -275,9 +271,9 @@ def _score(pred: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, met
 class CrossValidation:
     """Fold scores of any layer set on fixed partitions of the calibration rows.
 
-    Each layer's kernel is formed once, each layer set's factorisation once
-    (cached by the set), so comparing many sets (``k="auto"``) costs one
-    ``N × N`` factorisation per set and strength.
+    Each layer's kernel is formed once, each layer set's scores once (cached by
+    the set), so comparing many sets (``k="auto"``) costs one ``N × N``
+    factorisation per set and strength tried.
 
     Parameters
     ----------
@@ -341,23 +337,6 @@ class CrossValidation:
             for _ in range(n_repeats)
             for held in split_indices(n, [1.0] * n_splits, int(base.integers(2**31)), strata)
         ]
-        # the strength of each layer set is chosen on a stratified sample of the rows
-        self._choice: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        if n > ESTIMATE_CHOICE_ROWS and len(self.regs) > 1:
-            seed = int(base.integers(2**31))
-            rows_c = split_indices(
-                n, [ESTIMATE_CHOICE_ROWS, n - ESTIMATE_CHOICE_ROWS], seed, strata
-            )
-            sub = torch.as_tensor(rows_c[0])
-            sub_strata = None if strata is None else strata[rows_c[0]]
-            folds = [
-                torch.as_tensor(held)
-                for _ in range(n_repeats)
-                for held in split_indices(
-                    len(sub), [1.0] * n_splits, int(base.integers(2**31)), sub_strata
-                )
-            ]
-            self._choice = (sub, folds)
         # kernels and their sums in the features' precision (at least float32), solves in float64
         self._dtype = (
             torch.float64 if any(x.dtype == torch.float64 for x in layers) else torch.float32
@@ -392,12 +371,7 @@ class CrossValidation:
         if key not in self._scores:
             kernel = self._set_kernel(key)
             dim = sum(self.layers[i].shape[1] for i in key)
-            regs = self.regs
-            if self._choice is not None:
-                sub, folds = self._choice
-                sub_kernel = kernel[sub[:, None], sub]
-                regs = (_best_reg(sub_kernel, self.y[sub], folds, regs, dim),)
-            preds = _fold_predictions(kernel, self.y, self.folds, regs, dim)
+            preds = _fold_predictions(kernel, self.y, self.folds, self.regs, dim)
             self._scores[key] = np.array(
                 [
                     _score(
