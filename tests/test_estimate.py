@@ -209,6 +209,7 @@ def test_eval_rows_are_cross_validated_on_their_own():
     cal = select_layers_from_custom_embeddings(x, y, k=2, show_progress=False).estimate
     assert cal.rows == "calibration" and cal.mean != est.mean
     assert "the 150 held-out rows you passed, 5-fold CV x 3" in res.summary()
+    assert "verdict (held-out rows): layers [2" in res.summary()
     assert (
         "the 200 calibration rows, 5-fold CV x 3"
         in select_layers_from_custom_embeddings(x, y, k=2, show_progress=False).summary()

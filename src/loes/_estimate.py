@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError
-from loes._linalg import column_stats
+from loes._linalg import column_stats, sym_gram
 from loes._rng import check_random_state
 from loes._splits import split_indices
 from loes._validation import Targets
@@ -232,7 +232,17 @@ def _fold_residuals(
     a.diagonal().add_(lam)
     g = torch.cholesky_inverse(torch.linalg.cholesky(a))
     gy = g @ y
-    return [torch.linalg.solve(g[idx[:, None], idx], gy[idx]) for idx in folds]
+    # every G_BB (symmetric positive definite) padded with the identity to one size:
+    # one batched Cholesky solve; numpy's np.ix_ gathers the blocks fastest
+    size = max(len(idx) for idx in folds)
+    blocks = torch.eye(size, dtype=g.dtype).repeat(len(folds), 1, 1)
+    rhs = torch.zeros(len(folds), size, y.shape[1], dtype=g.dtype)
+    g_np = g.numpy()
+    for b, idx in enumerate(folds):
+        blocks[b, : len(idx), : len(idx)] = torch.from_numpy(g_np[np.ix_(idx, idx)])
+        rhs[b, : len(idx)] = gy[idx]
+    e = torch.cholesky_solve(rhs, torch.linalg.cholesky(blocks))
+    return [e[b, : len(idx)] for b, idx in enumerate(folds)]
 
 
 def _fold_predictions(
@@ -315,7 +325,7 @@ class CrossValidation:
             )
         self.layers = layers
         n = layers[0].shape[0]
-        self.y = y.reshape(n, -1).to(torch.float64)
+        self.y = y.reshape(n, -1).to("cpu", torch.float64)  # the estimate runs on the CPU
         self.metric = "accuracy" if task == "classification" else "r2"
         self.labels, self.chance = None, 0.0
         if self.metric == "accuracy":
@@ -347,8 +357,8 @@ class CrossValidation:
 
     def _kernel(self, i: int) -> torch.Tensor:
         if i not in self._kernels:
-            z = _standardized(self.layers[i].to(self._dtype))
-            self._kernels[i] = z @ z.T
+            z = _standardized(self.layers[i].to("cpu", self._dtype))
+            self._kernels[i] = sym_gram(z, rows=True)
         return self._kernels[i]
 
     def _set_kernel(self, key: tuple[int, ...]) -> torch.Tensor:

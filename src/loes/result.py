@@ -415,7 +415,8 @@ class LOESResult:
         if self.model_name:
             lines.append(f"model: {self.model_name}  pooling: {self.pooling}")
         if self.estimate is not None:
-            lines.append("verdict: " + self.estimate.verdict())
+            where = "" if self.estimate.rows == "calibration" else " (held-out rows)"
+            lines.append(f"verdict{where}: " + self.estimate.verdict())
         lines.append(f"{'pick':>4}  {'layer':<{width}} {'score':>10}")
         for i, (layer, score) in enumerate(zip(self.selected_layers, self.layer_scores), 1):
             lines.append(f"{i:>4}  {name(layer):<{width}} {format_number(score):>10}")
