@@ -1,15 +1,25 @@
 """The calibration estimate (loes.core._estimate) against explicit K-fold refits."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from loes import LOESError
-from loes._estimate import _fold_predictions, _standardized, cv_estimate, standard_sets
+from loes import LOESError, LOESResult, select_layers_from_custom_embeddings
+from loes._estimate import (
+    CrossValidation,
+    Estimate,
+    _fold_predictions,
+    _standardized,
+    cv_estimate,
+    standard_sets,
+)
 from loes._linalg import RidgePath
 from loes._splits import kfold
+from loes.cli import main
+from loes.core import select as core_select
 
 
 def _planted(n=240, layers=5, dim=12, signal=(2,), strength=1.5, classes=3, seed=0):
@@ -80,6 +90,38 @@ def test_scores_match_an_explicit_loop():
         assert est.se[name] == pytest.approx(np.std(accs, ddof=1) / 2.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("strength,dim", [(0.5, 100), (1.5, 12), (4.0, 4)])
+def test_strength_search_equals_trying_every_strength(strength, dim):
+    """The search from the strongest down (stopping at the first worse) finds the
+    exhaustive minimum; the three cases are won by 1, 0.1 and 0.01 in turn."""
+    xs, _, y1h = _planted(strength=strength, dim=dim)
+    z = _standardized(xs[2])
+    folds = [torch.as_tensor(h) for _, h in kfold(len(y1h), 5, 3)]
+    by_reg = {reg: _explicit(z @ z.T, y1h, folds, reg, dim) for reg in (1e-2, 1e-1, 1.0)}
+    sse = {
+        reg: sum(float(((y1h[h] - p) ** 2).sum()) for p, h in zip(ps, folds))
+        for reg, ps in by_reg.items()
+    }
+    best = min(sse, key=sse.get)
+    assert best == {0.5: 1.0, 1.5: 1e-1, 4.0: 1e-2}[strength]
+    fast = _fold_predictions(z @ z.T, y1h, folds, (1e-2, 1e-1, 1.0), dim)
+    for a, b in zip(fast, by_reg[best]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_float32_features_score_as_float64():
+    """float32 features get float32 kernels (float64 solves): the fold scores match the
+    float64 computation within one row of a fold (a near-tie may flip), the means within 0.002."""
+    xs, _, y1h = _planted(n=300, dim=40, strength=1.0)
+    sets = standard_sets([2, 0], len(xs))
+    exact = CrossValidation(xs, y1h, "classification")
+    single = CrossValidation([x.float() for x in xs], y1h, "classification")
+    for layers in sets.values():
+        a, b = exact.fold_scores(layers), single.fold_scores(layers)
+        assert np.abs(a - b).max() <= 1 / 60 + 1e-12
+        assert abs(a.mean() - b.mean()) <= 0.002
+
+
 def test_planted_layer_wins_and_verdicts_say_so():
     xs, y, y1h = _planted(signal=(1,))
     est = cv_estimate(xs, y1h, "classification", standard_sets([1], len(xs)))
@@ -134,3 +176,148 @@ def test_noise_only_verdict_says_no_signal():
     xs, y, y1h = _planted(signal=())
     est = cv_estimate(xs, y1h, "classification", standard_sets([0, 1], len(xs)))
     assert "no better than the majority class (0.333)" in est.verdict()
+
+
+# ------------------------------------------------------------- held-out rows for the estimate
+def _rows(n, seed, labels=("a", "b", "c")):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % len(labels)
+    x = torch.randn(n, 5, 16, generator=g)
+    x[:, 2, :3] += 2 * torch.nn.functional.one_hot(y, 3)
+    return x, np.array(labels)[y.numpy()]
+
+
+def test_eval_rows_are_cross_validated_on_their_own():
+    """The estimate with eval rows is the CV of those rows alone, in the calibration's classes."""
+    x, y = _rows(200, 0)
+    xe, ye = _rows(150, 1, labels=("b", "c", "a"))  # same classes, other order of appearance
+    res = select_layers_from_custom_embeddings(
+        x, y, k=2, show_progress=False, eval_embeddings=xe, eval_targets=ye
+    )
+    est = res.estimate
+    assert est.rows == "eval" and est.n_samples == 150
+    ids = torch.as_tensor(np.searchsorted(["a", "b", "c"], ye))
+    direct = cv_estimate(
+        [xe[:, i] for i in range(5)],
+        torch.nn.functional.one_hot(ids, 3).double(),
+        "classification",
+        standard_sets(res.selected_layers, 5),
+        labels=ids,
+        random_state=res.config["seed"],
+    )
+    assert est.mean == direct.mean and est.diff == direct.diff
+    cal = select_layers_from_custom_embeddings(x, y, k=2, show_progress=False).estimate
+    assert cal.rows == "calibration" and cal.mean != est.mean
+    assert "the 150 held-out rows you passed, 5-fold CV x 3" in res.summary()
+    assert "verdict (held-out rows): layers [2" in res.summary()
+    assert (
+        "the 200 calibration rows, 5-fold CV x 3"
+        in select_layers_from_custom_embeddings(x, y, k=2, show_progress=False).summary()
+    )
+    back = LOESResult.from_json(res.to_json())
+    assert back.estimate == est and back.estimate.rows == "eval"
+    old = {k: v for k, v in cal.to_dict().items() if k != "rows"}  # JSON written before `rows`
+    assert Estimate.from_dict(old).rows == "calibration"
+
+
+def test_eval_rows_for_regression():
+    g = torch.Generator().manual_seed(2)
+    x, xe = torch.randn(120, 3, 6, generator=g), torch.randn(80, 3, 6, generator=g)
+    w = torch.arange(1.0, 7.0)
+    res = select_layers_from_custom_embeddings(
+        x,
+        x[:, 0] @ w,
+        k=1,
+        task="regression",
+        show_progress=False,
+        eval_embeddings=xe,
+        eval_targets=xe[:, 0] @ w,
+    )
+    assert res.estimate.rows == "eval" and res.estimate.mean["selected"] > 0.95
+    with pytest.raises(
+        LOESError, match="eval_targets has 2 target columns, the calibration targets 1"
+    ):
+        select_layers_from_custom_embeddings(
+            x,
+            x[:, 0] @ w,
+            k=1,
+            task="regression",
+            show_progress=False,
+            eval_embeddings=xe,
+            eval_targets=torch.stack([xe[:, 0] @ w] * 2, 1),
+        )
+
+
+def _bad_eval():
+    xe, ye = _rows(60, 1)
+    return [
+        ({"eval_embeddings": xe}, "eval_embeddings was given without eval_targets"),
+        ({"eval_targets": ye}, "eval_targets was given without eval_embeddings"),
+        (
+            {"eval_embeddings": xe[:, :4], "eval_targets": ye},
+            "eval_embeddings has 4 layers, the calibration",
+        ),
+        (
+            {"eval_embeddings": xe[:, :, :8], "eval_targets": ye},
+            "layer 0 has width 8, the calibration layer 16",
+        ),
+        (
+            {"eval_embeddings": xe, "eval_targets": np.where(ye == "a", "z", ye)},
+            r"eval_targets has 1 label\(s\) the calibration targets do not have \(\['z'\]",
+        ),
+        (
+            {"eval_embeddings": xe[:4], "eval_targets": ye[:4]},
+            "the eval rows cannot be cross-validated: an estimate needs at least 2 rows of every class",
+        ),
+        (
+            {"eval_embeddings": xe * float("nan"), "eval_targets": ye},
+            "eval_embeddings: embeddings contain",
+        ),
+        (
+            {"eval_embeddings": xe, "eval_targets": ye[:50]},
+            "eval_targets: targets must have one row per sample",
+        ),
+        (
+            {"eval_embeddings": xe, "eval_targets": ye, "estimate": False},
+            "estimate=False turns it off",
+        ),
+        (
+            {"eval_embeddings": xe, "eval_targets": ye, "task": "label_free"},
+            "task='label_free' has none",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,message", _bad_eval())
+def test_bad_eval_rows_fail_before_the_selection(kwargs, message, monkeypatch):
+    def no_engine(*args, **kw):
+        raise AssertionError("the selection ran before the eval rows were checked")
+
+    monkeypatch.setattr(core_select, "run_robust", no_engine)
+    x, y = _rows(200, 0)
+    with pytest.raises(LOESError, match=message):
+        select_layers_from_custom_embeddings(x, y, k=2, show_progress=False, **kwargs)
+
+
+def test_eval_rows_on_the_command_line(tmp_path, capsys):
+    x, y = _rows(200, 0)
+    xe, ye = _rows(150, 1)
+    np.savez(tmp_path / "cal.npz", embeddings=x.numpy(), targets=y)
+    np.savez(tmp_path / "held.npz", embeddings=xe.numpy(), targets=ye)
+    np.save(tmp_path / "held.npy", xe.numpy())
+    (tmp_path / "held.txt").write_text("\n".join(ye))
+    api = select_layers_from_custom_embeddings(
+        x, y, k=2, show_progress=False, eval_embeddings=xe, eval_targets=ye
+    )
+    for extra in (["held.npz"], ["held.npy", "--eval-targets", str(tmp_path / "held.txt")]):
+        argv = ["select", "--embeddings", str(tmp_path / "cal.npz"), "--k", "2", "--json"]
+        argv += ["--eval-embeddings", str(tmp_path / extra[0]), *extra[1:]]
+        assert main(argv) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["estimate"]["rows"] == "eval"
+        assert printed["estimate"]["mean"] == pytest.approx(api.estimate.mean, abs=1e-12)
+    argv = ["select", "--embeddings", str(tmp_path / "cal.npz"), "--k", "2"]
+    assert main(argv + ["--eval-targets", str(tmp_path / "held.txt")]) == 2
+    assert "--eval-targets needs --eval-embeddings" in capsys.readouterr().err
+    assert main(argv + ["--eval-embeddings", str(tmp_path / "held.npy")]) == 2
+    assert "holds no targets: pass --eval-targets" in capsys.readouterr().err

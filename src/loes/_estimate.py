@@ -1,4 +1,5 @@
-"""An honest estimate of what a layer choice is worth, from the calibration rows.
+"""An honest estimate of what a layer choice is worth, from the calibration rows
+(or held-out rows the caller passes).
 
 The probe is the one every comparison uses: ridge regression with an
 unpenalised intercept on the chosen layers, each layer z-scored and divided by
@@ -12,9 +13,16 @@ Scores are cross-validated without refitting. With the kernel
 diagonal, so the intercept's shrinkage is below 1e-3/N), and
 ``G = (K + c·11ᵀ + λI)⁻¹``, the residuals of a fold ``B`` held out from the fit
 on all other rows are exactly ``e_B = (G_BB)⁻¹ (G Y)_B`` (the block form of the
-leave-one-out identity). One factorisation per layer set serves every fold of
-every repeat. λ is relative, ``reg · tr(K) / min(N − 1, ΣD_l)``, with ``reg``
-from :data:`ESTIMATE_REGS` by the least held-out squared error.
+leave-one-out identity). One float64 factorisation per layer set and strength
+serves every fold of every repeat. λ is relative, ``reg · tr(K) / min(N − 1, ΣD_l)``,
+with ``reg`` from :data:`ESTIMATE_REGS` by the least held-out squared error
+(tried from the strongest down until one does worse).
+
+Each layer's kernel ``Z_l Z_lᵀ / D_l`` is formed once, in the features' precision
+(float32, or float64 for float64 input), and a layer set's kernel is the sum of its
+layers' (the linear kernel of a concatenation), started from the previous set's sum
+when that is a subset: the prefixes of ``k="auto"`` and last ⊂ last-k ⊂ all add one
+kernel each.
 
 The standard error of a mean over the ``n_splits × n_repeats`` fold scores is
 their standard deviation over ``sqrt(n_splits)`` (repeats average away the
@@ -34,7 +42,7 @@ import numpy as np
 import torch
 
 from loes._exceptions import LOESError
-from loes._linalg import column_stats
+from loes._linalg import column_stats, sym_gram
 from loes._rng import check_random_state
 from loes._splits import split_indices
 from loes._validation import Targets
@@ -74,6 +82,9 @@ class Estimate:
     chance : float
         Accuracy of always predicting the majority class (0 for R²).
     n_samples, n_splits, n_repeats : int
+    rows : {"calibration", "eval"}
+        Which rows were cross-validated: the calibration rows the selection saw,
+        or held-out rows the caller passed (``eval_embeddings=``/``eval_targets=``).
     """
 
     metric: str
@@ -86,6 +97,12 @@ class Estimate:
     n_samples: int = 0
     n_splits: int = 5
     n_repeats: int = 1
+    rows: str = "calibration"
+
+    def rows_used(self) -> str:
+        """Which rows the scores come from, e.g. "the 300 held-out rows you passed, 5-fold CV x 3"."""
+        which = "calibration rows" if self.rows == "calibration" else "held-out rows you passed"
+        return f"the {self.n_samples} {which}, {self.n_splits}-fold CV x {self.n_repeats}"
 
     def _amount(self, value: float, signed: bool = True) -> str:
         if self.metric == "accuracy":
@@ -157,6 +174,7 @@ class Estimate:
             "n_samples": self.n_samples,
             "n_splits": self.n_splits,
             "n_repeats": self.n_repeats,
+            "rows": self.rows,
         }
 
     @classmethod
@@ -175,6 +193,7 @@ class Estimate:
             n_samples=int(d.get("n_samples", 0)),
             n_splits=int(d.get("n_splits", 5)),
             n_repeats=int(d.get("n_repeats", 1)),
+            rows=str(d.get("rows", "calibration")),
         )
 
 
@@ -200,6 +219,32 @@ def _standardized(layer: torch.Tensor) -> torch.Tensor:
     return (layer - mean) * (inv_std / math.sqrt(layer.shape[1]))
 
 
+def _fold_residuals(
+    kernel: torch.Tensor, y: torch.Tensor, folds: list[torch.Tensor], reg: float, dim: int
+) -> list[torch.Tensor]:
+    """Held-out residuals ``e_B = (G_BB)⁻¹ (G Y)_B`` of every fold at relative strength
+    ``reg`` (the block leave-out identity; see the module docstring)."""
+    n = kernel.shape[0]
+    diag = torch.diagonal(kernel)
+    scale = float(diag.mean()) or 1.0
+    lam = max(reg * float(diag.sum()) / max(1, min(n - 1, dim)), 1e-10 * scale)
+    a = kernel + 1e3 * scale
+    a.diagonal().add_(lam)
+    g = torch.cholesky_inverse(torch.linalg.cholesky(a))
+    gy = g @ y
+    # every G_BB (symmetric positive definite) padded with the identity to one size:
+    # one batched Cholesky solve; numpy's np.ix_ gathers the blocks fastest
+    size = max(len(idx) for idx in folds)
+    blocks = torch.eye(size, dtype=g.dtype).repeat(len(folds), 1, 1)
+    rhs = torch.zeros(len(folds), size, y.shape[1], dtype=g.dtype)
+    g_np = g.numpy()
+    for b, idx in enumerate(folds):
+        blocks[b, : len(idx), : len(idx)] = torch.from_numpy(g_np[np.ix_(idx, idx)])
+        rhs[b, : len(idx)] = gy[idx]
+    e = torch.cholesky_solve(rhs, torch.linalg.cholesky(blocks))
+    return [e[b, : len(idx)] for b, idx in enumerate(folds)]
+
+
 def _fold_predictions(
     kernel: torch.Tensor,
     y: torch.Tensor,
@@ -207,24 +252,21 @@ def _fold_predictions(
     regs: Sequence[float],
     dim: int,
 ) -> list[torch.Tensor]:
-    """Held-out predictions of each fold (the block leave-out identity; see the module
-    docstring) at the strength in ``regs`` with the least held-out squared error."""
-    n = kernel.shape[0]
-    scale = float(torch.diagonal(kernel).mean()) or 1.0
-    base = kernel + 1e3 * scale
-    eye = torch.eye(n, dtype=kernel.dtype, device=kernel.device)
+    """Held-out predictions of each fold at the strength in ``regs`` with the least
+    held-out squared error.
+
+    Strengths are tried from the strongest down, stopping at the first that does
+    worse than the one before: exact when the held-out error is unimodal in the
+    strength (as a ridge's is in practice), and one factorisation fewer whenever a
+    stronger strength wins.
+    """
     best, best_sse = None, math.inf
-    for reg in regs:
-        lam = max(
-            reg * float(torch.diagonal(kernel).sum()) / max(1, min(n - 1, dim)), 1e-10 * scale
-        )
-        g = torch.cholesky_inverse(torch.linalg.cholesky(base + lam * eye))
-        gy = g @ y
-        resid = [torch.linalg.solve(g[idx[:, None], idx], gy[idx]) for idx in folds]
+    for reg in sorted(regs, reverse=True):
+        resid = _fold_residuals(kernel, y, folds, reg, dim)
         sse = float(sum((e * e).sum() for e in resid))
-        if sse < best_sse:
-            best_sse = sse
-            best = [y[idx] - e for idx, e in zip(folds, resid)]
+        if sse >= best_sse:
+            break
+        best_sse, best = sse, [y[idx] - e for idx, e in zip(folds, resid)]
     return best
 
 
@@ -239,9 +281,9 @@ def _score(pred: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, met
 class CrossValidation:
     """Fold scores of any layer set on fixed partitions of the calibration rows.
 
-    Each layer's kernel is formed once, each layer set's factorisation once
-    (cached by the set), so comparing many sets (``k="auto"``) costs one
-    ``N × N`` factorisation per set and strength.
+    Each layer's kernel is formed once, each layer set's scores once (cached by
+    the set), so comparing many sets (``k="auto"``) costs one ``N × N``
+    factorisation per set and strength tried.
 
     Parameters
     ----------
@@ -258,6 +300,8 @@ class CrossValidation:
         least held-out squared error.
     random_state : None, int or generator
         Seeds the partitions (:func:`loes._rng.check_random_state`).
+    rows : {"calibration", "eval"}
+        Which rows these are (recorded in :attr:`Estimate.rows`).
     """
 
     def __init__(
@@ -271,14 +315,17 @@ class CrossValidation:
         n_repeats: int = 3,
         regs: Sequence[float] = ESTIMATE_REGS,
         random_state: Any = 0,
+        rows: str = "calibration",
     ):
+        if rows not in ("calibration", "eval"):
+            raise LOESError(f"rows must be 'calibration' or 'eval'; got {rows!r}")
         if task not in ("classification", "regression"):
             raise LOESError(
                 f"an estimate needs targets (classification or regression); got task={task!r}"
             )
         self.layers = layers
         n = layers[0].shape[0]
-        self.y = y.reshape(n, -1).to(torch.float64)
+        self.y = y.reshape(n, -1).to("cpu", torch.float64)  # the estimate runs on the CPU
         self.metric = "accuracy" if task == "classification" else "r2"
         self.labels, self.chance = None, 0.0
         if self.metric == "accuracy":
@@ -292,6 +339,7 @@ class CrossValidation:
         if n < 2 * n_splits:
             raise LOESError(f"an estimate needs at least {2 * n_splits} rows; got {n}")
         self.n, self.n_splits, self.n_repeats, self.regs = n, n_splits, n_repeats, tuple(regs)
+        self.rows = rows
         base = check_random_state(random_state)
         strata = self.labels.cpu().numpy() if self.labels is not None else None
         self.folds = [
@@ -299,20 +347,39 @@ class CrossValidation:
             for _ in range(n_repeats)
             for held in split_indices(n, [1.0] * n_splits, int(base.integers(2**31)), strata)
         ]
+        # kernels and their sums in the features' precision (at least float32), solves in float64
+        self._dtype = (
+            torch.float64 if any(x.dtype == torch.float64 for x in layers) else torch.float32
+        )
         self._kernels: dict[int, torch.Tensor] = {}
+        self._last_sum: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._scores: dict[tuple, np.ndarray] = {}
 
     def _kernel(self, i: int) -> torch.Tensor:
         if i not in self._kernels:
-            z = _standardized(self.layers[i].to(torch.float64))
-            self._kernels[i] = z @ z.T
+            z = _standardized(self.layers[i].to("cpu", self._dtype))
+            self._kernels[i] = sym_gram(z, rows=True)
         return self._kernels[i]
+
+    def _set_kernel(self, key: tuple[int, ...]) -> torch.Tensor:
+        """``Σ_l K_l`` over ``key`` (in float64), from the previous set's sum when that is a
+        subset (the prefixes of ``k="auto"``; last ⊂ last-k ⊂ all)."""
+        done: tuple[int, ...] = ()
+        if self._last_sum is not None and set(self._last_sum[0]) <= set(key):
+            done, total = self._last_sum[0], self._last_sum[1].clone()
+        else:
+            total = torch.zeros(self.n, self.n, dtype=self._dtype)
+        for i in key:
+            if i not in done:
+                total += self._kernel(i)
+        self._last_sum = (key, total)
+        return total.to(torch.float64)
 
     def fold_scores(self, layer_set: Sequence[int]) -> np.ndarray:
         """Accuracy or R² of the probe on ``layer_set`` in every fold, shape (n_splits · n_repeats,)."""
         key = tuple(sorted(int(i) for i in layer_set))
         if key not in self._scores:
-            kernel = sum(self._kernel(i) for i in key)
+            kernel = self._set_kernel(key)
             dim = sum(self.layers[i].shape[1] for i in key)
             preds = _fold_predictions(kernel, self.y, self.folds, self.regs, dim)
             self._scores[key] = np.array(
@@ -345,6 +412,7 @@ class CrossValidation:
             n_samples=self.n,
             n_splits=self.n_splits,
             n_repeats=self.n_repeats,
+            rows=self.rows,
         )
         for name, layer_set in sets.items():
             est.mean[name], est.se[name] = self.mean_se(layer_set)
@@ -444,20 +512,21 @@ def choose_layers(
 
 
 def calibration_cv(
-    layers: Sequence[torch.Tensor], tgt: Targets, task: str, seed: Any
+    layers: Sequence[torch.Tensor], tgt: Targets, task: str, seed: Any, rows: str = "calibration"
 ) -> CrossValidation:
-    """The estimate's cross-validation on the calibration rows (a stratified sample
-    of :data:`ESTIMATE_MAX_ROWS` when there are more)."""
+    """The estimate's cross-validation on the calibration rows, or on the caller's
+    held-out rows with ``rows="eval"`` (a stratified sample of
+    :data:`ESTIMATE_MAX_ROWS` when there are more)."""
     n = layers[0].shape[0]
     labels = tgt.labels
     if n > ESTIMATE_MAX_ROWS:
         strata = None if labels is None else labels.cpu().numpy()
-        rows = torch.as_tensor(
+        kept = torch.as_tensor(
             split_indices(n, [ESTIMATE_MAX_ROWS, n - ESTIMATE_MAX_ROWS], seed, strata)[0]
         )
-        layers = [layer[rows.to(layer.device)] for layer in layers]
-        y = tgt.y[rows.to(tgt.y.device)]
-        labels = None if labels is None else labels[rows.to(labels.device)]
+        layers = [layer[kept.to(layer.device)] for layer in layers]
+        y = tgt.y[kept.to(tgt.y.device)]
+        labels = None if labels is None else labels[kept.to(labels.device)]
     else:
         y = tgt.y
     return CrossValidation(
@@ -466,4 +535,5 @@ def calibration_cv(
         task,
         labels=None if labels is None else labels.cpu(),
         random_state=seed,
+        rows=rows,
     )

@@ -138,7 +138,8 @@ class LOESResult:
         (:data:`loes.baselines.BASELINES`) or a label-free metric's name.
     estimate : Estimate, optional
         Cross-validated probe scores of the picked layers, the last layer, the
-        last-k and all layers on the calibration rows (:mod:`loes._estimate`);
+        last-k and all layers on the calibration rows, or on held-out rows the
+        caller passed (``estimate.rows``; :mod:`loes._estimate`);
         ``estimate.verdict()`` is the one-line answer to "is it worth it?".
     """
 
@@ -414,7 +415,8 @@ class LOESResult:
         if self.model_name:
             lines.append(f"model: {self.model_name}  pooling: {self.pooling}")
         if self.estimate is not None:
-            lines.append("verdict: " + self.estimate.verdict())
+            where = "" if self.estimate.rows == "calibration" else " (held-out rows)"
+            lines.append(f"verdict{where}: " + self.estimate.verdict())
         lines.append(f"{'pick':>4}  {'layer':<{width}} {'score':>10}")
         for i, (layer, score) in enumerate(zip(self.selected_layers, self.layer_scores), 1):
             lines.append(f"{i:>4}  {name(layer):<{width}} {format_number(score):>10}")
@@ -453,7 +455,7 @@ class LOESResult:
         if self.estimate is not None:
             lines += [
                 "",
-                "estimate (cross-validated probe on the calibration rows):",
+                f"estimate (cross-validated probe on {self.estimate.rows_used()}):",
                 self.estimate.table(),
             ]
         return "\n".join(lines)

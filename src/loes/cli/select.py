@@ -34,6 +34,7 @@ EPILOG = """examples:
   loes select --embeddings feats.npz --k 3 --task regression
   loes select --embeddings feats.npy --targets labels.txt --k 3 --cv loo
   loes select --embeddings feats.pt --targets data.csv --targets-column rating --k 3
+  loes select --embeddings cal.npz --eval-embeddings heldout.npz --k auto
 
   --model takes a hub id or a local folder; --dataset a hub id, a local
   .csv/.tsv/.json/.jsonl/.parquet file, a save_to_disk folder, or a packaged
@@ -42,7 +43,10 @@ EPILOG = """examples:
   entry and, optionally, 'targets' (loes's own cache files qualify); --targets
   gives them from .npy/.npz/.safetensors/.pt, .json (a list), .txt (one value
   per line) or a .csv/.tsv table (the column named label/target/y, or
-  --targets-column). The layer table goes to stdout (or, with --json, the
+  --targets-column). --eval-embeddings (with --eval-targets, or targets in
+  the file) gives held-out rows of the same layers: the estimate (the
+  verdict) is then cross-validated on them instead of on the calibration
+  rows. The layer table goes to stdout (or, with --json, the
   result as strict JSON; logs always go to stderr). A user mistake is one
   line on stderr and exit code 2.
 """
@@ -80,6 +84,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--targets-column",
         default=None,
         help="column of a --targets table (or entry of an array file) holding the targets",
+    )
+    p.add_argument(
+        "--eval-embeddings",
+        default=None,
+        help="held-out (N_eval, L, D) features of the same layers for the estimate "
+        "(default: cross-validate the calibration rows)",
+    )
+    p.add_argument(
+        "--eval-targets",
+        default=None,
+        help="targets of --eval-embeddings (default: the targets in that file)",
     )
     p.add_argument(
         "--k",
@@ -169,7 +184,13 @@ _MODEL_ONLY = (
     "dtype",
     "cache_dir",
 )
-_EMBEDDINGS_ONLY = ("embeddings_key", "targets", "targets_column")
+_EMBEDDINGS_ONLY = (
+    "embeddings_key",
+    "targets",
+    "targets_column",
+    "eval_embeddings",
+    "eval_targets",
+)
 
 
 def _check_mode(args: argparse.Namespace) -> None:
@@ -250,10 +271,23 @@ def _select_embeddings(args: argparse.Namespace) -> LOESResult:
         targets = load_targets_file(args.embeddings, column=args.targets_column)
     if targets is None and args.task != "label_free":
         raise LOESError(f"{args.embeddings} holds no targets: pass --targets, or --task label_free")
+    held_out = {}
+    if args.eval_embeddings is not None:
+        eval_embeddings, eval_targets = load_embeddings_file(
+            args.eval_embeddings, key=args.embeddings_key
+        )
+        if args.eval_targets is not None:
+            eval_targets = load_targets_file(args.eval_targets, column=args.targets_column)
+        if eval_targets is None:
+            raise LOESError(f"{args.eval_embeddings} holds no targets: pass --eval-targets")
+        held_out = {"eval_embeddings": eval_embeddings, "eval_targets": eval_targets}
+    elif args.eval_targets is not None:
+        raise LOESError("--eval-targets needs --eval-embeddings (the held-out features)")
     return select_layers_from_custom_embeddings(
         embeddings,
         targets,
         dataset=str(args.embeddings),
+        **held_out,
         **_common_kwargs(args),
     )
 

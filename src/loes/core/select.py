@@ -16,7 +16,13 @@ from loes._estimate import CrossValidation, calibration_cv, choose_layers, stand
 from loes._exceptions import LOESError, LOESWarning
 from loes._progress import ProgressSetting, verbose_logger
 from loes._rng import RandomState, seed_of
-from loes._validation import check_embeddings, check_k, check_targets, normalize_task
+from loes._validation import (
+    Targets,
+    check_embeddings,
+    check_k,
+    check_targets,
+    normalize_task,
+)
 from loes.core._engine import (
     DEFAULTS,
     EngineOutput,
@@ -54,6 +60,8 @@ def select_layers_from_custom_embeddings(
     model_name: str | None = None,
     ignore_index: int | None = -100,
     estimate: bool = True,
+    eval_embeddings: Any = None,
+    eval_targets: Any = None,
     **options: Any,
 ) -> LOESResult:
     """Select ``k`` complementary layers from precomputed embeddings.
@@ -104,6 +112,16 @@ def select_layers_from_custom_embeddings(
         one ridge probe on the picked layers, the last layer, the last-k layers
         and all layers, with paired differences; ``result.estimate.verdict()``
         says whether the pick beats the last layer.
+    eval_embeddings : array or tensor of shape (n_eval, n_layers, dim), or a sequence of
+        n_layers arrays of shape (n_eval, dim_l), optional
+        Held-out rows for the estimate instead of the calibration rows: the same
+        layers and widths as ``embeddings``. The probe is cross-validated within
+        these rows (repeated K-fold, trained and scored on them); the selection
+        and ``k="auto"`` still use the calibration rows only.
+    eval_targets : array of shape (n_eval,) or (n_eval, m), optional
+        Targets of ``eval_embeddings``, of the same kind as ``targets`` (every
+        class label must occur in the calibration targets). Both are checked
+        before the selection runs.
     **options
         Settings of the robust preset (:class:`loes.core._engine.RobustOptions`):
         ``cv`` ("gcv", default, or "loo": the out-of-sample estimate of the fit
@@ -150,6 +168,9 @@ def select_layers_from_custom_embeddings(
         raise LOESError(f"estimate must be True or False; got {estimate!r}")
     if not auto:
         check_k(k)
+    held_out = eval_embeddings is not None or eval_targets is not None
+    if held_out:
+        _check_eval_request(eval_embeddings, eval_targets, task, bool(estimate))
     seed = seed_of(random_state)
     if layer_names is not None and (
         isinstance(layer_names, str) or not isinstance(layer_names, Sequence)
@@ -199,6 +220,11 @@ def select_layers_from_custom_embeddings(
             k,
             layers[0].device,
         )
+        eval_cv = (
+            _eval_cv(eval_embeddings, eval_targets, layers, tgt, task, seed, ignore_index)
+            if held_out
+            else None
+        )
         t_checked = time.perf_counter()
         engine = run_reference if preset == "reference" else run_robust
         try:
@@ -220,7 +246,7 @@ def select_layers_from_custom_embeddings(
         check_finite_output(out, preset)
         t_selected = time.perf_counter()
         cv, auto_record, skipped = None, None, None
-        if tgt is not None and (auto or estimate):
+        if tgt is not None and (auto or (estimate and eval_cv is None)):
             try:
                 cv = calibration_cv(layers, tgt, task, seed)
             except LOESError as e:  # too few rows for any cross-validation
@@ -233,9 +259,10 @@ def select_layers_from_custom_embeddings(
         if auto:
             out, auto_record = _choose_prefix(out, cv, n_layers, log)
             k = len(out.selected)
+        est_cv = eval_cv if eval_cv is not None else cv
         est = (
-            cv.estimate(standard_sets(out.selected, n_layers))
-            if cv is not None and estimate
+            est_cv.estimate(standard_sets(out.selected, n_layers))
+            if est_cv is not None and estimate
             else None
         )
         if est is not None:
@@ -244,7 +271,7 @@ def select_layers_from_custom_embeddings(
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     t_end = time.perf_counter()
     timings = {"validate": t_checked - t_start, **out.timings}
-    if cv is not None:
+    if cv is not None or eval_cv is not None:
         timings["estimate"] = t_end - t_selected
     timings["total"] = t_end - t_start
     config = {
@@ -309,3 +336,93 @@ def _choose_prefix(
         return replace(out, selected=[last], scores=[score], steps=out.steps[:1]), record
     j = len(chosen)
     return replace(out, selected=chosen, scores=out.scores[:j], steps=out.steps[:j]), record
+
+
+def _check_eval_request(eval_embeddings: Any, eval_targets: Any, task: str, estimate: bool) -> None:
+    """The checks of ``eval_embeddings`` / ``eval_targets`` that need no data."""
+    if eval_embeddings is None or eval_targets is None:
+        given, missing = (
+            ("eval_embeddings", "eval_targets")
+            if eval_targets is None
+            else ("eval_targets", "eval_embeddings")
+        )
+        raise LOESError(
+            f"{given} was given without {missing}: the estimate on held-out rows needs both"
+        )
+    if task == "label_free":
+        raise LOESError(
+            "eval_embeddings/eval_targets feed the estimate, which scores a probe on targets; "
+            "task='label_free' has none: drop them"
+        )
+    if not estimate:
+        raise LOESError(
+            "eval_embeddings/eval_targets feed result.estimate, and estimate=False turns it off: "
+            "drop one or the other"
+        )
+
+
+def _eval_cv(
+    eval_embeddings: Any,
+    eval_targets: Any,
+    layers: Sequence[torch.Tensor],
+    tgt: Targets,
+    task: str,
+    seed: int,
+    ignore_index: int | None,
+) -> CrossValidation:
+    """The estimate's cross-validation on the caller's held-out rows, checked against the
+    calibration inputs (layers, widths, target kind and classes) before any selection."""
+    try:
+        ev = check_embeddings(eval_embeddings)
+    except LOESError as e:
+        raise LOESError(f"eval_embeddings: {e}") from e
+    widths, ev_widths = [x.shape[1] for x in layers], [x.shape[1] for x in ev]
+    if len(ev) != len(layers):
+        raise LOESError(
+            f"eval_embeddings has {len(ev)} layers, the calibration embeddings {len(layers)}: "
+            "pass the same layers of the same model for both"
+        )
+    if ev_widths != widths:
+        i = next(i for i, (a, b) in enumerate(zip(widths, ev_widths)) if a != b)
+        raise LOESError(
+            f"eval_embeddings layer {i} has width {ev_widths[i]}, the calibration layer {widths[i]}: "
+            "pass the same layers (and pooling) for both"
+        )
+    n_eval = ev[0].shape[0]
+    try:
+        ev_tgt = check_targets(eval_targets, task, n_eval, ignore_index=ignore_index)
+    except LOESError as e:
+        raise LOESError(f"eval_targets: {e}") from e
+    if ev_tgt.keep is not None:
+        ev = [x[ev_tgt.keep.to(x.device)] for x in ev]
+    width, ev_width = tgt.y.shape[1], ev_tgt.y.shape[1]
+    ndim = eval_targets.ndim if hasattr(eval_targets, "ndim") else np.ndim(eval_targets)
+    if task == "classification" and ndim == 1:  # labels: map onto the calibration's classes
+        where = {c: i for i, c in enumerate(tgt.classes)}
+        unseen = [c for c in ev_tgt.classes if c not in where]
+        if unseen:
+            raise LOESError(
+                f"eval_targets has {len(unseen)} label(s) the calibration targets do not have "
+                f"({unseen[:5]}; calibration classes {tgt.classes[:10]}): drop those rows, or "
+                "add them to the calibration set"
+            )
+        labels = torch.tensor([where[c] for c in ev_tgt.classes])[ev_tgt.labels]
+        ev_tgt = Targets(
+            y=torch.nn.functional.one_hot(labels, width).double(),
+            labels=labels,
+            classes=tgt.classes,
+            keep=None,
+        )
+    elif ev_width != width:
+        kind = "classes (columns)" if task == "classification" else "target columns"
+        raise LOESError(
+            f"eval_targets has {ev_width} {kind}, the calibration targets {width}: "
+            "pass targets of the same kind for both"
+        )
+    try:
+        return calibration_cv(ev, ev_tgt, task, seed, rows="eval")
+    except LOESError as e:
+        raise LOESError(
+            f"the eval rows cannot be cross-validated: {e}; pass more held-out rows, or "
+            "drop eval_embeddings/eval_targets to cross-validate the calibration rows"
+        ) from e
