@@ -1,5 +1,6 @@
 """Reports: figures show what the result holds; the HTML report links existing PNGs."""
 
+import html
 import re
 
 import numpy as np
@@ -96,3 +97,18 @@ def test_write_report_links_existing_figures(planted, tmp_path):
     # its score is absent (NaN), shown as a dash; the method, not a preset, is named
     assert '<td class="l">4</td><td class="">—</td>' in plain.read_text()
     assert "method <b>last</b>" in plain.read_text() and "preset" not in plain.read_text()
+
+
+def test_report_shows_the_estimate_and_its_verdict(planted, tmp_path):
+    x, y = planted
+    res = select_layers_from_custom_embeddings(x, y, k=2, show_progress=False)
+    text = write_report(res, tmp_path / "est").read_text()
+    est = res.estimate
+    assert "<h2>Is it worth it?</h2>" in text
+    assert html.escape(est.verdict()) in text
+    assert est.rows_used() in text
+    row = re.search(r"<tr><td class=\"l\">last</td>(.*?)</tr>", text).group(1)
+    assert f"{est.mean['last']:.4f} ± {est.se['last']:.4f}" in row
+    assert f"{est.diff['last']:+.4f}" in row
+    bare = select_layers_from_custom_embeddings(x, y, k=2, estimate=False, show_progress=False)
+    assert "Is it worth it?" not in write_report(bare, tmp_path / "bare").read_text()

@@ -597,6 +597,36 @@ def write_report(
             left=(0, 1),
         )
     )
+    est = result.estimate
+    if est is not None:
+        metric = "accuracy" if est.metric == "accuracy" else "R²"
+        est_rows = [
+            [
+                name,
+                ", ".join(layer_label(i, result.layer_names) for i in layers)
+                if len(layers) <= 4
+                else f"{len(layers)} layers",
+                f"{est.mean[name]:.4f} ± {est.se[name]:.4f}",
+                f"{est.diff[name]:+.4f} ± {est.diff_se[name]:.4f}" if name in est.diff else "",
+            ]
+            for name, layers in est.layers.items()
+        ]
+        footer = (
+            f"; always predicting the majority class: {est.chance:.4f}"
+            if metric == "accuracy"
+            else ""
+        )
+        sections.append(
+            "<h2>Is it worth it?</h2>"
+            f"<p><b>{html.escape(est.verdict())}</b></p>"
+            f'<p class="meta">Probe {metric} cross-validated on {html.escape(est.rows_used())}'
+            f"{html.escape(footer)}; a gap counts when it exceeds two paired standard errors.</p>"
+            + _table_html(
+                ["layer set", "layers", f"{metric} ± SE", "selected − it ± SE"],
+                est_rows,
+                left=(0, 1),
+            )
+        )
     if result.warnings:
         sections.append(
             "<p class='meta'>Warnings: "
