@@ -240,6 +240,7 @@ CASES = [
     ),
     ("preset unknown", _sel(preset="fast"), E, "preset must be one of"),
     ("option unknown", _sel(foo=1), E, "select_layers_from_hf: unknown keyword 'foo'"),
+    ("estimate not bool", _sel(estimate="yes"), E, "estimate must be True or False"),
     ("option typo", _sel(orth_rnk=3), E, "unknown keyword 'orth_rnk'; did you mean 'orth_rank'?"),
     ("select max_sample", _sel(max_sample=10), E, "did you mean 'max_calibration_samples'?"),
     ("select max_samples", _sel(max_samples=10), E, "did you mean 'max_calibration_samples'?"),
@@ -627,3 +628,9 @@ def test_a_model_folder_without_tokenizer_files_is_a_clear_error(tmp_path, ds):
     _tiny_bert().save_pretrained(tmp_path)
     with pytest.raises(LOESError, match="has no tokenizer files"):
         extract_embeddings(str(tmp_path), ds, max_samples=8)
+
+
+def test_estimate_keyword_reaches_the_selection(model, tok, ds):
+    kw = dict(tokenizer=tok, k=1, show_progress=False)
+    assert select_layers_from_hf(model, ds, estimate=False, **kw).estimate is None
+    assert select_layers_from_hf(model, ds, **kw).estimate is not None

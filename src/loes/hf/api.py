@@ -43,7 +43,7 @@ _ALIASES = {"max_samples": "max_calibration_samples", "model_id": "model_id_or_p
 
 
 #: Keywords of the core selector that are not preset options.
-_CORE_KEYWORDS = {"preset", "ignore_index"}
+_CORE_KEYWORDS = {"preset", "ignore_index", "estimate"}
 
 
 def _check_selector_keywords(where: Callable, select_kwargs: dict[str, Any]) -> None:
@@ -51,6 +51,8 @@ def _check_selector_keywords(where: Callable, select_kwargs: dict[str, Any]) -> 
     validator, before any model or data is touched."""
     own = [n for n in inspect.signature(where).parameters if n != "select_kwargs"]
     options = {n: v for n, v in select_kwargs.items() if n not in _CORE_KEYWORDS}
+    if not isinstance(select_kwargs.get("estimate", True), bool):
+        raise LOESError(f"estimate must be True or False; got {select_kwargs['estimate']!r}")
     preset = select_kwargs.get("preset", "robust")
     known = set(DEFAULTS.get(preset, {})) | _CORE_KEYWORDS | {"beta"}
     bad = [n for n in options if n not in known]
