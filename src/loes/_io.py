@@ -38,7 +38,7 @@ import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError
-from loes.store import load_features
+from loes.store import MANIFEST, load_features
 
 __all__ = [
     "EMBEDDING_SUFFIXES",
@@ -159,7 +159,7 @@ def load_embeddings_file(path: Any, key: str | None = None) -> tuple[Any, Any | 
         The file's targets entry, if it has one.
     """
     if Path(path).is_dir() and (
-        (Path(path) / "manifest.json").exists() or any(Path(path).glob("shard-*.safetensors"))
+        (Path(path) / MANIFEST).exists() or any(Path(path).glob("shard-*.safetensors"))
     ):
         if key is not None:
             raise LOESError(f"{path} is a feature store: it has no entries to pick with a key")

@@ -295,6 +295,7 @@ def extract(
                 gpus=num_gpus_per_worker,
                 cpus=num_cpus_per_worker,
                 show_progress=show_progress,
+                verbose=verbose,
             )
         finally:
             if started:
@@ -341,10 +342,14 @@ def _run_pool(
     gpus: float,
     cpus: int,
     show_progress: ProgressSetting,
+    verbose: bool,
 ) -> list[int]:
     """Run the actor pool over the pending shards; returns the shards computed."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_log = logging.getLogger("ray.data")
+    level = ray_log.level
+    if not verbose:  # Ray Data's plan, start and finish lines
+        ray_log.setLevel(logging.ERROR)
     if source is not None:
         model_arg: Any = os.fspath(source)
     else:
@@ -381,4 +386,6 @@ def _run_pool(
         if user is not None:
             raise LOESError(f"a Ray worker failed: {user}") from None
         raise
+    finally:
+        ray_log.setLevel(level)
     return sorted(computed)
