@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 
 import numpy as np
@@ -88,19 +87,21 @@ def _assert_same(store, ref):
     np.testing.assert_array_equal(y, yr)
 
 
-def test_two_workers_write_the_single_process_store(cluster, setup):
+def test_workers_write_the_store_and_a_failing_shard_is_reported(cluster, setup):
+    """2 CPU workers, a model object and an in-memory dataset (shipped through the object
+    store); one shard's bad row is a LOESError naming it, the other shards are written."""
     base, folder, rows, csv, ref = setup
     out = base / "ray"
+    texts = list(rows["text"])
+    texts[12] = None  # row 4 of shard 1
+    broken = datasets.Dataset.from_dict({"text": texts, "label": list(rows["label"])})
     model = transformers.AutoModel.from_pretrained(folder).eval()
-    store = extract(
-        model, rows, out, layers=[0, 2], shard_rows=SHARD, num_workers=2, **QUIET
-    )  # a model object and an in-memory dataset, shipped through the object store
-    assert store.info["computed"] == [0, 1, 2, 3, 4] and store.info["workers"] == 2
-    _assert_same(store, ref)
+    with pytest.raises(LOESError, match=r"1 shard\(s\) failed.*shard 1 \(dataset rows 8\.\.15"):
+        extract(model, broken, out, layers=[0, 2], shard_rows=SHARD, num_workers=2, **QUIET)
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"shard-0000{s}.safetensors" for s in (0, 2, 3, 4)
+    ]
     assert model.training is False and next(model.parameters()).device.type == "cpu"
-
-    done = extract(folder, csv, out, layers=[0, 2], shard_rows=SHARD, num_workers=2, **QUIET)
-    assert done.info["computed"] == [] and done.info["workers"] == 0  # no pool started
 
     with pytest.raises(LOESError, match="written with other settings"):
         extract(folder, csv, out, layers=[0, 2], shard_rows=SHARD, pooling="masked_mean")
@@ -110,18 +111,22 @@ def test_two_workers_write_the_single_process_store(cluster, setup):
         extract(folder, csv, base / "s", num_workers=0)
 
 
-def test_cli_extract_ray_redoes_only_the_missing_shards(cluster, setup, capsys):
-    """Resumable across paths: a store begun in one process, two shards lost, finished by
-    Ray workers that read the CSV and load the model folder themselves."""
+def test_cli_extract_ray_redoes_only_the_missing_shard(cluster, setup, capsys):
+    """Resumable across paths: the store of the test above is finished by workers that read
+    the CSV and load the model folder themselves; only the failed shard is computed, and the
+    store equals the single-process one."""
     base, folder, _, csv, ref = setup
-    out = base / "cli"
-    shutil.copytree(ref.path, out)
-    for name in ("manifest.json", "shard-00000.safetensors", "shard-00004.safetensors"):
-        os.remove(out / name)
+    out = base / "ray"
+    if not out.exists():  # run alone: the same state from the single-process store
+        shutil.copytree(ref.path, out)
+        for name in ("manifest.json", "shard-00001.safetensors"):
+            (out / name).unlink()
     argv = ["extract", folder, csv, "--output", str(out), "--layers", "0,2"]
     code = main(argv + ["--shard-rows", str(SHARD), "--ray", "--workers", "2", "--json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["computed"] == [0, 4] and summary["rows"] == N_ROWS
+    assert summary["computed"] == [1] and summary["rows"] == N_ROWS
     _assert_same(load_features(out), ref)
+    done = extract(folder, csv, out, layers=[0, 2], shard_rows=SHARD, num_workers=2, **QUIET)
+    assert done.info["computed"] == [] and done.info["workers"] == 0  # no pool started

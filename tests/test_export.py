@@ -191,6 +191,7 @@ def test_streams_give_the_store_of_the_map_style_dataset(tiny, rows, tmp_path):
     ):
         store = export_features(model, stream, tmp_path / name, **kw)
         assert store.info["computed"] == [0, 1, 2], name
+        assert store.info["dataset"].startswith("stream["), store.info["dataset"]
         _assert_same_store(store, ref)
 
 

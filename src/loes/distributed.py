@@ -41,7 +41,7 @@ from loes._progress import ProgressSetting, progress, warnings_at_caller
 from loes.hf import _models as M
 from loes.hf.config import ExtractionConfig, check_keywords
 from loes.hf.data import as_row_stream, load_dataset_any
-from loes.hf.export import DEFAULT_SHARD_ROWS, ShardJob, prepare_export, rows_fingerprint
+from loes.hf.export import DEFAULT_SHARD_ROWS, prepare_export, rows_fingerprint
 from loes.store import FeatureStore
 
 __all__ = ["extract"]
@@ -57,22 +57,12 @@ def _ray() -> Any:
 class _ShardWorker:
     """A Ray Data actor: loads the model and the dataset once, then computes shards."""
 
-    def __init__(
-        self,
-        job: ShardJob,
-        model: Any,
-        data: Any,
-        *,
-        load: dict[str, Any],
-        device: str,
-        threads: int,
-    ) -> None:
-        ray = _ray()
+    def __init__(self, payload: list[Any], *, load: dict[str, Any], device: str, threads: int):
         torch.set_num_threads(threads)
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
-        if isinstance(data, ray.ObjectRef):
-            data = ray.get(data)
+        # (job, model, data) in the object store, its reference nested so that Ray does not
+        # pin it as a constructor argument: the model is a source to load or (class, config,
+        # state); the data an in-memory dataset or {"name", "split", "config"} to read
+        job, model, data = _ray().get(payload[0])
         if isinstance(model, str):
             model = M.load_model(model, device=device, **load)
         else:  # the caller's model as (class, config, state): models do not all pickle
@@ -87,29 +77,22 @@ class _ShardWorker:
         self.job, self.model, self.data = job, model, data
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"shard": [], "computed": [], "rows": [], "seconds": []}
+        out: dict[str, list[Any]] = {"shard": [], "computed": [], "error": [], "seconds": []}
         for shard in batch["shard"].tolist():
             rows = self.job.writer.shard_rows_of(int(shard), len(self.data))
             t = time.perf_counter()
-            computed = self.job.run(
-                self.model, self.data.select(range(rows.start, rows.stop)), int(shard)
-            )
+            error = ""
+            try:  # a user mistake comes back as data: Ray would bury it in its own errors
+                computed = self.job.run(
+                    self.model, self.data.select(range(rows.start, rows.stop)), int(shard)
+                )
+            except LOESError as e:
+                computed, error = False, str(e)
             out["shard"].append(int(shard))
             out["computed"].append(computed)
-            out["rows"].append(rows.stop - rows.start)
+            out["error"].append(error)
             out["seconds"].append(time.perf_counter() - t)
         return {k: np.asarray(v) for k, v in out.items()}
-
-
-def _user_error(error: BaseException) -> LOESError | None:
-    """The LOESError a worker raised, found in the chain of Ray's wrapping exceptions."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, LOESError):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
 
 
 def _check_count(name: str, value: Any, *, minimum: float, allow_none: bool = False) -> None:
@@ -350,16 +333,16 @@ def _run_pool(
     level = ray_log.level
     if not verbose:  # Ray Data's plan, start and finish lines
         ray_log.setLevel(logging.ERROR)
-    if source is not None:
-        model_arg: Any = os.fspath(source)
-    else:
-        with exp.borrow():  # the caller's model, on the CPU while it is serialised
-            m = exp.model
-            model_arg = ray.put((type(m), m.config, m.state_dict()))
     if isinstance(data, (str, os.PathLike)):
         data_arg: Any = {"name": os.fspath(data), "split": split, "config": config_name}
     else:
-        data_arg = ray.put(exp.dataset)
+        data_arg = exp.dataset
+    if source is not None:
+        payload = ray.put((exp.job, os.fspath(source), data_arg))
+    else:
+        with exp.borrow():  # the caller's model, on the CPU while it is serialised
+            m = exp.model
+            payload = ray.put((exp.job, (type(m), m.config, m.state_dict()), data_arg))
     shards = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
     out = shards.map_batches(
         _ShardWorker,
@@ -367,10 +350,10 @@ def _run_pool(
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus,
         num_gpus=gpus,
-        fn_constructor_args=(exp.job, model_arg, data_arg),
+        fn_constructor_args=([payload],),
         fn_constructor_kwargs={"load": load, "device": device, "threads": cpus},
     )
-    computed = []
+    computed, errors = [], []
     try:
         for row in progress(
             out.iter_rows(),
@@ -381,11 +364,13 @@ def _run_pool(
         ):
             if row["computed"]:
                 computed.append(int(row["shard"]))
-    except Exception as e:
-        user = _user_error(e)
-        if user is not None:
-            raise LOESError(f"a Ray worker failed: {user}") from None
-        raise
+            if row["error"]:
+                errors.append((int(row["shard"]), str(row["error"])))
     finally:
         ray_log.setLevel(level)
+    if errors:
+        raise LOESError(
+            f"{len(errors)} shard(s) failed, the others are written (rerun to finish): "
+            f"{min(errors)[1]}"
+        )
     return sorted(computed)

@@ -86,7 +86,14 @@ class ShardJob:
         data = rows_fingerprint(rows)
         if self.writer.done(shard, data=data):
             return False
-        emb = E.extract_embeddings(model, rows, **self.kwargs)
+        try:
+            emb = E.extract_embeddings(model, rows, **self.kwargs)
+        except LOESError as e:
+            start = shard * self.writer.shard_rows
+            raise LOESError(
+                f"shard {shard} (dataset rows {start}..{start + len(rows) - 1}; row numbers below "
+                f"count within the shard): {e}"
+            ) from None
         self.writer.write(shard, emb.embeddings, targets=emb.targets, data=data)
         return True
 
@@ -358,7 +365,7 @@ def prepare_export(
         borrow=borrow,
         info={
             "model": name,
-            "dataset": probe.dataset if ds is None else _dataset_name(dataset, ds),
+            "dataset": _dataset_name(dataset, ds),
             "pooling": probe.pooling,
             "pooling_reason": info.get("pooling_reason"),
             "max_length": info["max_length"],
@@ -370,7 +377,9 @@ def prepare_export(
 
 
 def _dataset_name(dataset: Any, ds: Any) -> str:
-    return os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else type(ds).__name__
+    if isinstance(dataset, (str, os.PathLike)):
+        return os.fspath(dataset)
+    return f"stream[{type(dataset).__name__}]" if ds is None else type(dataset).__name__
 
 
 @warnings_at_caller
