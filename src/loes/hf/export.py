@@ -263,9 +263,10 @@ def prepare_export(
     if cfg.layers is not None and n_blocks is not None:
         resolve_layers(cfg.layers, n_blocks + int(cfg.include_embeddings))
     cfg.resolved_max_length(M.position_limit(config))
-    ds, n_rows, shards, first = _open_data(
-        dataset, split=split, config_name=dataset_config_name, shard_rows=shard_rows
-    )
+    with quiet_third_party(verbose):  # datasets' "Generating train split" bars
+        ds, n_rows, shards, first = _open_data(
+            dataset, split=split, config_name=dataset_config_name, shard_rows=shard_rows
+        )
     load = dict(revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     borrow: Callable[[], Any] = contextlib.nullcontext
     if not isinstance(model_or_id, torch.nn.Module):
