@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+import loes.cli.extract as cli_extract  # noqa: E402
 from loes import LOESError  # noqa: E402
 from loes.cli import main  # noqa: E402
 from loes.datasets import load_drugreview, minilm_path  # noqa: E402
@@ -221,7 +222,7 @@ def _run_cli(argv, capsys):
     return code, out, err
 
 
-def test_cli_extract_then_select_on_the_store(tiny, rows, tmp_path, capsys):
+def test_cli_extract_then_select_on_the_store(tiny, rows, tmp_path, capsys, monkeypatch):
     folder, _, _ = tiny
     data = tmp_path / "rows.csv"
     rows.to_csv(str(data), index=False)
@@ -240,8 +241,12 @@ def test_cli_extract_then_select_on_the_store(tiny, rows, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     assert len(result["selected_layers"]) == 1 and result["selected_layers"][0] in (0, 1)
+    code, _, err = _run_cli(argv + ["--shard-rows", "8"], capsys)
+    assert code == 2 and "written with other settings" in err and len(err.splitlines()) == 1
+    calls = []
+    monkeypatch.setattr(cli_extract, "export_features", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(cli_extract, "extract", lambda *a, **k: calls.append(a))
     for bad, fragment in (
-        (argv + ["--shard-rows", "8"], "written with other settings"),
         (argv + ["--workers", "2"], "--workers apply with --ray only"),
         (argv + ["--ray", "--device", "cpu"], "--device applies without --ray"),
         (["extract", folder, str(data), "--output", str(data)], "is a file, not a folder"),
@@ -251,6 +256,7 @@ def test_cli_extract_then_select_on_the_store(tiny, rows, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, err
         assert lines[0].startswith("loes extract: error: ") and fragment in lines[0], lines[0]
+    assert calls == []  # every mistake above is found before any work
 
 
 def test_select_reads_an_unfinished_store_as_a_clear_error(tiny, rows, tmp_path, capsys):
