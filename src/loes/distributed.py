@@ -59,9 +59,9 @@ class _ShardWorker:
 
     def __init__(self, payload: list[Any], *, load: dict[str, Any], device: str, threads: int):
         torch.set_num_threads(threads)
-        # (job, model, data) in the object store, its reference nested so that Ray does not
-        # pin it as a constructor argument: the model is a source to load or (class, config,
-        # state); the data an in-memory dataset or {"name", "split", "config"} to read
+        # (job, model, data), put once in the object store and fetched once per actor: the
+        # model is a source to load or (class, config, state); the data an in-memory
+        # dataset or {"name", "split", "config"} to read
         job, model, data = _ray().get(payload[0])
         if isinstance(model, str):
             model = M.load_model(model, device=device, **load)
@@ -77,10 +77,9 @@ class _ShardWorker:
         self.job, self.model, self.data = job, model, data
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"shard": [], "computed": [], "error": [], "seconds": []}
+        out: dict[str, list[Any]] = {"shard": [], "computed": [], "error": []}
         for shard in batch["shard"].tolist():
             rows = self.job.writer.shard_rows_of(int(shard), len(self.data))
-            t = time.perf_counter()
             error = ""
             try:  # a user mistake comes back as data: Ray would bury it in its own errors
                 computed = self.job.run(
@@ -91,7 +90,6 @@ class _ShardWorker:
             out["shard"].append(int(shard))
             out["computed"].append(computed)
             out["error"].append(error)
-            out["seconds"].append(time.perf_counter() - t)
         return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -156,8 +154,9 @@ def extract(
     path : str or path-like
         The store's folder; on a cluster, a folder every node can write.
     num_workers : int, optional
-        Actors in the pool (default: as many as the cluster's GPUs, or CPUs,
-        allow with the per-worker amounts, at most the pending shards).
+        Actors in the pool (default: as many as the cluster's GPUs or CPUs hold at
+        the per-worker amounts; never more than the pending shards). The driver
+        finds the pending shards by hashing each shard's rows.
     num_gpus_per_worker : float
         GPUs per actor (0: CPU workers; 1: one GPU each, run there in bf16/fp16
         unless ``dtype`` says otherwise).
