@@ -308,10 +308,21 @@ def ray_export(
     )
     kw = dict(max_length=max_length, batch_size=32, shard_rows=shard_rows, show_progress=False)
     rows = []
+
+    def steady(folder: str, w: int) -> float:
+        """Rows per second between the first and the last shard written: the rows of all
+        but each worker's first shard, over that span (no model loads or start-up)."""
+        times = sorted(
+            os.path.getmtime(os.path.join(folder, f))
+            for f in os.listdir(folder)
+            if f.startswith("shard-")
+        )
+        return (n - w * shard_rows) / (times[-1] - times[0])
+
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         ref = export_features(minilm_path(), ds, os.path.join(tmp, "one"), **kw)
-        rows.append(("export_features (1 process)", time.perf_counter() - t))
+        rows.append(("export_features (1 process)", time.perf_counter() - t, steady(ref.path, 1)))
         t = time.perf_counter()
         ray.init(
             num_cpus=max(workers) + 1,
@@ -323,9 +334,8 @@ def ray_export(
         for w in workers:
             t = time.perf_counter()
             store = extract(minilm_path(), ds, os.path.join(tmp, f"ray{w}"), num_workers=w, **kw)
-            rows.append(
-                (f"distributed.extract, {w} worker{'s' if w > 1 else ''}", time.perf_counter() - t)
-            )
+            name = f"distributed.extract, {w} worker{'s' if w > 1 else ''}"
+            rows.append((name, time.perf_counter() - t, steady(store.path, w)))
             x, xr = store.load()[0], ref.load()[0]
             assert store.info["computed"] == list(range(len(store.manifest["shards"])))
             torch.testing.assert_close(x, xr, atol=1e-5, rtol=1e-5)
@@ -335,15 +345,20 @@ def ray_export(
         f"max_length {max_length}, batch 32, {-(-n // shard_rows)} shards of {shard_rows}), "
         f"{os.cpu_count()} CPU cores, 1 torch thread per process"
     )
-    print(f"{'path':<34} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'speed-up':>9}")
-    for name, wall in rows:
+    print(
+        f"{'path':<34} {'wall s':>7} {'samples/s':>10} {'tokens/s':>9} {'speed-up':>9} "
+        f"{'steady samples/s':>17} {'speed-up':>9}"
+    )
+    for name, wall, rate in rows:
         print(
-            f"{name:<34} {wall:>8.1f} {n / wall:>10.1f} {tokens / wall:>10.0f} "
-            f"{rows[0][1] / wall:>8.2f}x"
+            f"{name:<34} {wall:>7.1f} {n / wall:>10.1f} {tokens / wall:>9.0f} "
+            f"{rows[0][1] / wall:>8.2f}x {rate:>17.1f} {rate / rows[0][2]:>8.2f}x"
         )
     print(
-        f"(one run each; model loads, actor start-up and the driver's fingerprint included; "
-        f"local Ray start {started:.1f} s not included; all stores equal within 1e-5; "
+        f"(one run each; wall: end to end with model loads, actor start-up and the driver's "
+        f"fingerprint; steady: between the first and the last shard written; local Ray start "
+        f"{started:.1f} s not included; all stores equal within 1e-5; load average "
+        f"{os.getloadavg()[0]:.1f}; "
         f"numpy {np.__version__}, torch {torch.__version__})"
     )
 
