@@ -10,11 +10,17 @@ A second table times ``layers=`` (one middle layer and the first+middle pair):
 hooks on the blocks with an early stop, against the all-layer run. A third
 (``--sorting``) runs MiniLM on the 979 packaged drug reviews with ``sort_by_length`` on and
 off and reports the tokens processed (padded batch widths summed) and wall time.
+A fourth (``--ray``) exports the same reviews to a feature store in one process
+(:func:`loes.hf.export_features`) and on a local Ray with 1 and 2 CPU workers
+(:func:`loes.distributed.extract`, one torch thread each): wall time, samples/s
+and real tokens/s, end to end (model loads and actor start-up included; the
+local Ray itself is started once, before the clock).
 
 Usage::
 
     python benchmarks/bench_extract.py --device cpu              # BERT-base size
     python benchmarks/bench_extract.py --device cpu --sorting    # + length sorting on MiniLM
+    OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --ray-only   # only the Ray table
     python benchmarks/bench_extract.py --device cuda             # + a 1.1B Llama decoder
     python benchmarks/bench_extract.py --device cpu --with-1b    # the 1B config on CPU (slow)
 """
@@ -119,7 +125,13 @@ def main() -> None:
         "--with-1b", action="store_true", help="also run the 1.1B decoder (default on CUDA)"
     )
     p.add_argument("--sorting", action="store_true", help="also measure sort_by_length on MiniLM")
+    p.add_argument("--ray", action="store_true", help="also export with 1 and 2 Ray CPU workers")
+    p.add_argument("--ray-only", action="store_true", help="only the Ray export table")
+    p.add_argument("--ray-rows", type=int, default=979, help="drug reviews for --ray (max 979)")
     args = p.parse_args()
+    if args.ray_only:
+        ray_export(args.ray_rows)
+        return
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     n = args.n or (1024 if cuda else 64)
@@ -208,6 +220,8 @@ def main() -> None:
         )
     if args.sorting:
         sorting(args.repeats)
+    if args.ray:
+        ray_export(args.ray_rows)
 
 
 def sorting(repeats: int, n: int = 1000, batch_size: int = 32) -> None:
@@ -266,6 +280,86 @@ def sorting(repeats: int, n: int = 1000, batch_size: int = 32) -> None:
     print(
         f"sorting: {out[False][0] / out[True][0]:.2f}x fewer tokens, {out[False][1] / out[True][1]:.2f}x less "
         f"wall time, {out[False][2] / out[True][2]:.2f}x less CPU time (best of {repeats}); same features"
+    )
+
+
+def ray_export(
+    n: int, workers: tuple[int, ...] = (1, 2), shard_rows: int = 64, max_length: int = 256
+) -> None:
+    """MiniLM on ``n`` drug reviews to a feature store: one process vs Ray CPU workers."""
+    import os
+    import tempfile
+
+    import numpy as np
+    import ray
+    import transformers
+
+    from loes.datasets import load_drugreview, minilm_path
+    from loes.distributed import extract
+    from loes.hf import export_features
+
+    ds = load_drugreview("all")
+    ds = ds.select(range(min(n, len(ds))))
+    n = len(ds)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    tokens = sum(
+        len(ids)
+        for ids in tok(list(ds["text"]), truncation=True, max_length=max_length)["input_ids"]
+    )
+    kw = dict(max_length=max_length, batch_size=32, shard_rows=shard_rows, show_progress=False)
+    rows = []
+
+    def steady(folder: str, w: int) -> float:
+        """Rows per second between the first and the last shard written: the rows of all
+        but each worker's first shard, over that span (no model loads or start-up)."""
+        times = sorted(
+            os.path.getmtime(os.path.join(folder, f))
+            for f in os.listdir(folder)
+            if f.startswith("shard-")
+        )
+        return (n - w * shard_rows) / (times[-1] - times[0])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        ref = export_features(minilm_path(), ds, os.path.join(tmp, "one"), **kw)
+        rows.append(("export_features (1 process)", time.perf_counter() - t, steady(ref.path, 1)))
+        t = time.perf_counter()
+        ray.init(
+            num_cpus=max(workers) + 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+        )
+        started = time.perf_counter() - t
+        for w in workers:
+            t = time.perf_counter()
+            store = extract(minilm_path(), ds, os.path.join(tmp, f"ray{w}"), num_workers=w, **kw)
+            name = f"distributed.extract, {w} worker{'s' if w > 1 else ''}"
+            rows.append((name, time.perf_counter() - t, steady(store.path, w)))
+            x, xr = store.load()[0], ref.load()[0]
+            assert store.info["computed"] == list(range(len(store.manifest["shards"])))
+            torch.testing.assert_close(x, xr, atol=1e-5, rtol=1e-5)
+        ray.shutdown()
+    print(
+        f"\nMiniLM-L6 features of {n} drug reviews to a feature store ({tokens} real tokens, "
+        f"max_length {max_length}, batch 32, {-(-n // shard_rows)} shards of {shard_rows}), "
+        f"{os.cpu_count()} CPU cores, 1 torch thread per process"
+    )
+    print(
+        f"{'path':<34} {'wall s':>7} {'samples/s':>10} {'tokens/s':>9} {'speed-up':>9} "
+        f"{'steady samples/s':>17} {'speed-up':>9}"
+    )
+    for name, wall, rate in rows:
+        print(
+            f"{name:<34} {wall:>7.1f} {n / wall:>10.1f} {tokens / wall:>9.0f} "
+            f"{rows[0][1] / wall:>8.2f}x {rate:>17.1f} {rate / rows[0][2]:>8.2f}x"
+        )
+    print(
+        f"(one run each; wall: end to end with model loads, actor start-up and the driver's "
+        f"fingerprint; steady: between the first and the last shard written; local Ray start "
+        f"{started:.1f} s not included; all stores equal within 1e-5; load average "
+        f"{os.getloadavg()[0]:.1f}; "
+        f"numpy {np.__version__}, torch {torch.__version__})"
     )
 
 

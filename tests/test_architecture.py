@@ -46,6 +46,7 @@ RANKS: dict[str, int] = {
     "loes.baselines": 7,
     "loes.hf": 8,
     "loes.evaluate": 9,
+    "loes.distributed": 9,
     "loes.report": 10,
     "loes.demo": 11,
     "loes.cli": 12,

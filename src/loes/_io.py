@@ -12,7 +12,9 @@ Formats, chosen by suffix:
   are the entry named ``embeddings`` (or ``x``, ``hidden_states``), else the
   only 3-D entry; targets, if present, the entry named ``targets`` (or ``y``,
   ``labels``, ``label``). loes's own embedding cache files
-  (``~/.cache/loes/*.safetensors``) are of this kind. ``.pt`` files are read
+  (``~/.cache/loes/*.safetensors``) are of this kind.
+- A feature-store folder (:mod:`loes.store`, written by ``loes extract``):
+  every stored layer and the targets, read with :func:`loes.store.load_features`. ``.pt`` files are read
   with ``torch.load(weights_only=True)``: tensors only, no code.
 - Targets alone may also come from UTF-8 text: ``.txt`` holds one value per
   line; ``.csv``/``.tsv`` with one column likewise (an optional header named
@@ -36,6 +38,7 @@ import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError
+from loes.store import MANIFEST, load_features
 
 __all__ = [
     "EMBEDDING_SUFFIXES",
@@ -144,7 +147,8 @@ def load_embeddings_file(path: Any, key: str | None = None) -> tuple[Any, Any | 
     Parameters
     ----------
     path : str or path
-        An ``.npy``, ``.npz``, ``.safetensors`` or ``.pt``/``.pth`` file.
+        An ``.npy``, ``.npz``, ``.safetensors`` or ``.pt``/``.pth`` file, or a
+        feature-store folder (``key`` does not apply).
     key : str, optional
         The entry holding the embeddings when the file holds several.
 
@@ -154,6 +158,12 @@ def load_embeddings_file(path: Any, key: str | None = None) -> tuple[Any, Any | 
     targets : array or tensor of shape (n_samples,), or None
         The file's targets entry, if it has one.
     """
+    if Path(path).is_dir() and (
+        (Path(path) / MANIFEST).exists() or any(Path(path).glob("shard-*.safetensors"))
+    ):
+        if key is not None:
+            raise LOESError(f"{path} is a feature store: it has no entries to pick with a key")
+        return load_features(path).load()
     path = _existing_file(path, "embeddings")
     if path.suffix.lower() == ".npy":
         emb = _read_npy(path)

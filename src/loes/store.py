@@ -185,10 +185,16 @@ class FeatureWriter:
         """The global rows of shard ``shard`` in a store of ``n_rows`` rows."""
         return slice(shard * self.shard_rows, min((shard + 1) * self.shard_rows, int(n_rows)))
 
-    def done(self, shard: int) -> bool:
-        """Whether shard ``shard`` is already written under this plan."""
+    def done(self, shard: int, data: str | None = None) -> bool:
+        """Whether shard ``shard`` is already written under this plan (and, when ``data`` is
+        given, from rows of that content fingerprint; see :meth:`write`)."""
         path = self.path / _shard_name(shard)
-        return path.is_file() and (_shard_meta(path) or {}).get("plan") == self.plan_id
+        meta = _shard_meta(path) if path.is_file() else None
+        return (
+            meta is not None
+            and meta.get("plan") == self.plan_id
+            and (data is None or meta.get("data") == data)
+        )
 
     def pending(self, n_rows: int) -> list[int]:
         """The shards of an ``n_rows`` store that are still to be written."""
@@ -201,6 +207,7 @@ class FeatureWriter:
         *,
         targets: Any = None,
         indices: Any = None,
+        data: str | None = None,
     ) -> Path:
         """Write one shard atomically.
 
@@ -212,6 +219,9 @@ class FeatureWriter:
         targets : array of shape (n,) or (n, m), optional
         indices : int array of shape (n,), optional
             Global row numbers (default: the shard's rows in order).
+        data : str, optional
+            A fingerprint of the shard's input rows, kept in its metadata and
+            checked by :meth:`done` (a shard whose rows changed is not done).
         """
         if torch.is_tensor(features) or isinstance(features, np.ndarray):
             features = [features[:, j] for j in range(features.shape[1])]
@@ -233,6 +243,8 @@ class FeatureWriter:
         idx = np.arange(start, start + n) if indices is None else np.asarray(indices)
         tensors["indices"] = torch.as_tensor(idx.astype(np.int64))
         meta = {"plan": self.plan_id, "shard": str(shard), "rows": str(n)}
+        if data is not None:
+            meta["data"] = str(data)
         if targets is not None:
             t = np.asarray(targets)
             if t.shape[0] != n:

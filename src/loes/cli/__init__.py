@@ -1,7 +1,7 @@
 """Command-line interface: ``loes <command> ...``.
 
 A thin layer over the library: one module per command (``select``,
-``profile``, ``demo``, ``report``), each with ``register(subparsers)`` and
+``profile``, ``demo``, ``report``, ``extract``), each with ``register(subparsers)`` and
 ``run(args)``, and one error policy for all of them (:mod:`loes.cli._common`):
 a user mistake is one line on stderr and exit code 2. The library never
 imports this package.
@@ -15,13 +15,13 @@ import sys
 import warnings
 
 from loes._exceptions import LOESWarning
-from loes.cli import demo, profile, report, select
+from loes.cli import demo, extract, profile, report, select
 from loes.cli._common import ArgumentParser, run_command, show_warning
 
 __all__ = ["build_parser", "main"]
 
 #: The command modules, in help order.
-COMMANDS = (select, profile, demo, report)
+COMMANDS = (select, profile, demo, report, extract)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from loes.hf.api import select_layers_from_hf, select_layers_from_hf_id
 from loes.hf.config import ExtractionConfig
+from loes.hf.export import export_features, load_embeddings
 from loes.hf.extract import (
     Embeddings,
     TokenStates,
@@ -26,8 +27,10 @@ __all__ = [
     "TokenStates",
     "calibration_indices",
     "choose_pooling",
+    "export_features",
     "extract_embeddings",
     "iter_hidden_states",
+    "load_embeddings",
     "pool",
     "pool_batch",
     "resolve_pooling",
