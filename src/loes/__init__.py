@@ -25,7 +25,9 @@ _LAZY = {
     "select_layers_from_hf": "loes.hf",
     "select_layers_from_hf_id": "loes.hf",
     "extract_embeddings": "loes.hf",
+    "export_features": "loes.hf",
     "ExtractionConfig": "loes.hf",
+    "load_features": "loes.store",
 }
 
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "LOESSelector",
     "LOESWarning",
     "StepTable",
+    "export_features",
     "extract_embeddings",
+    "load_features",
     "select_layers_from_custom_embeddings",
     "select_layers_from_hf",
     "select_layers_from_hf_id",
