@@ -14,13 +14,17 @@ A fourth (``--ray``) exports the same reviews to a feature store in one process
 (:func:`loes.hf.export_features`) and on a local Ray with 1 and 2 CPU workers
 (:func:`loes.distributed.extract`, one torch thread each): wall time, samples/s
 and real tokens/s, end to end (model loads and actor start-up included; the
-local Ray itself is started once, before the clock).
+local Ray itself is started once, before the clock). A fifth (``--memory``)
+runs the bert-base config once per capture mode (all layers, the middle
+layer, the first layer), each in a fresh process, and reports samples/s,
+tokens/s and the peak resident memory above the loaded model.
 
 Usage::
 
     python benchmarks/bench_extract.py --device cpu              # BERT-base size
     python benchmarks/bench_extract.py --device cpu --sorting    # + length sorting on MiniLM
     OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --ray-only   # only the Ray table
+    OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --memory-only   # only the memory table
     python benchmarks/bench_extract.py --device cuda             # + a 1.1B Llama decoder
     python benchmarks/bench_extract.py --device cpu --with-1b    # the 1B config on CPU (slow)
 """
@@ -128,7 +132,12 @@ def main() -> None:
     p.add_argument("--ray", action="store_true", help="also export with 1 and 2 Ray CPU workers")
     p.add_argument("--ray-only", action="store_true", help="only the Ray export table")
     p.add_argument("--ray-rows", type=int, default=979, help="drug reviews for --ray (max 979)")
+    p.add_argument("--memory", action="store_true", help="also peak memory per capture mode")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
     args = p.parse_args()
+    if args.memory_only:
+        memory(args.device)
+        return
     if args.ray_only:
         ray_export(args.ray_rows)
         return
@@ -222,6 +231,63 @@ def main() -> None:
         sorting(args.repeats)
     if args.ray:
         ray_export(args.ray_rows)
+    if args.memory:
+        memory(args.device)
+
+
+_MEMORY_CHILD = """
+import json, resource, sys, time, torch, transformers
+from loes import extract_embeddings
+transformers.logging.set_verbosity_error()
+layers, device, n, seq, bs = json.loads(sys.argv[1])
+torch.manual_seed(0)
+with torch.device(device):
+    model = transformers.AutoModel.from_config(transformers.BertConfig()).eval()
+g = torch.Generator().manual_seed(0)
+batches = []
+for s in range(0, n, bs):
+    ids = torch.randint(1000, 30000, (min(bs, n - s), seq), generator=g)
+    batches.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None))
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+extract_embeddings(model, dataloader=batches, task="label_free", max_samples=None, layers=layers,
+                   show_progress=False)
+if device == "cuda":
+    torch.cuda.synchronize()
+elapsed = time.perf_counter() - t
+peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print(json.dumps({"s": elapsed, "mb": peak}))
+"""
+
+
+def memory(device: str, n: int = 64, seq: int = 256, batch_size: int = 32) -> None:
+    """bert-base config, one fresh process per capture mode: throughput and peak memory."""
+    import json
+    import subprocess
+    import sys
+
+    print(
+        f"\nbert-base config (12 x 768), {device}, N={n}, seq {seq}, batch {batch_size}; one fresh "
+        "process per row"
+    )
+    what = "peak GPU MiB" if device == "cuda" else "peak RSS MiB over the loaded model"
+    print(
+        f"{'layers=':<10} {'blocks run':>10} {'s':>8} {'samples/s':>10} {'tokens/s':>9} {what:>34}"
+    )
+    for layers in (None, [6], [0]):
+        arg = json.dumps([layers, device, n, seq, batch_size])
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, arg], capture_output=True, text=True, check=True
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        blocks = 12 if layers is None else max(layers) + 1
+        print(
+            f"{str(layers or 'all'):<10} {blocks:>7} of 12 {r['s']:>8.2f} {n / r['s']:>10.2f} "
+            f"{n * seq / r['s']:>9.0f} {r['mb']:>34.0f}"
+        )
 
 
 def sorting(repeats: int, n: int = 1000, batch_size: int = 32) -> None:
