@@ -52,6 +52,7 @@ def test_noise_only_estimate_says_no_layer_beats_the_majority_class():
     with pytest.warns(UserWarning):
         res = _select(x, y)
     assert "no better than the majority class" in res.estimate.verdict()
+    assert res.selected_layers == [7]  # no cut carries signal: the last layer
 
 
 def test_regression_auto_and_r2_estimate():
@@ -94,7 +95,13 @@ def test_choice_is_the_largest_cut_within_one_se_of_explicit_refit_errors():
     every candidate's held-out squared error, and the largest one within tolerance wins."""
     import torch
 
-    from loes._estimate import CHOICE_TOLERANCE, CrossValidation, _standardized, choose_layers
+    from loes._estimate import (
+        CHOICE_SIGNAL,
+        CHOICE_TOLERANCE,
+        CrossValidation,
+        _standardized,
+        choose_layers,
+    )
 
     x, g = _layers(n=200, n_layers=6, dim=10, seed=2)
     y = np.arange(len(x)) % 3
@@ -124,11 +131,19 @@ def test_choice_is_the_largest_cut_within_one_se_of_explicit_refit_errors():
     errors = {row["name"]: explicit_errors(row["layers"]) for row in record["candidates"]}
     best = min(errors, key=lambda name: errors[name].mean())
     assert record["best"] == best
+    null = np.array(
+        [
+            float(((y1h[h] - np.delete(y1h.numpy(), h.numpy(), 0).mean(0)) ** 2).sum(1).mean())
+            for h in cv.folds
+        ]
+    )
+    se = lambda d: d.std(ddof=1) / np.sqrt(cv.n_splits)  # noqa: E731
     eligible = []
     for row in record["candidates"]:
-        gap = errors[row["name"]] - errors[best]
-        assert row["error"] == pytest.approx(errors[row["name"]].mean(), rel=1e-6)
-        if gap.mean() <= CHOICE_TOLERANCE * gap.std(ddof=1) / np.sqrt(cv.n_splits):
+        err = errors[row["name"]]
+        assert row["error"] == pytest.approx(err.mean(), rel=1e-6)
+        gap, gain = err - errors[best], null - err
+        if gap.mean() <= CHOICE_TOLERANCE * se(gap) and gain.mean() > CHOICE_SIGNAL * se(gain):
             eligible.append(row)
     expected = max(eligible, key=lambda row: (len(row["layers"]), row["name"] == "last"))
     assert record["chosen"] == expected["name"] and chosen == expected["layers"]

@@ -389,6 +389,9 @@ CHOICE_PATIENCE = 2
 #: (docs/evaluation.md): the probe is usually trained on more rows than the calibration
 #: folds, and there a layer too many costs it less than a layer too few.
 CHOICE_TOLERANCE = 1.0
+#: ... and whose error is below that of predicting the targets' mean by more than this
+#: many paired standard errors (the set carries signal); when none does, the last layer.
+CHOICE_SIGNAL = 1.0
 
 
 def choose_layers(
@@ -396,7 +399,8 @@ def choose_layers(
 ) -> tuple[list[int], dict[str, Any]]:
     """The largest of {the last layer alone, the prefixes of ``order``} whose
     cross-validated squared error is within :data:`CHOICE_TOLERANCE` paired
-    standard errors of the best.
+    standard errors of the best and below the error of the targets' mean by more
+    than :data:`CHOICE_SIGNAL` paired standard errors; the last layer when none is.
 
     The criterion is the probe's held-out squared error (of the one-hot targets
     for classification), smoother than accuracy on a few hundred rows. Prefixes
@@ -421,6 +425,14 @@ def choose_layers(
                 np.array([float(((y - p) ** 2).sum(1).mean()) for p, (y, _) in zip(preds, truth)]),
             )
         return stats[key]
+
+    everything = torch.ones(cv.n, dtype=torch.bool)
+    null = []  # the error of predicting each fold by the mean of the other rows' targets
+    for h in cv.folds:
+        rest = everything.clone()
+        rest[h] = False
+        null.append(float(((cv.y[h] - cv.y[rest].mean(0)) ** 2).sum(1).mean()))
+    null = np.array(null)
 
     order = [int(i) for i in order]
     sets: dict[str, list[int]] = {"last": [int(last)]}
@@ -449,9 +461,11 @@ def choose_layers(
                 "error_above_best_se": gap_se,
             }
         )
-        if gap.mean() <= CHOICE_TOLERANCE * gap_se:
+        gain = null - err
+        signal = gain.mean() > CHOICE_SIGNAL * gain.std(ddof=1) / math.sqrt(cv.n_splits)
+        if gap.mean() <= CHOICE_TOLERANCE * gap_se and signal:
             eligible.append(name)
-    chosen = max(eligible, key=lambda name: (len(sets[name]), name == "last"))
+    chosen = max(eligible, key=lambda name: (len(sets[name]), name == "last"), default="last")
     record = {
         "rule": f"largest of {{last layer, prefixes}} whose held-out squared error is within "
         f"{CHOICE_TOLERANCE} paired SE of the best ({cv.n_splits}-fold CV x {cv.n_repeats})",
