@@ -52,6 +52,7 @@ def test_noise_only_estimate_says_no_layer_beats_the_majority_class():
     with pytest.warns(UserWarning):
         res = _select(x, y)
     assert "no better than the majority class" in res.estimate.verdict()
+    assert res.selected_layers == [7]  # no cut carries signal: the last layer
 
 
 def test_regression_auto_and_r2_estimate():
@@ -87,3 +88,63 @@ def test_auto_layer_spec_keeps_only_the_layers_that_carry_the_signal():
     chosen = resolve_layers("auto", 12, embeddings=x, targets=y)
     assert sorted(chosen) == [3, 8]
     assert len(lasso) >= len(chosen)
+
+
+def test_choice_is_the_largest_cut_within_one_se_of_explicit_refit_errors():
+    """The rule recomputed from explicit K-fold refits (the slow twin of the block identity):
+    every candidate's held-out squared error, and the largest one within tolerance wins."""
+    import torch
+
+    from loes._estimate import (
+        CHOICE_SIGNAL,
+        CHOICE_TOLERANCE,
+        CrossValidation,
+        _standardized,
+        choose_layers,
+    )
+
+    x, g = _layers(n=200, n_layers=6, dim=10, seed=2)
+    y = np.arange(len(x)) % 3
+    for layer, strength in ((1, 1.0), (3, 0.5), (4, 0.3)):
+        x[:, layer, :3] += strength * np.eye(3)[y]
+    layers = [torch.as_tensor(x[:, i]) for i in range(6)]
+    y1h = torch.nn.functional.one_hot(torch.as_tensor(y)).double()
+    cv = CrossValidation(layers, y1h, "classification", n_splits=4, n_repeats=2, random_state=1)
+    chosen, record = choose_layers(cv, [1, 3, 4, 0, 2, 5], last=5)
+
+    def explicit_errors(idx):
+        z = torch.cat([_standardized(layers[i]) for i in idx], 1)
+        kernel = z @ z.T
+        n, scale = len(y), float(torch.diagonal(kernel).mean())
+        per_reg = []
+        for reg in cv.regs:
+            lam = reg * float(torch.diagonal(kernel).sum()) / min(n - 1, z.shape[1])
+            errs = []
+            for held in cv.folds:
+                train = torch.as_tensor(np.setdiff1d(np.arange(n), held.numpy()))
+                a = kernel[train][:, train] + 1e3 * scale + lam * torch.eye(len(train))
+                pred = (kernel[held][:, train] + 1e3 * scale) @ torch.linalg.solve(a, y1h[train])
+                errs.append(float(((y1h[held] - pred) ** 2).sum(1).mean()))
+            per_reg.append(errs)
+        return np.array(min(per_reg, key=lambda e: np.sum(e)))  # equal fold sizes here
+
+    errors = {row["name"]: explicit_errors(row["layers"]) for row in record["candidates"]}
+    best = min(errors, key=lambda name: errors[name].mean())
+    assert record["best"] == best
+    null = np.array(
+        [
+            float(((y1h[h] - np.delete(y1h.numpy(), h.numpy(), 0).mean(0)) ** 2).sum(1).mean())
+            for h in cv.folds
+        ]
+    )
+    se = lambda d: d.std(ddof=1) / np.sqrt(cv.n_splits)  # noqa: E731
+    eligible = []
+    for row in record["candidates"]:
+        err = errors[row["name"]]
+        assert row["error"] == pytest.approx(err.mean(), rel=1e-6)
+        gap, gain = err - errors[best], null - err
+        if gap.mean() <= CHOICE_TOLERANCE * se(gap) and gain.mean() > CHOICE_SIGNAL * se(gain):
+            eligible.append(row)
+    expected = max(eligible, key=lambda row: (len(row["layers"]), row["name"] == "last"))
+    assert record["chosen"] == expected["name"] and chosen == expected["layers"]
+    assert record["chosen"] != best  # a larger cut within one SE beat the best

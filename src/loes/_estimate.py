@@ -452,57 +452,91 @@ def cv_estimate(
 
 #: :func:`choose_layers` stops scoring prefixes this many steps after the best one so far.
 CHOICE_PATIENCE = 2
-#: :func:`choose_layers` takes the smallest set whose score is within this many paired
-#: standard errors of the best. Chosen on the quality benchmark (docs/evaluation.md):
-#: 1 SE (the classic rule) kept too few layers for the probe trained on more rows
-#: (mean 61.4 points), 0.25 SE and the plain best both gave 61.9.
-CHOICE_TOLERANCE = 0.25
+#: :func:`choose_layers` takes the largest set whose held-out squared error is within this
+#: many paired standard errors of the best. Chosen on the quality benchmark
+#: (docs/evaluation.md): the probe is usually trained on more rows than the calibration
+#: folds, and there a layer too many costs it less than a layer too few.
+CHOICE_TOLERANCE = 1.0
+#: ... and whose error is below that of predicting the targets' mean by more than this
+#: many paired standard errors (the set carries signal); when none does, the last layer.
+CHOICE_SIGNAL = 1.0
 
 
 def choose_layers(
     cv: CrossValidation, order: Sequence[int], last: int
 ) -> tuple[list[int], dict[str, Any]]:
-    """The smallest of {the last layer alone, the prefixes of ``order``} whose
-    cross-validated score is within :data:`CHOICE_TOLERANCE` paired standard
-    errors of the best.
+    """The largest of {the last layer alone, the prefixes of ``order``} whose
+    cross-validated squared error is within :data:`CHOICE_TOLERANCE` paired
+    standard errors of the best and below the error of the targets' mean by more
+    than :data:`CHOICE_SIGNAL` paired standard errors; the last layer when none is.
 
-    Prefixes are scored until :data:`CHOICE_PATIENCE` steps pass without a new best.
-    Among candidates of one size the last layer wins (the burden of proof is on
-    the alternative). Returns the chosen layers (in ``order``'s order) and a
-    record of every candidate's mean, SE and paired gap to the best.
+    The criterion is the probe's held-out squared error (of the one-hot targets
+    for classification), smoother than accuracy on a few hundred rows. Prefixes
+    are scored until :data:`CHOICE_PATIENCE` steps pass without a new best.
+    Between the last layer and another single layer the last layer wins (the
+    burden of proof is on the alternative). Returns the chosen layers (in
+    ``order``'s order) and a record of every candidate's accuracy (R²) mean and
+    SE, its squared error and the paired gap of that error to the best.
     """
+    stats: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def fold_stats(layer_set: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Fold scores (accuracy or R²) and mean squared held-out errors, from one fit."""
+        key = tuple(sorted(int(i) for i in layer_set))
+        if key not in stats:
+            kernel = sum(cv._kernel(i) for i in key)
+            dim = sum(cv.layers[i].shape[1] for i in key)
+            preds = _fold_predictions(kernel, cv.y, cv.folds, cv.regs, dim)
+            truth = [(cv.y[h], None if cv.labels is None else cv.labels[h]) for h in cv.folds]
+            stats[key] = (
+                np.array([_score(p, y, lab, cv.metric) for p, (y, lab) in zip(preds, truth)]),
+                np.array([float(((y - p) ** 2).sum(1).mean()) for p, (y, _) in zip(preds, truth)]),
+            )
+        return stats[key]
+
+    everything = torch.ones(cv.n, dtype=torch.bool)
+    null = []  # the error of predicting each fold by the mean of the other rows' targets
+    for h in cv.folds:
+        rest = everything.clone()
+        rest[h] = False
+        null.append(float(((cv.y[h] - cv.y[rest].mean(0)) ** 2).sum(1).mean()))
+    null = np.array(null)
+
     order = [int(i) for i in order]
     sets: dict[str, list[int]] = {"last": [int(last)]}
-    best_j, best_mean = 0, -math.inf
+    best_j, best_err = 0, math.inf
     for j in range(1, len(order) + 1):
         sets[f"prefix_{j}"] = order[:j]
-        mean = cv.mean_se(order[:j])[0]
-        if mean > best_mean:
-            best_j, best_mean = j, mean
+        err = fold_stats(order[:j])[1].mean()
+        if err < best_err:
+            best_j, best_err = j, err
         elif j - best_j >= CHOICE_PATIENCE:
             break
-    means = {name: cv.mean_se(layer_set)[0] for name, layer_set in sets.items()}
-    best = max(means, key=means.get)
+    best = min(sets, key=lambda name: fold_stats(sets[name])[1].mean())
     rows, eligible = [], []
     for name, layer_set in sets.items():
-        mean, se = cv.mean_se(layer_set)
-        gap, gap_se = cv.diff(sets[best], layer_set)
+        scores, err = fold_stats(layer_set)
+        gap = err - fold_stats(sets[best])[1]
+        gap_se = float(gap.std(ddof=1) / math.sqrt(cv.n_splits))
         rows.append(
             {
                 "name": name,
                 "layers": layer_set,
-                "mean": mean,
-                "se": se,
-                "below_best": gap,
-                "below_best_se": gap_se,
+                "mean": float(scores.mean()),
+                "se": float(scores.std(ddof=1) / math.sqrt(cv.n_splits)),
+                "error": float(err.mean()),
+                "error_above_best": float(gap.mean()),
+                "error_above_best_se": gap_se,
             }
         )
-        if gap <= CHOICE_TOLERANCE * gap_se:
+        gain = null - err
+        signal = gain.mean() > CHOICE_SIGNAL * gain.std(ddof=1) / math.sqrt(cv.n_splits)
+        if gap.mean() <= CHOICE_TOLERANCE * gap_se and signal:
             eligible.append(name)
-    chosen = min(eligible, key=lambda name: (len(sets[name]), name != "last"))
+    chosen = max(eligible, key=lambda name: (len(sets[name]), name == "last"), default="last")
     record = {
-        "rule": f"smallest of {{last layer, prefixes}} within {CHOICE_TOLERANCE} paired SE of the best "
-        f"({cv.metric}, {cv.n_splits}-fold CV x {cv.n_repeats})",
+        "rule": f"largest of {{last layer, prefixes}} whose held-out squared error is within "
+        f"{CHOICE_TOLERANCE} paired SE of the best ({cv.n_splits}-fold CV x {cv.n_repeats})",
         "order": order,
         "candidates": rows,
         "best": best,
