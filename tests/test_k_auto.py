@@ -133,7 +133,9 @@ def test_choice_is_the_largest_cut_within_one_se_of_explicit_refit_errors():
     assert record["best"] == best
     null = np.array(
         [
-            float(((y1h[h] - np.delete(y1h.numpy(), h.numpy(), 0).mean(0)) ** 2).sum(1).mean())
+            float(
+                ((y1h[h].numpy() - np.delete(y1h.numpy(), h.numpy(), 0).mean(0)) ** 2).sum(1).mean()
+            )
             for h in cv.folds
         ]
     )

@@ -353,7 +353,7 @@ class CrossValidation:
         )
         self._kernels: dict[int, torch.Tensor] = {}
         self._last_sum: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self._scores: dict[tuple, np.ndarray] = {}
+        self._scores: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def _kernel(self, i: int) -> torch.Tensor:
         if i not in self._kernels:
@@ -375,22 +375,38 @@ class CrossValidation:
         self._last_sum = (key, total)
         return total.to(torch.float64)
 
-    def fold_scores(self, layer_set: Sequence[int]) -> np.ndarray:
-        """Accuracy or R² of the probe on ``layer_set`` in every fold, shape (n_splits · n_repeats,)."""
+    def _fit(self, layer_set: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Fold scores and mean squared held-out errors of ``layer_set``, from one fit (cached)."""
         key = tuple(sorted(int(i) for i in layer_set))
         if key not in self._scores:
             kernel = self._set_kernel(key)
             dim = sum(self.layers[i].shape[1] for i in key)
             preds = _fold_predictions(kernel, self.y, self.folds, self.regs, dim)
-            self._scores[key] = np.array(
-                [
-                    _score(
-                        p, self.y[h], None if self.labels is None else self.labels[h], self.metric
-                    )
-                    for p, h in zip(preds, self.folds)
-                ]
+            truth = [
+                (self.y[h], None if self.labels is None else self.labels[h]) for h in self.folds
+            ]
+            self._scores[key] = (
+                np.array([_score(p, y, lab, self.metric) for p, (y, lab) in zip(preds, truth)]),
+                np.array([float(((y - p) ** 2).sum(1).mean()) for p, (y, _) in zip(preds, truth)]),
             )
         return self._scores[key]
+
+    def fold_scores(self, layer_set: Sequence[int]) -> np.ndarray:
+        """Accuracy or R² of the probe on ``layer_set`` in every fold, shape (n_splits · n_repeats,)."""
+        return self._fit(layer_set)[0]
+
+    def fold_errors(self, layer_set: Sequence[int]) -> np.ndarray:
+        """Mean squared held-out error (of the one-hot targets for classification) in every fold."""
+        return self._fit(layer_set)[1]
+
+    def null_errors(self) -> np.ndarray:
+        """Each fold's mean squared error of predicting it by the other rows' target mean."""
+        out = []
+        for h in self.folds:
+            rest = torch.ones(self.n, dtype=torch.bool)
+            rest[h] = False
+            out.append(float(((self.y[h] - self.y[rest].mean(0)) ** 2).sum(1).mean()))
+        return np.array(out)
 
     def mean_se(self, layer_set: Sequence[int]) -> tuple[float, float]:
         s = self.fold_scores(layer_set)
@@ -478,29 +494,8 @@ def choose_layers(
     ``order``'s order) and a record of every candidate's accuracy (R²) mean and
     SE, its squared error and the paired gap of that error to the best.
     """
-    stats: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
-
-    def fold_stats(layer_set: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Fold scores (accuracy or R²) and mean squared held-out errors, from one fit."""
-        key = tuple(sorted(int(i) for i in layer_set))
-        if key not in stats:
-            kernel = sum(cv._kernel(i) for i in key)
-            dim = sum(cv.layers[i].shape[1] for i in key)
-            preds = _fold_predictions(kernel, cv.y, cv.folds, cv.regs, dim)
-            truth = [(cv.y[h], None if cv.labels is None else cv.labels[h]) for h in cv.folds]
-            stats[key] = (
-                np.array([_score(p, y, lab, cv.metric) for p, (y, lab) in zip(preds, truth)]),
-                np.array([float(((y - p) ** 2).sum(1).mean()) for p, (y, _) in zip(preds, truth)]),
-            )
-        return stats[key]
-
-    everything = torch.ones(cv.n, dtype=torch.bool)
-    null = []  # the error of predicting each fold by the mean of the other rows' targets
-    for h in cv.folds:
-        rest = everything.clone()
-        rest[h] = False
-        null.append(float(((cv.y[h] - cv.y[rest].mean(0)) ** 2).sum(1).mean()))
-    null = np.array(null)
+    fold_stats = cv._fit
+    null = cv.null_errors()
 
     order = [int(i) for i in order]
     sets: dict[str, list[int]] = {"last": [int(last)]}

@@ -167,8 +167,8 @@ def resolve_layers(
                 )
             if k is not None:
                 return chosen[:k]
-            # the same evidence as k="auto": the smallest of {last layer, prefixes of the
-            # lasso's order} within CHOICE_TOLERANCE paired SEs of the best cross-validated probe
+            # the same evidence as k="auto": the largest of {last layer, prefixes of the lasso's
+            # order} within CHOICE_TOLERANCE paired SEs of the best held-out squared error
             checked = check_embeddings(layers)
             tgt = check_targets(y, task, checked[0].shape[0])
             if tgt.keep is not None:

@@ -576,7 +576,7 @@ def run_robust(
         )
     elif run.uninformative:
         log.info(
-            "step(s) %s: no remaining layer adds to the fit out of sample (k='auto' stops before them)",
+            "step(s) %s: no remaining layer adds to the fit out of sample",
             run.uninformative,
         )
     config = {
