@@ -128,7 +128,8 @@ class Estimate:
         if self.mean["selected"] - floor <= 2 * self.se["selected"]:
             return (
                 f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f}: no better than "
-                f"{floor_name}; these features do not carry the targets at this sample size"
+                f"{floor_name} within two standard errors: at this sample size the probe's "
+                f"{'accuracy' if self.metric == 'accuracy' else 'R²'} shows no clear signal"
             )
         head = (
             f"layers {sel}: {self.mean['selected']:.3f} ± {self.se['selected']:.3f} vs {ref} "
