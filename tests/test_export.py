@@ -241,6 +241,8 @@ def test_cli_extract_then_select_on_the_store(tiny, rows, tmp_path, capsys, monk
     assert code == 0, err
     result = json.loads(stdout)
     assert len(result["selected_layers"]) == 1 and result["selected_layers"][0] in (0, 1)
+    # index j of the result is the store's j-th layer (model layers 0 and 2), named as such
+    assert result["layer_names"] == ["hidden_states[1]", "hidden_states[3]"]
     code, _, err = _run_cli(argv + ["--shard-rows", "8"], capsys)
     assert code == 2 and "written with other settings" in err and len(err.splitlines()) == 1
     calls = []

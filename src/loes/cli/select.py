@@ -25,6 +25,7 @@ from loes.cli._common import (
 from loes.core import select_layers_from_custom_embeddings
 from loes.hf import DEFAULT_MAX_SAMPLES, select_layers_from_hf_id
 from loes.result import LOESResult
+from loes.store import is_store, load_features
 
 __all__ = ["register", "run"]
 
@@ -283,10 +284,17 @@ def _select_embeddings(args: argparse.Namespace) -> LOESResult:
         held_out = {"eval_embeddings": eval_embeddings, "eval_targets": eval_targets}
     elif args.eval_targets is not None:
         raise LOESError("--eval-targets needs --eval-embeddings (the held-out features)")
+    names = {}
+    if is_store(args.embeddings):  # index j is the store's j-th layer: name it by the model's name
+        store = load_features(args.embeddings)
+        names["layer_names"] = [
+            store.layer_names[i] if store.layer_names else f"model layer {i}" for i in store.layers
+        ]
     return select_layers_from_custom_embeddings(
         embeddings,
         targets,
         dataset=str(args.embeddings),
+        **names,
         **held_out,
         **_common_kwargs(args),
     )
