@@ -132,3 +132,22 @@ def test_sweep_and_label_free_metrics_read_a_store_directly(tmp_path):
     ref = profile(x[:160], metrics=["effective_rank", "dataset_entropy"], show_progress=False)
     for name in ("effective_rank", "dataset_entropy"):
         np.testing.assert_allclose(prof.values[name], ref.values[name], rtol=1e-6)
+
+
+def test_selection_on_a_store_uses_its_rows_targets_and_names(tmp_path):
+    from loes import select_layers_from_custom_embeddings
+
+    x, y = _planted()
+    names = [f"hidden_states[{i + 1}]" for i in range(12)]
+    w = FeatureWriter(tmp_path, layers=LAYERS, widths=[10] * 4, shard_rows=64, plan={},
+                      layer_names=names)  # fmt: skip
+    for s in w.pending(len(x)):
+        rows = w.shard_rows_of(s, len(x))
+        w.write(s, x[rows], targets=y[rows])
+    store = w.finish(len(x))
+    res = select_layers_from_custom_embeddings(store, k=2, show_progress=False)
+    ref = select_layers_from_custom_embeddings(x, y, k=2, show_progress=False)
+    assert res.selected_layers == ref.selected_layers
+    assert res.layer_names == ["hidden_states[4]", "hidden_states[6]", "hidden_states[8]",
+                               "hidden_states[10]"]  # fmt: skip
+    assert store.stored_names == res.layer_names

@@ -387,6 +387,15 @@ class FeatureStore:
         """Display labels of the stored layers, e.g. ``"7 (hidden_states[8])"``."""
         return [layer_label(i, self.layer_names) for i in self.layers]
 
+    @property
+    def stored_names(self) -> list[str]:
+        """The model's name of each stored layer, in store order: what index ``j`` of a
+        selection made on this store's features is (``"hidden_states[4]"``, or
+        ``"model layer 3"`` when the model's names are unknown)."""
+        return [
+            self.layer_names[i] if self.layer_names else f"model layer {i}" for i in self.layers
+        ]
+
     def _positions(self, layers: Sequence[int] | None) -> list[int]:
         if layers is None:
             return list(range(len(self.layers)))

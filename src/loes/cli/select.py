@@ -286,10 +286,7 @@ def _select_embeddings(args: argparse.Namespace) -> LOESResult:
         raise LOESError("--eval-targets needs --eval-embeddings (the held-out features)")
     names = {}
     if is_store(args.embeddings):  # index j is the store's j-th layer: name it by the model's name
-        store = load_features(args.embeddings)
-        names["layer_names"] = [
-            store.layer_names[i] if store.layer_names else f"model layer {i}" for i in store.layers
-        ]
+        names["layer_names"] = load_features(args.embeddings).stored_names
     return select_layers_from_custom_embeddings(
         embeddings,
         targets,

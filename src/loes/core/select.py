@@ -33,6 +33,7 @@ from loes.core._engine import (
 from loes.core._reference import run_reference
 from loes.core._robust import run_robust
 from loes.result import LOESResult
+from loes.store import FeatureStore
 
 __all__ = ["AUTO_MAX_K", "DEFAULTS", "select_layers_from_custom_embeddings"]
 
@@ -74,6 +75,9 @@ def select_layers_from_custom_embeddings(
         (fp16/bf16 included), CPU or CUDA (the computation runs where the data is).
         A list or tuple of arrays/tensors is a list of layers; a nested list of
         numbers is read with ``np.asarray`` and must be 3-D (n_samples, n_layers, dim).
+        A :class:`~loes.store.FeatureStore` (:func:`loes.load_features`) is read into
+        memory with its targets (unless ``targets`` is given) and its layers named by
+        the model's names (index ``j`` is the store's ``j``-th layer).
     targets : array of shape (n_samples,) or (n_samples, m), optional
         Classification: labels of any values (ints, strings; ``-100`` is
         dropped as ignore index), or a one-hot / soft-label matrix.
@@ -179,6 +183,12 @@ def select_layers_from_custom_embeddings(
             f"layer_names must be a sequence of names; got {type(layer_names).__name__}"
         )
 
+    if isinstance(embeddings, FeatureStore):  # a calibration store: its rows, targets, names
+        store = embeddings
+        embeddings, stored_targets = store.load()
+        targets = stored_targets if targets is None else targets
+        layer_names = store.stored_names if layer_names is None else layer_names
+        dataset = dataset or str(store.path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LOESWarning)
         layers = check_embeddings(embeddings)
