@@ -36,6 +36,7 @@ __all__ = [
     "cka_matrix",
     "column_stats",
     "gram",
+    "inverse_std",
     "isotropy",
     "linear_cka",
     "masked_mean",
@@ -151,8 +152,14 @@ def column_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     mean = x.mean(0, keepdim=True)
     std = (x - mean).pow(2).mean(0, keepdim=True).sqrt()
-    const = (std <= 0) | (std <= 100 * torch.finfo(x.dtype).eps * mean.abs())
-    return mean, torch.where(const, torch.zeros_like(std), 1.0 / std.clamp(min=1e-300))
+    return mean, inverse_std(mean, std)
+
+
+def inverse_std(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``1/σ`` per feature, 0 for a constant one (:func:`column_stats`'s rule, in the
+    precision of ``std``), from a mean and ddof-0 standard deviation however computed."""
+    const = (std <= 0) | (std <= 100 * torch.finfo(std.dtype).eps * mean.abs())
+    return torch.where(const, torch.zeros_like(std), 1.0 / std.clamp(min=1e-300))
 
 
 class LayerStandardizer:
@@ -172,8 +179,15 @@ class LayerStandardizer:
 
     def fit(self, layers: Sequence[torch.Tensor]) -> LayerStandardizer:
         stats = [column_stats(x) for x in layers]
-        self.means_ = [m for m, _ in stats]
-        self.scales_ = [s / np.sqrt(x.shape[1]) for x, (_, s) in zip(layers, stats)]
+        return self.set_stats([m for m, _ in stats], [s for _, s in stats])
+
+    def set_stats(
+        self, means: Sequence[torch.Tensor], inv_stds: Sequence[torch.Tensor]
+    ) -> LayerStandardizer:
+        """Use per-layer column means and inverse standard deviations (each (1, dim_l))
+        computed elsewhere, e.g. from streamed moments."""
+        self.means_ = list(means)
+        self.scales_ = [s / np.sqrt(s.shape[1]) for s in inv_stds]
         return self
 
     def transform(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:

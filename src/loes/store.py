@@ -38,6 +38,7 @@ and only the requested rows and layers are read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -355,20 +356,15 @@ class FeatureStore:
         """``(x, y)`` batches of 1,024 rows in order (:meth:`batches`); a store is re-iterable."""
         return self.batches()
 
-    @property
+    @functools.cached_property
     def targets(self) -> np.ndarray | None:
-        """Every row's target in row order (read from the shards without their features)."""
+        """Every row's target in row order (read once from the shards, without their features)."""
         safe_open = require("safetensors", extra="hf").safe_open
         parts = []
         for shard in self._shards:
             with safe_open(str(self.path / shard["file"]), framework="pt") as f:
-                if "targets" in set(f.keys()):
-                    parts.append(f.get_tensor("targets").numpy())
-                elif "targets" in (f.metadata() or {}):
-                    parts.append(np.asarray(json.loads(f.metadata()["targets"])))
-                else:
-                    return None
-        return np.concatenate(parts)
+                parts.append(_shard_targets(f))
+        return None if any(p is None for p in parts) else np.concatenate(parts)
 
     @property
     def classes(self) -> list | None:
@@ -413,16 +409,7 @@ class FeatureStore:
         safe_open = require("safetensors", extra="hf").safe_open
         with safe_open(str(self.path / shard["file"]), framework="pt") as f:
             feats = [f.get_tensor(_layer_key(j)).float() for j in positions]
-            keys = set(f.keys())
-            targets: Any = None
-            if "targets" in keys:
-                targets = f.get_tensor("targets").numpy()
-            else:
-                meta = f.metadata() or {}
-                if "targets" in meta:
-                    targets = np.asarray(json.loads(meta["targets"]))
-            indices = f.get_tensor("indices").numpy()
-        return feats, targets, indices
+            return feats, _shard_targets(f), f.get_tensor("indices").numpy()
 
     def batches(
         self,
@@ -479,6 +466,14 @@ class FeatureStore:
         x_all = torch.stack(parts, dim=1) if same else parts
         y_all = None if ys[0] is None else np.concatenate(ys)
         return x_all, y_all
+
+
+def _shard_targets(f: Any) -> np.ndarray | None:
+    """An open shard's targets: the ``targets`` tensor, or non-numeric labels from its metadata."""
+    if "targets" in set(f.keys()):
+        return f.get_tensor("targets").numpy()
+    meta = f.metadata() or {}
+    return np.asarray(json.loads(meta["targets"])) if "targets" in meta else None
 
 
 def _take(pieces: list[tuple], n: int) -> tuple[tuple, list[tuple]]:

@@ -20,7 +20,7 @@ import torch
 
 from loes._deps import require
 from loes._exceptions import LOESError
-from loes._linalg import LayerStandardizer, RidgePath
+from loes._linalg import LayerStandardizer, RidgePath, inverse_std
 from loes._rng import seed_of
 from loes._splits import holdout_split as _holdout_split
 from loes._splits import split_indices
@@ -291,10 +291,9 @@ class LinearProbe:
         if val is not None and not isinstance(val, FeatureStore):
             raise LOESError("with a feature store, val_embeddings must be a feature store too")
         self.store_layers_ = list(self.layers) if self.layers is not None else store.layers
-        targets = store.targets
-        if targets is None:
+        if store.targets is None:
             raise LOESError(f"the feature store {store.path} has no targets to fit a probe on")
-        classes = np.unique(targets).tolist() if self.task_ == "classification" else None
+        classes = store.classes if self.task_ == "classification" else None
         if classes is not None:
             if len(classes) < 2:
                 raise LOESError("classification needs at least 2 classes in the training split")
@@ -302,19 +301,14 @@ class LinearProbe:
         raw = Moments(task=self.task_, classes=classes)
         for x, y in store.batches(layers=self.store_layers_):
             raw.update(_flat(x), y)
+        # the in-memory standardiser's statistics, from the moments (ddof 0, same constant rule)
+        mean = torch.from_numpy(raw.mean).reshape(1, -1)
+        inv_std = inverse_std(mean, torch.from_numpy(np.diag(raw.m2) / raw.n).sqrt().reshape(1, -1))
         widths = [store.widths[store.layers.index(i)] for i in self.store_layers_]
-        std = np.sqrt(np.diag(raw.m2) / raw.n)
-        const = (std <= 0) | (std <= 100 * np.finfo(np.float64).eps * np.abs(raw.mean))
-        scale = np.where(const, 0.0, 1.0 / np.maximum(std, 1e-300))
-        scale = scale / np.repeat(np.sqrt(widths), widths)
-        bounds = np.cumsum([0, *widths])
-        self.standardizer_ = LayerStandardizer()
-        self.standardizer_.means_ = [
-            torch.from_numpy(raw.mean[a:b].reshape(1, -1)) for a, b in zip(bounds, bounds[1:])
-        ]
-        self.standardizer_.scales_ = [
-            torch.from_numpy(scale[a:b].reshape(1, -1)) for a, b in zip(bounds, bounds[1:])
-        ]
+        self.standardizer_ = LayerStandardizer().set_stats(
+            mean.split(widths, dim=1), inv_std.split(widths, dim=1)
+        )
+        scale = torch.cat(self.standardizer_.scales_, dim=1).reshape(-1).numpy()
         ridge = MomentRidge(raw.affine(scale, raw.mean))
         grid = [float(r) for r in self.grid or RIDGE_GRID]
         fits = {r: ridge.coef(r) for r in grid}
